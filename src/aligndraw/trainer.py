@@ -1,0 +1,336 @@
+"""Training loop: the paper's optimiser, plateau decay, checkpoints, exact resume and DDP.
+
+    run → (per epoch) train_epoch → train_step → validate → save
+
+The optimiser is the authors' RMSProp (no momentum, ε inside the square root) after clipping
+each parameter tensor's gradient norm at 10; Adam is an option. The learning rate is divided
+by 10 when the validation bound stops improving. A checkpoint (``last/``: model directory plus
+``trainer_state.pt``) is written atomically every ``checkpoint_every`` steps and at the end;
+``best/`` holds the model with the best validation bound. Resuming restores weights,
+optimiser, schedule, data position and every random stream, so a resumed run takes exactly the
+same steps as an uninterrupted one. Under ``torchrun`` the model runs in DDP (gloo on CPU, nccl
+on CUDA); each rank draws its own shard of every epoch and only rank 0 logs and writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from aligndraw import visualize
+from aligndraw.checkpoint import fill_model_dir, model_card, save_model_dir, write_dir_atomically
+from aligndraw.config import RunConfig, TrainConfig
+from aligndraw.data.mnist_captions import Batch, CaptionedMnist, iterate_batches
+from aligndraw.evaluation import lower_bound
+from aligndraw.model import AlignDraw
+from aligndraw.text import encode_batch
+
+log = logging.getLogger("aligndraw.train")
+STATE_NAME = "trainer_state.pt"
+# Captions drawn into the per-epoch sample grid: every kind, including held-out compositions.
+GRID_CAPTIONS = (
+    "the digit 3 is on the left of the digit 5 .", "the digit 2 is on the left of the digit 6 .",
+    "the digit 0 is at the top of the digit 4 .", "the digit 1 is at the top of the digit 7 .",
+    "the digit 7 is at the top left of the image .", "the digit 8 is at the top left of the image .",
+    "the digit 6 is at the bottom right of the image .",
+    "the digit 4 is at the top right of the image .",
+)
+
+
+class PaperRMSprop(torch.optim.Optimizer):
+    """RMSProp as in the authors' code: cache ← ρ·cache + (1−ρ)·g², θ ← θ − lr·g/√(cache + ε)."""
+
+    def __init__(self, params, lr: float = 1e-3, decay: float = 0.9, eps: float = 1e-6) -> None:
+        super().__init__(params, {"lr": lr, "decay": decay, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - torch.optim signature
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            caches = [self.state[p].setdefault("cache", torch.zeros_like(p)) for p in params]
+            torch._foreach_mul_(caches, group["decay"])
+            torch._foreach_addcmul_(caches, grads, grads, value=1 - group["decay"])
+            denom = torch._foreach_add(caches, group["eps"])
+            torch._foreach_sqrt_(denom)
+            torch._foreach_addcdiv_(params, grads, denom, value=-group["lr"])
+
+
+def clip_grad_norm_per_tensor(params, max_norm: float) -> torch.Tensor:
+    """Scale each tensor's gradient to norm ≤ max_norm separately; returns the norms (before)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.stack(torch._foreach_norm(grads))
+    scales = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, list(scales.unbind()))
+    return norms
+
+
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr)
+    return PaperRMSprop(params, lr=config.lr, decay=config.rmsprop_decay, eps=config.rmsprop_eps)
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in ``trainer_state.pt`` for exact resume."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of ``epoch`` already taken
+    lr: float = 1e-3
+    best_val: float = math.inf
+    bad_epochs: int = 0
+
+
+def update_schedule(p: Progress, val_bound: float, config: TrainConfig) -> bool:
+    """Record a validation bound; decay lr after ``lr_patience`` epochs without improvement.
+
+    Returns whether the bound improved on the best so far.
+    """
+    if val_bound < p.best_val:
+        p.best_val, p.bad_epochs = val_bound, 0
+        return True
+    p.bad_epochs += 1
+    if p.bad_epochs >= config.lr_patience and p.lr > config.min_lr:
+        p.lr, p.bad_epochs = max(p.lr * config.lr_decay, config.min_lr), 0
+    return False
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size())
+
+
+class Trainer:
+    """Owns model, optimiser, data and bookkeeping for one run directory."""
+
+    def __init__(self, config: RunConfig, out_dir: str | os.PathLike, *, device: str = "cpu",
+                 data: CaptionedMnist | None = None, mnist_source: str | None = None,
+                 resume: bool = False, progress_bar: bool = True) -> None:
+        self.config = config
+        self.out = Path(out_dir)
+        self.device = torch.device(device)
+        self.dist = init_distributed(self.device)
+        if self.device.type == "cuda" and self.dist.world_size > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if config.train.num_threads:
+            torch.set_num_threads(config.train.num_threads)
+        if config.train.batch_size % self.dist.world_size:
+            raise ValueError(f"train.batch_size={config.train.batch_size} must divide evenly "
+                             f"over {self.dist.world_size} processes")
+        torch.manual_seed(config.train.seed)
+        self.model = AlignDraw(config.model).to(self.device)
+        self.net = (DistributedDataParallel(self.model) if self.dist.world_size > 1 else self.model)
+        self.optimizer = make_optimizer(self.model.parameters(), config.train)
+        self.data = data or CaptionedMnist(config.data, source=mnist_source)
+        self.vocab = self.data.vocab
+        self.noise = torch.Generator(device=self.device)
+        self.noise.manual_seed(config.train.seed * 1000 + self.dist.rank)
+        self.progress = Progress(lr=config.train.lr)
+        self.progress_bar = progress_bar and self.dist.main
+        if resume:
+            self.resume()
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, max_steps: int | None = None, dry_run: bool = False) -> Progress:
+        """Train until ``epochs`` are done or ``max_steps`` optimizer steps have been taken.
+
+        ``dry_run`` takes one step, validates one batch, writes a grid and a checkpoint.
+        """
+        if dry_run:
+            max_steps = self.progress.step + 1
+        self._log_config()
+        p = self.progress
+        while p.epoch < self.config.train.epochs:
+            if self.train_epoch(max_steps):
+                break
+            self.end_epoch(max_batches=1 if dry_run else self.config.train.val_batches)
+        if dry_run:
+            self.end_epoch(max_batches=1, advance=False)
+        self.save()
+        return p
+
+    def train_epoch(self, max_steps: int | None) -> bool:
+        """Run the rest of the current epoch; True when ``max_steps`` stopped it early."""
+        p, cfg = self.progress, self.config.train
+        batches = self.epoch_batches(p.epoch)
+        bar = tqdm(total=len(batches), initial=p.batch_in_epoch, desc=f"epoch {p.epoch}",
+                   disable=not self.progress_bar, leave=False)
+        tick, images = time.perf_counter(), 0
+        for batch in batches[p.batch_in_epoch:]:
+            if max_steps is not None and p.step >= max_steps:
+                bar.close()
+                return True
+            terms = self.train_step(batch)
+            p.step, p.batch_in_epoch = p.step + 1, p.batch_in_epoch + 1
+            images += batch.images.shape[0] * self.dist.world_size
+            bar.update()
+            bar.set_postfix(loss=f"{terms['loss']:.1f}")
+            if p.step % cfg.log_every == 0:
+                rate = images / (time.perf_counter() - tick)
+                self.log_metrics({"split": "train", **terms, "img_per_s": round(rate, 1)})
+                tick, images = time.perf_counter(), 0
+            if p.step % cfg.checkpoint_every == 0:
+                self.save()
+        bar.close()
+        return False
+
+    def epoch_batches(self, epoch: int) -> list[Batch]:
+        """This rank's batches of ``epoch``, in an order fixed by (seed, epoch)."""
+        scenes = self.data.train_epoch(epoch, rank=self.dist.rank,
+                                       world_size=self.dist.world_size)
+        rng = np.random.default_rng([self.config.train.seed, epoch])
+        per_rank = self.config.train.batch_size // self.dist.world_size
+        return list(iterate_batches(scenes, self.vocab, per_rank, shuffle=True, generator=rng,
+                                    drop_last=True))
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """Zero grad, forward, backward, clip each tensor, step. Returns the batch's terms."""
+        batch = batch.to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            out = self.net(batch.images, batch.tokens, batch.lengths, generator=self.noise)
+        out.loss.backward()
+        clip_grad_norm_per_tensor(self.model.parameters(), self.config.train.clip_norm)
+        self.optimizer.step()
+        return {"loss": out.loss.item(), "nll": out.nll.mean().item(), "kl": out.kl.mean().item()}
+
+    def autocast(self):
+        if self.config.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    # ------------------------------------------------------------------ epoch end
+    def end_epoch(self, max_batches: int | None = None, advance: bool = True) -> dict[str, float]:
+        """Validate, decay the learning rate on a plateau, save the best model and a grid."""
+        p = self.progress
+        val = self.validate(max_batches)
+        improved = update_schedule(p, val["bound"], self.config.train)
+        self._set_lr(p.lr)
+        self.log_metrics({"split": "validation", **val, "improved": improved})
+        if self.dist.main:
+            if improved:
+                save_model_dir(self.out / "best", self.model, self.vocab, self.config,
+                               model_card(self.config, {"validation": val, "step": p.step}))
+            self.save_grid(self.out / "samples" / f"epoch_{p.epoch:03d}.png")
+        if advance:
+            p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+        return val
+
+    @torch.no_grad()
+    def validate(self, max_batches: int | None = None) -> dict[str, float]:
+        """Mean bound, nll and kl (nats per image) on the validation scenes, fixed noise."""
+        result = lower_bound(self.model, self.data.validation(), self.vocab, self.device,
+                             batch_size=self.config.train.batch_size, max_batches=max_batches,
+                             seed=self.config.train.seed, autocast=self.autocast)
+        return {k: v for k, v in result["all"].items() if k != "count"}
+
+    def save_grid(self, path: Path) -> None:
+        tokens, lengths = encode_batch(self.vocab, list(GRID_CAPTIONS))
+        g = torch.Generator(device=self.device).manual_seed(self.config.train.seed)
+        sample = self.model.sample(tokens.to(self.device), lengths.to(self.device), generator=g)
+        visualize.save_image(visualize.image_grid(sample.images, nrow=4,
+                                                  captions=list(GRID_CAPTIONS)), path)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self) -> None:
+        """Write ``last/`` (model directory + trainer state) atomically, on rank 0."""
+        rng_states = self._gather_rng_states()
+        if not self.dist.main:
+            return
+        state = {"progress": dataclasses.asdict(self.progress),
+                 "optimizer": self.optimizer.state_dict(), "noise_rng": rng_states,
+                 "world_size": self.dist.world_size}
+
+        def fill(directory: Path) -> None:
+            fill_model_dir(directory, self.model, self.vocab, self.config,
+                           model_card(self.config, {"step": self.progress.step}))
+            torch.save(state, directory / STATE_NAME)
+
+        write_dir_atomically(self.out / "last", fill)
+
+    def resume(self) -> None:
+        """Restore weights, optimiser, progress and random streams from ``last/``."""
+        last = self.out / "last"
+        if not (last / STATE_NAME).is_file():
+            raise ValueError(f"cannot resume: {last / STATE_NAME} does not exist "
+                             "(start without --resume, or point --out at an existing run)")
+        from safetensors.torch import load_file
+
+        self.model.load_state_dict(load_file(str(last / "model.safetensors"),
+                                             device=str(self.device)))
+        state = torch.load(last / STATE_NAME, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.progress = Progress(**state["progress"])
+        self._set_lr(self.progress.lr)
+        rngs = state["noise_rng"]
+        if len(rngs) == self.dist.world_size:
+            self.noise.set_state(rngs[self.dist.rank].cpu())
+        else:
+            log.warning("resuming with %d processes instead of %d: noise streams reseeded",
+                        self.dist.world_size, len(rngs))
+        log.info("resumed from %s at step %d (epoch %d)", last, self.progress.step,
+                 self.progress.epoch)
+
+    def _gather_rng_states(self) -> list[torch.Tensor]:
+        state = self.noise.get_state()
+        if self.dist.world_size == 1:
+            return [state]
+        gathered: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, state)
+        return gathered
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        if not self.dist.main:
+            return
+        record = {"step": self.progress.step, "epoch": self.progress.epoch,
+                  "lr": self.progress.lr, "time": round(time.time(), 3), **record}
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in record.items() if k != "time"))
+
+    def _log_config(self) -> None:
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "run_config.json").write_text(self.config.to_json() + "\n")
+            params = sum(p.numel() for p in self.model.parameters())
+            log.info("training %s (%.2fM parameters) on %s × %d into %s", self.config.preset,
+                     params / 1e6, self.device, self.dist.world_size, self.out)

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny model configs (STYLE.md: hidden 8–16, T=3, 12×12 images)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aligndraw.config import ModelConfig
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(vocab_size=23, channels=1, height=12, width=12, steps=3, read_n=3, write_n=3,
+                embed_dim=8, lang_hidden=8, align_dim=8, enc_hidden=16, dec_hidden=16, z_dim=4,
+                canvas_init=-2.0)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def random_batch(config: ModelConfig, batch: int = 4, max_len: int = 6, seed: int = 0):
+    """Images in [0, 1], 0-padded word ids and lengths (at least one caption is full-length)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, config.channels, config.height, config.width, generator=g)
+    lengths = torch.randint(1, max_len + 1, (batch,), generator=g)
+    lengths[0] = max_len
+    tokens = torch.randint(1, config.vocab_size, (batch, max_len), generator=g)
+    tokens = tokens * (torch.arange(max_len)[None, :] < lengths[:, None])
+    return images, tokens, lengths
+
+
+@pytest.fixture
+def tiny() -> ModelConfig:
+    return tiny_config()
+
+
+def tiny_run_config(**train_overrides):
+    """A full-size 60×60 scene config with a tiny network, for trainer and CLI tests."""
+    from aligndraw.config import RunConfig, TrainConfig
+    from aligndraw.data.mnist_captions import CaptionedMnistConfig
+
+    model = tiny_config(height=60, width=60, steps=2)
+    data = CaptionedMnistConfig(train_scenes_per_epoch=48, val_digits=200, val_scenes=16,
+                                test_scenes=16)
+    train = dict(batch_size=8, checkpoint_every=1000, log_every=1, epochs=3)
+    train.update(train_overrides)
+    return RunConfig(model=model, data=data, train=TrainConfig(**train), preset="tiny")
+
+
+def synthetic_digits(n: int = 600, seed: int = 0):
+    """Random 28×28 blobs with labels: a stand-in for MNIST in unit tests only."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    images = (rng.random((n, 28, 28)) > 0.7).astype(np.uint8) * 255
+    return images, rng.integers(0, 10, n).astype(np.uint8)
+
+
+@pytest.fixture
+def synthetic_data():
+    from aligndraw.data.mnist_captions import CaptionedMnist
+
+    def make(config):
+        return CaptionedMnist(config.data, train=synthetic_digits(600, 0),
+                              test=synthetic_digits(200, 1))
+
+    return make

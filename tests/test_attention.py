@@ -1,0 +1,76 @@
+import torch
+
+from aligndraw import attention
+
+from reference import naive_filterbank
+
+
+def _random_window(batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 5, generator=g, dtype=torch.float64) * 0.5
+
+
+def test_filterbank_matches_naive_loops():
+    w = attention.window_params(_random_window(), height=11, width=13, n=4)
+    fast = attention.filterbank(w.g_x, w.delta, w.sigma2, 13, 4)
+    slow = naive_filterbank(w.g_x, w.delta, w.sigma2, 13, 4)
+    torch.testing.assert_close(fast, slow)
+
+
+def test_filterbank_rows_sum_to_one_inside_image():
+    g = torch.tensor([6.0])
+    f = attention.filterbank(g, torch.tensor([1.0]), torch.tensor([1.0]), 12, 3)
+    torch.testing.assert_close(f.sum(-1), torch.ones(1, 3), atol=1e-3, rtol=0)
+
+
+def test_zero_params_centre_the_grid():
+    w = attention.window_params(torch.zeros(1, 5), height=60, width=60, n=8)
+    assert w.g_x.item() == 30.5 and w.g_y.item() == 30.5  # centre of pixels 1..60
+    mu = attention.grid_centres(w.g_x, w.delta, 8)
+    # The N centres span the image symmetrically with stride (A−1)/(N−1) at δ̃ = 1.
+    torch.testing.assert_close(mu[0, 0] + mu[0, -1], torch.tensor(61.0))
+    torch.testing.assert_close(mu[0, 1] - mu[0, 0], torch.tensor(59 / 7))
+
+
+def test_read_matches_einsum_reference():
+    params = _random_window()
+    w = attention.window_params(params, 10, 12, 5)
+    fx, fy = attention.filterbanks(w, 10, 12, 5)
+    images = torch.rand(3, 2, 10, 12, dtype=torch.float64)
+    out = attention.read(images, fx, fy, w.gamma)
+    ref = torch.einsum("bnh,bchw,bmw->bcnm", fy, images, fx) * w.gamma[:, None, None, None]
+    assert out.shape == (3, 2, 5, 5)
+    torch.testing.assert_close(out, ref)
+
+
+def test_write_matches_einsum_reference_and_is_transpose_of_read():
+    params = _random_window(seed=1)
+    w = attention.window_params(params, 10, 12, 4)
+    fx, fy = attention.filterbanks(w, 10, 12, 4)
+    patch = torch.rand(3, 1, 4, 4, dtype=torch.float64)
+    out = attention.write(patch, fx, fy, w.gamma)
+    ref = torch.einsum("bmh,bcmn,bnw->bchw", fy, patch, fx) / w.gamma[:, None, None, None]
+    torch.testing.assert_close(out, ref)
+    # <read(x), p> · (1/γ²) == <x, write(p)>: write is the adjoint of read up to γ.
+    x = torch.rand(3, 1, 10, 12, dtype=torch.float64)
+    lhs = (attention.read(x, fx, fy, w.gamma) * patch).sum((1, 2, 3)) / w.gamma**2
+    rhs = (x * out).sum((1, 2, 3))
+    torch.testing.assert_close(lhs, rhs)
+
+
+def test_narrow_filter_reads_single_pixel():
+    # A tiny σ and a grid of 2 filters at stride 1 around column/row 5.5 pick pixels 5 and 6.
+    images = torch.arange(100.0).view(1, 1, 10, 10)
+    g = torch.tensor([5.5])
+    f = attention.filterbank(g, torch.tensor([1.0]), torch.tensor([1e-3]), 10, 2)
+    out = attention.read(images, f, f, torch.ones(1))
+    torch.testing.assert_close(out[0, 0], images[0, 0, 4:6, 4:6], atol=0, rtol=1e-3)
+
+
+def test_window_box_spans_grid():
+    w = attention.window_params(torch.zeros(1, 5), 60, 60, 8)
+    box = attention.window_box(w, 8)
+    # Full-image grid at δ̃=1: stride 59/7, box = centre ± 4 strides in 0-based pixels.
+    half = 4 * 59 / 7
+    torch.testing.assert_close(box[0], torch.tensor([29.5 - half, 29.5 - half,
+                                                     29.5 + half, 29.5 + half]))

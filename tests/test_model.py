@@ -1,0 +1,121 @@
+import pytest
+import torch
+
+from aligndraw.model import AlignDraw
+
+from conftest import random_batch, tiny_config
+from reference import naive_forward
+
+
+def _model(config, seed=0, scale=0.3):
+    torch.manual_seed(seed)
+    model = AlignDraw(config).double()
+    # Larger weights than the paper's init so every path carries signal in the comparison.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["aligndraw", "noalign"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_forward_matches_naive_reference_loss_and_gradients(kind, channels):
+    config = tiny_config(model=kind, channels=channels)
+    model = _model(config)
+    images, tokens, lengths = random_batch(config)
+    images = images.double()
+    noise = torch.randn(4, config.steps, config.z_dim, dtype=torch.float64)
+    out = model(images, tokens, lengths, noise=noise)
+    nll, kl_steps = naive_forward(model, images, tokens, lengths, noise)
+    torch.testing.assert_close(out.nll, nll)
+    torch.testing.assert_close(out.kl_steps, kl_steps)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    ref_grads = torch.autograd.grad((nll + kl_steps.sum(1)).mean(), list(model.parameters()),
+                                    allow_unused=True)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_shapes_and_finite_terms(tiny):
+    model = AlignDraw(tiny)
+    images, tokens, lengths = random_batch(tiny)
+    out = model(images, tokens, lengths, generator=torch.Generator().manual_seed(0))
+    assert out.loss.shape == () and torch.isfinite(out.loss)
+    assert out.nll.shape == (4,) and out.kl.shape == (4,) and out.kl_steps.shape == (4, 3)
+    assert (out.kl_steps > -1e-5).all()  # KL ≥ 0 up to float32 round-off
+    torch.testing.assert_close(out.bound, out.nll + out.kl)
+
+
+@pytest.mark.parametrize("kind", ["aligndraw", "noalign"])
+def test_gradients_reach_every_parameter(kind):
+    config = tiny_config(model=kind)
+    model = _model(config).float()
+    images, tokens, lengths = random_batch(config)
+    model(images, tokens, lengths, generator=torch.Generator().manual_seed(0)).loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_padding_does_not_change_the_bound(tiny):
+    model = _model(tiny).float()
+    images, tokens, lengths = random_batch(tiny)
+    noise = torch.randn(4, tiny.steps, tiny.z_dim)
+    extra = torch.cat([tokens, torch.zeros(4, 3, dtype=torch.long)], 1)
+    a = model(images, tokens, lengths, noise=noise)
+    b = model(images, extra, lengths, noise=noise)
+    torch.testing.assert_close(a.loss, b.loss)
+
+
+def test_caption_changes_the_bound_and_samples(tiny):
+    model = _model(tiny).float()
+    images, tokens, lengths = random_batch(tiny)
+    noise = torch.randn(4, tiny.steps, tiny.z_dim)
+    other = tokens.flip(0)
+    assert not torch.allclose(model(images, tokens, lengths, noise=noise).nll,
+                              model(images, other, lengths.flip(0), noise=noise).nll)
+
+
+def test_sample_shapes_ranges_and_seeded_determinism(tiny):
+    model = _model(tiny).float()
+    _, tokens, lengths = random_batch(tiny)
+    s1 = model.sample(tokens, lengths, generator=torch.Generator().manual_seed(7))
+    s2 = model.sample(tokens, lengths, generator=torch.Generator().manual_seed(7))
+    s3 = model.sample(tokens, lengths, generator=torch.Generator().manual_seed(8))
+    assert s1.images.shape == (4, 1, 12, 12)
+    assert s1.canvases.shape == (4, 4, 1, 12, 12)
+    assert s1.alignments.shape == (4, 3, 6) and s1.write_windows.shape == (4, 3, 4)
+    assert s1.images.min() >= 0 and s1.images.max() <= 1
+    torch.testing.assert_close(s1.images, s1.canvases[:, -1])
+    torch.testing.assert_close(s1.alignments.sum(-1), torch.ones(4, 3))
+    assert torch.equal(s1.images, s2.images)
+    assert not torch.equal(s1.images, s3.images)
+    # Padding positions receive no attention.
+    mask = torch.arange(6)[None] < lengths[:, None]
+    assert (s1.alignments.permute(1, 0, 2)[:, ~mask] == 0).all()
+
+
+def test_sample_uses_the_prior_not_the_encoder(tiny):
+    model = _model(tiny).float()
+    _, tokens, lengths = random_batch(tiny)
+    g = torch.Generator().manual_seed(0)
+    before = model.sample(tokens, lengths, generator=g).images
+    with torch.no_grad():
+        model.enc_lstm.weight_ih.add_(1.0)
+        model.posterior.weight.add_(1.0)
+    after = model.sample(tokens, lengths, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(before, after)
+
+
+def test_noise_shape_is_checked(tiny):
+    model = AlignDraw(tiny)
+    images, tokens, lengths = random_batch(tiny)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        model(images, tokens, lengths, noise=torch.zeros(4, 2, 2))
+
+
+def test_paper_initialisation(tiny):
+    model = AlignDraw(tiny)
+    assert torch.all(model.canvas0 == tiny.canvas_init)
+    assert model.write_patch.bias.abs().sum() == 0
+    assert 0.005 < model.enc_lstm.weight_hh.std() < 0.015

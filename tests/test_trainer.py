@@ -1,0 +1,118 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aligndraw.config import TrainConfig
+from aligndraw.trainer import (
+    PaperRMSprop,
+    Progress,
+    Trainer,
+    clip_grad_norm_per_tensor,
+    update_schedule,
+)
+from conftest import tiny_run_config
+
+
+def test_paper_rmsprop_matches_the_update_rule():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = PaperRMSprop([p], lr=0.1, decay=0.9, eps=1e-6)
+    theta, cache = p.detach().clone(), torch.zeros(5)
+    for _ in range(3):
+        g = torch.randn(5)
+        p.grad = g.clone()
+        opt.step()
+        cache = 0.9 * cache + 0.1 * g**2
+        theta = theta - 0.1 * g / torch.sqrt(cache + 1e-6)
+    torch.testing.assert_close(p.detach(), theta)
+
+
+def test_clipping_is_per_tensor_not_global():
+    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    a.grad = torch.full((4,), 10.0)  # norm 20 → scaled to 10
+    b.grad = torch.full((4,), 1.0)  # norm 2 → untouched
+    norms = clip_grad_norm_per_tensor([a, b], 10.0)
+    torch.testing.assert_close(norms, torch.tensor([20.0, 2.0]))
+    torch.testing.assert_close(a.grad.norm(), torch.tensor(10.0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(b.grad, torch.ones(4))
+
+
+def _weights(run_dir):
+    return load_file(str(run_dir / "last" / "model.safetensors"))
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, synthetic_data):
+    config = tiny_run_config()
+    straight = Trainer(config, tmp_path / "a", data=synthetic_data(config), progress_bar=False)
+    straight.run(max_steps=4)
+    first = Trainer(config, tmp_path / "b", data=synthetic_data(config), progress_bar=False)
+    first.run(max_steps=2)
+    resumed = Trainer(config, tmp_path / "b", data=synthetic_data(config), resume=True,
+                      progress_bar=False)
+    assert resumed.progress.step == 2
+    resumed.run(max_steps=4)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # And the run really moved: weights differ from a 2-step run.
+    two = Trainer(config, tmp_path / "c", data=synthetic_data(config), progress_bar=False)
+    two.run(max_steps=2)
+    assert any(not torch.equal(a[k], v) for k, v in _weights(tmp_path / "c").items())
+
+
+def test_resume_across_an_epoch_boundary(tmp_path, synthetic_data):
+    config = tiny_run_config()  # 48 scenes / batch 8 = 6 steps per epoch
+    Trainer(config, tmp_path / "a", data=synthetic_data(config), progress_bar=False).run(max_steps=9)
+    Trainer(config, tmp_path / "b", data=synthetic_data(config), progress_bar=False).run(max_steps=5)
+    t = Trainer(config, tmp_path / "b", data=synthetic_data(config), resume=True, progress_bar=False)
+    t.run(max_steps=9)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert t.progress.epoch == 1 and t.progress.batch_in_epoch == 3
+
+
+def test_full_run_writes_metrics_checkpoints_grids_and_decays_lr(tmp_path, synthetic_data):
+    config = tiny_run_config(epochs=3, checkpoint_every=4)
+    trainer = Trainer(config, tmp_path, data=synthetic_data(config), progress_bar=False)
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["split"] == "validation"]
+    train = [r for r in records if r["split"] == "train"]
+    assert len(val) == 3 and len(train) == 18
+    assert all({"loss", "nll", "kl", "img_per_s"} <= set(r) for r in train)
+    for epoch in range(3):
+        assert (tmp_path / "samples" / f"epoch_{epoch:03d}.png").stat().st_size > 0
+    assert (tmp_path / "best" / "model.safetensors").exists()
+    assert trainer.progress.epoch == 3
+    assert [r["lr"] for r in val] == [trainer.progress.lr] * 3  # every epoch improved here
+    assert not list(tmp_path.glob(".*tmp*")), "temporary directories left behind"
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, synthetic_data):
+    config = tiny_run_config()
+    with pytest.raises(ValueError, match="cannot resume"):
+        Trainer(config, tmp_path, data=synthetic_data(config), resume=True, progress_bar=False)
+
+
+def test_plateau_schedule_decays_after_patience_and_stops_at_min_lr():
+    config = TrainConfig(lr=1e-3, lr_patience=2, lr_decay=0.1, min_lr=1e-5)
+    p = Progress(lr=1e-3)
+    seen = [(update_schedule(p, bound, config), p.lr)
+            for bound in (100, 90, 95, 91, 92, 93, 80, 85, 86, 87, 88, 89, 90)]
+    improved = [s[0] for s in seen]
+    lrs = [s[1] for s in seen]
+    assert improved == [True, True, False, False, False, False, True] + [False] * 6
+    assert lrs[:3] == [1e-3] * 3
+    assert lrs[3] == pytest.approx(1e-4)  # second epoch without improvement
+    assert lrs[5] == pytest.approx(1e-5)  # two more
+    assert lrs[-1] == pytest.approx(1e-5)  # never below min_lr
+    assert p.best_val == 80
+
+
+def test_validation_is_deterministic(tmp_path, synthetic_data):
+    config = tiny_run_config()
+    trainer = Trainer(config, tmp_path, data=synthetic_data(config), progress_bar=False)
+    assert trainer.validate() == trainer.validate()
