@@ -63,3 +63,11 @@ def synthetic_data():
                               test=synthetic_digits(200, 1))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def mnist_dir():
+    """The verified MNIST directory (fetched for real on first use, then cached)."""
+    from aligndraw.data.mnist import ensure_mnist
+
+    return ensure_mnist(progress=False)

@@ -12,6 +12,7 @@ from aligndraw.trainer import (
     clip_grad_norm_per_tensor,
     update_schedule,
 )
+
 from conftest import tiny_run_config
 
 

@@ -308,9 +308,19 @@ class Trainer:
         state = self.noise.get_state()
         if self.dist.world_size == 1:
             return [state]
+        self._check_replicas_in_sync()
         gathered: list[Any] = [None] * self.dist.world_size
         dist.all_gather_object(gathered, state)
         return gathered
+
+    @torch.no_grad()
+    def _check_replicas_in_sync(self) -> None:
+        """DDP invariant: every rank holds the same weights (checked at each checkpoint)."""
+        checksum = torch.stack([p.double().sum() for p in self.model.parameters()])
+        gathered = [torch.zeros_like(checksum) for _ in range(self.dist.world_size)]
+        dist.all_gather(gathered, checksum)
+        if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
+            raise RuntimeError("DDP replicas diverged: ranks hold different weights")
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

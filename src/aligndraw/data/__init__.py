@@ -1,0 +1,2 @@
+"""Datasets: real MNIST idx files (:mod:`.mnist`), captioned MNIST scenes
+(:mod:`.mnist_captions`) and, later, COCO."""

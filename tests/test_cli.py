@@ -1,0 +1,150 @@
+"""The command line, run as real processes and in-process, on the real MNIST digits."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aligndraw.cli import main
+
+TINY = ["model.steps=3", "model.embed_dim=8", "model.lang_hidden=8", "model.align_dim=8",
+        "model.enc_hidden=16", "model.dec_hidden=16", "model.z_dim=4", "model.read_n=3",
+        "model.write_n=3", "data.train_scenes_per_epoch=64", "data.val_scenes=16",
+        "data.test_scenes=32", "--batch-size", "8", "--no-progress"]
+CAPTION = "the digit 3 is at the top of the digit 1 ."
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "aligndraw", *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, mnist_dir):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    assert main(["train", "--out", str(out), "--max-steps", "6", *TINY]) == 0
+    return out
+
+
+@pytest.mark.parametrize("command", [[], ["data", "mnist"], ["train"], ["generate"],
+                                     ["evaluate"]])
+def test_every_command_has_help(command):
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0
+    assert "usage: aligndraw" in result.stdout and len(result.stdout) > 200
+
+
+@pytest.mark.realdata
+def test_dry_run_writes_a_loadable_checkpoint(tmp_path, mnist_dir):
+    result = run_cli("train", "--out", str(tmp_path / "r"), "--dry-run", *TINY)
+    assert result.returncode == 0, result.stderr
+    for name in ("last/config.json", "last/model.safetensors", "last/vocab.json",
+                 "last/trainer_state.pt", "best/model.safetensors", "samples/epoch_000.png",
+                 "metrics.jsonl"):
+        assert (tmp_path / "r" / name).is_file(), name
+    state = torch.load(tmp_path / "r" / "last" / "trainer_state.pt", weights_only=True)
+    assert state["progress"]["step"] == 1
+
+
+@pytest.mark.realdata
+def test_generate_writes_images_grid_alignment_and_gif(run_dir, tmp_path):
+    out = tmp_path / "gen"
+    code = main(["generate", CAPTION, "the digit 7 is at the top left of the image .",
+                 "--model", str(run_dir), "--num", "3", "--seed", "1", "--gif",
+                 "--out", str(out)])
+    assert code == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["grid.png", "caption00_alignment.png", "caption01_alignment.png",
+                            "caption00_drawing.gif", "caption01_drawing.gif"]
+                           + [f"caption{c:02d}_sample{k:02d}.png" for c in range(2)
+                              for k in range(3)])
+    again = tmp_path / "again"
+    main(["generate", CAPTION, "the digit 7 is at the top left of the image .", "--model",
+          str(run_dir), "--num", "3", "--seed", "1", "--out", str(again)])
+    assert (out / "caption01_sample02.png").read_bytes() == \
+        (again / "caption01_sample02.png").read_bytes()
+
+
+@pytest.mark.realdata
+def test_evaluate_reports_seen_and_held_out(run_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--model", str(run_dir), "--split", "test", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["metrics"]["nll"]
+    assert result["seen"]["count"] + result["held_out"]["count"] == 32
+    assert result["seen"]["count"] > 0 and result["held_out"]["count"] > 0
+    for group in ("all", "seen", "held_out"):
+        r = result[group]
+        assert r["bound"] == pytest.approx(r["nll"] + r["kl"])
+        assert 0 < r["bound"] < 5000
+    assert "| held_out |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("args, message", [
+    (["generate", "the digit 3 is above the digit 1 .", "--out", "X"], "'above'"),
+    (["generate", "", "--out", "X"], "at least one word"),
+    (["generate", "digit " * 40, "--out", "X"], "32"),
+    (["evaluate", "--metrics", "bleu"], "unknown metric"),
+])
+def test_bad_input_exits_2_with_one_clear_line(run_dir, tmp_path, args, message):
+    args = [a.replace("X", str(tmp_path / "out")) for a in args]
+    result = run_cli(*args, "--model", str(run_dir))
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_preset_and_missing_model_exit_2(tmp_path):
+    result = run_cli("train", "--preset", "imagenet", "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and "invalid choice: 'imagenet'" in result.stderr
+    result = run_cli("generate", CAPTION, "--model", str(tmp_path / "missing"))
+    assert result.returncode == 2 and "neither a directory nor a bundled model" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_override_exits_2(tmp_path):
+    result = run_cli("train", "--out", str(tmp_path / "r"), "model.hidden=3")
+    assert result.returncode == 2 and "unknown model field 'hidden'" in result.stderr
+    result = run_cli("train", "--out", str(tmp_path / "r"), "--optimizer", "sgd")
+    assert result.returncode == 2 and "'rmsprop'" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.realdata
+def test_training_into_an_existing_run_needs_resume(run_dir):
+    before = load_file(str(run_dir / "last" / "model.safetensors"))
+    result = run_cli("train", "--out", str(run_dir), "--max-steps", "1", *TINY)
+    assert result.returncode == 2 and "--resume" in result.stderr
+    after = load_file(str(run_dir / "last" / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.realdata
+def test_list_words(run_dir):
+    result = run_cli("generate", "--list-words", "--model", str(run_dir))
+    assert result.returncode == 0
+    words = result.stdout.split()
+    assert len(words) == 22 and "digit" in words and "7" in words
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_torchrun_ddp_two_processes(tmp_path, mnist_dir):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "aligndraw", "train", "--out", str(out), "--max-steps", "4", "--log-every", "2",
+           *TINY]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [2, 4]  # rank 0 logs alone: no duplicate lines
+    assert json.loads((out / "last" / "config.json").read_text())["train"]["batch_size"] == 8
+    state = torch.load(out / "last" / "trainer_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["noise_rng"]) == 2
+    assert result.stdout.count("trained to step 4") == 1
