@@ -42,7 +42,7 @@ def _banks(params, height, width, n):
 
 
 def naive_forward(model: AlignDraw, images, tokens, lengths, noise):
-    """Returns (nll (B,), kl_steps (B, T)) computed the slow, obvious way."""
+    """Returns nll (B,), kl_steps (B, T) and log importance weight (B,), the slow, obvious way."""
     cfg = model.config
     b = images.shape[0]
     h_lang = model.encoder(tokens, lengths)
@@ -50,7 +50,7 @@ def naive_forward(model: AlignDraw, images, tokens, lengths, noise):
     h_enc, c_enc = model.h_enc0.expand(b, -1), model.c_enc0.expand(b, -1)
     h_dec, c_dec = model.h_dec0.expand(b, -1), model.c_dec0.expand(b, -1)
     canvas = model.canvas0.expand(b, -1, -1, -1)
-    kls = []
+    kls, log_ratios = [], []
     for t in range(cfg.steps):
         error = images - torch.sigmoid(canvas)
         fx, fy, gamma = _banks(model.read_head(h_dec), cfg.height, cfg.width, cfg.read_n)
@@ -66,6 +66,7 @@ def naive_forward(model: AlignDraw, images, tokens, lengths, noise):
             mu_p, log_sigma_p = torch.tanh(model.prior(h_dec)).chunk(2, -1)
             prior = Normal(mu_p, log_sigma_p.exp())
         kls.append(kl_divergence(Normal(mu_q, log_sigma_q.exp()), prior).sum(-1))
+        log_ratios.append(prior.log_prob(z).sum(-1) - Normal(mu_q, log_sigma_q.exp()).log_prob(z).sum(-1))
         if model.alignment is not None:
             al = model.alignment
             e = al.v(torch.tanh(al.U(h_lang) + al.W(h_dec)[:, None])).squeeze(-1)
@@ -78,4 +79,4 @@ def naive_forward(model: AlignDraw, images, tokens, lengths, noise):
         patch = model.write_patch(h_dec).view(b, cfg.channels, cfg.write_n, cfg.write_n)
         canvas = canvas + torch.einsum("bmh,bcmn,bnw->bchw", fy, patch, fx) / gamma[:, None, None, None]
     nll = F.binary_cross_entropy(torch.sigmoid(canvas), images, reduction="none").flatten(1).sum(1)
-    return nll, torch.stack(kls, 1)
+    return nll, torch.stack(kls, 1), -nll + torch.stack(log_ratios, 1).sum(1)

@@ -74,3 +74,15 @@ def test_window_box_spans_grid():
     half = 4 * 59 / 7
     torch.testing.assert_close(box[0], torch.tensor([29.5 - half, 29.5 - half,
                                                      29.5 + half, 29.5 + half]))
+
+
+def test_batched_filterbanks_equal_separate_calls():
+    windows = [attention.window_params(_random_window(seed=s), 12, 12, n)
+               for s, n in ((0, 4), (1, 4), (2, 3))]
+    sizes = [4, 4, 3]
+    for height, width in ((12, 12), (10, 12)):
+        batched = attention.filterbanks_batched(windows, sizes, height, width)
+        for w, n, (fx, fy) in zip(windows, sizes, batched, strict=True):
+            ref_x, ref_y = attention.filterbanks(w, height, width, n)
+            torch.testing.assert_close(fx, ref_x)
+            torch.testing.assert_close(fy, ref_y)

@@ -19,16 +19,18 @@ def _model(config, seed=0, scale=0.3):
 
 @pytest.mark.parametrize("kind", ["aligndraw", "noalign"])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_forward_matches_naive_reference_loss_and_gradients(kind, channels):
-    config = tiny_config(model=kind, channels=channels)
+@pytest.mark.parametrize("shape", [{}, {"height": 10, "width": 12, "read_n": 3, "write_n": 4}])
+def test_forward_matches_naive_reference_loss_and_gradients(kind, channels, shape):
+    config = tiny_config(model=kind, channels=channels, **shape)
     model = _model(config)
     images, tokens, lengths = random_batch(config)
     images = images.double()
     noise = torch.randn(4, config.steps, config.z_dim, dtype=torch.float64)
-    out = model(images, tokens, lengths, noise=noise)
-    nll, kl_steps = naive_forward(model, images, tokens, lengths, noise)
+    out = model(images, tokens, lengths, noise=noise, log_weight=True)
+    nll, kl_steps, log_weight = naive_forward(model, images, tokens, lengths, noise)
     torch.testing.assert_close(out.nll, nll)
     torch.testing.assert_close(out.kl_steps, kl_steps)
+    torch.testing.assert_close(out.log_weight, log_weight)
     grads = torch.autograd.grad(out.loss, list(model.parameters()))
     ref_grads = torch.autograd.grad((nll + kl_steps.sum(1)).mean(), list(model.parameters()),
                                     allow_unused=True)
@@ -119,3 +121,17 @@ def test_paper_initialisation(tiny):
     assert torch.all(model.canvas0 == tiny.canvas_init)
     assert model.write_patch.bias.abs().sum() == 0
     assert 0.005 < model.enc_lstm.weight_hh.std() < 0.015
+
+
+def test_given_caption_states_replace_the_encoder(tiny):
+    model = _model(tiny).float()
+    images, tokens, lengths = random_batch(tiny)
+    noise = torch.randn(4, tiny.steps, tiny.z_dim)
+    h_lang = model.encoder(tokens, lengths)
+    a = model(images, tokens, lengths, noise=noise)
+    b = model(images, tokens, lengths, noise=noise, h_lang=h_lang)
+    torch.testing.assert_close(a.loss, b.loss)
+    mean_state = h_lang.mean((0, 1), keepdim=True).expand(4, 1, -1)  # one-"word" caption ȳ
+    ones = torch.ones(4, dtype=torch.long)
+    c = model(images, tokens[:, :1], ones, noise=noise, h_lang=mean_state)
+    assert not torch.allclose(a.nll, c.nll)

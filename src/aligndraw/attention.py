@@ -69,7 +69,9 @@ def filterbank(g: Tensor, delta: Tensor, sigma2: Tensor, size: int, n: int,
     """
     mu = grid_centres(g, delta, n)  # (B, N)
     a = torch.arange(1, size + 1, device=g.device, dtype=g.dtype)  # (size,)
-    f = torch.exp(-((a[None, None, :] - mu[:, :, None]) ** 2) / (2 * sigma2[:, None, None]))
+    d = a[None, None, :] - mu[:, :, None]  # (B, N, size)
+    # Scale by −1/2σ² on the (B,) vector, not on the (B, N, size) tensor: fewer large operations.
+    f = torch.exp(d * d * (-0.5 / sigma2)[:, None, None])
     return f / (f.sum(-1, keepdim=True) + eps)  # (B, N, size)
 
 
@@ -81,11 +83,39 @@ def filterbanks(window: Window, height: int, width: int, n: int,
     return f_x, f_y
 
 
+def filterbanks_batched(windows: list[Window], sizes: list[int], height: int, width: int,
+                        eps: float = 1e-4) -> list[tuple[Tensor, Tensor]]:
+    """``filterbanks`` of several windows (grid sizes ``sizes``) with as few calls as possible.
+
+    Windows with the same grid size share one ``filterbank`` call, and on a square image so do
+    their x and y axes: one call per step for DRAW's read and write windows when N = M.
+
+    Returns:
+        (F_x (B, n, W), F_y (B, n, H)) for each window, in order.
+    """
+    out: list[tuple[Tensor, Tensor] | None] = [None] * len(windows)
+    for n in sorted(set(sizes)):
+        idx = [i for i, size in enumerate(sizes) if size == n]
+        group = [windows[i] for i in idx]
+        if height != width:
+            for i in idx:
+                out[i] = filterbanks(windows[i], height, width, n, eps)
+            continue
+        k = len(group)
+        g = torch.cat([w.g_x for w in group] + [w.g_y for w in group])  # (2k·B,)
+        delta = torch.cat([w.delta for w in group] * 2)
+        sigma2 = torch.cat([w.sigma2 for w in group] * 2)
+        banks = filterbank(g, delta, sigma2, width, n, eps).chunk(2 * k)  # 2k × (B, n, W)
+        for j, i in enumerate(idx):
+            out[i] = (banks[j], banks[k + j])
+    return out  # type: ignore[return-value]
+
+
 def read(images: Tensor, f_x: Tensor, f_y: Tensor, gamma: Tensor) -> Tensor:
     """Glimpse γ · F_y x F_xᵀ per channel (DRAW eq. 27).
 
     Args:
-        images: (B, C, H, W); pass image and error image stacked on C to read both at once.
+        images: (B, C, H, W).
         f_x: (B, N, W). f_y: (B, N, H). gamma: (B,).
 
     Returns:
@@ -104,8 +134,9 @@ def write(patch: Tensor, f_x: Tensor, f_y: Tensor, gamma: Tensor) -> Tensor:
     Returns:
         (B, C, H, W) canvas update.
     """
-    update = f_y[:, None].transpose(-1, -2) @ patch @ f_x[:, None]  # (B, C, H, W)
-    return update / gamma[:, None, None, None]
+    # Scale the small M×M patch rather than the H×W result: same value, far fewer operations.
+    patch = patch / gamma[:, None, None, None]
+    return f_y[:, None].transpose(-1, -2) @ (patch @ f_x[:, None])  # (B, C, H, W)
 
 
 def window_box(window: Window, n: int) -> Tensor:

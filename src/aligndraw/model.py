@@ -25,14 +25,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aligndraw import attention
 from aligndraw.alignment import Alignment, align, mean_context
 from aligndraw.config import ModelConfig
 from aligndraw.language import CaptionEncoder, padding_mask
-from aligndraw.losses import bernoulli_nll, gaussian_kl
+from aligndraw.losses import bernoulli_nll, gaussian_kl, gaussian_log_prob
+from aligndraw.recurrent_linear import StepLinear
 
 
 @dataclass
@@ -41,12 +41,14 @@ class DrawLoss:
 
     loss: () mean over the batch of nll + kl (what training minimises).
     nll: (B,) −log p(x | y, z). kl: (B,) Σ_t KL. kl_steps: (B, T) KL per step.
+    log_weight: (B,) importance weight of the posterior sample (for the IWAE bound).
     """
 
     loss: Tensor
     nll: Tensor
     kl: Tensor
     kl_steps: Tensor
+    log_weight: Tensor | None = None  # (B,) log p(x, z | y) − log q(z | x, y), if asked for
 
     @property
     def bound(self) -> Tensor:
@@ -80,16 +82,24 @@ def lstm_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @dataclass
-class _Projection:
-    """Fused linear map of h_dec: one weight, one bias, and the sizes of its parts."""
+class _Attention:
+    """A window and its filterbanks F_x (B, n, W), F_y (B, n, H)."""
 
-    weight: Tensor
-    bias: Tensor
+    window: attention.Window
+    f_x: Tensor
+    f_y: Tensor
+
+
+@dataclass
+class _Projection:
+    """Fused linear map of h_dec: one shared-step linear and the names and sizes of its parts."""
+
+    linear: StepLinear
     names: tuple[str, ...]
     sizes: tuple[int, ...]
 
     def __call__(self, h_dec: Tensor) -> dict[str, Tensor]:
-        out = F.linear(h_dec, self.weight, self.bias)  # (B, sum of sizes)
+        out = self.linear(h_dec)  # (B, sum of sizes)
         return dict(zip(self.names, out.split(self.sizes, dim=-1), strict=True))
 
 
@@ -145,7 +155,7 @@ class AlignDraw(nn.Module):
                       ("enc", enc.weight_ih[:, self.read_size:], enc.bias_ih + enc.bias_hh)]
         weight = torch.cat([w for _, w, _ in parts])
         bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for _, w, b in parts])
-        return _Projection(weight, bias, tuple(p[0] for p in parts),
+        return _Projection(StepLinear(weight, bias), tuple(p[0] for p in parts),
                            tuple(w.shape[0] for _, w, _ in parts))
 
     def _initial_state(self, batch: int) -> dict[str, Tensor]:
@@ -155,12 +165,15 @@ class AlignDraw(nn.Module):
             "canvas": self.canvas0.expand(batch, -1, -1, -1),
         }
 
-    def encode_captions(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def encode_captions(self, tokens: Tensor, lengths: Tensor,
+                        h_lang: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Caption states, alignment keys (empty for noalign) and padding mask.
 
-        Returns h_lang (B, L, D2), keys (B, L, A) or empty, mask (B, L).
+        Returns h_lang (B, L, D2), keys (B, L, A) or empty, mask (B, L). A given ``h_lang``
+        is used as is instead of running the encoder.
         """
-        h_lang = self.encoder(tokens, lengths)
+        if h_lang is None:
+            h_lang = self.encoder(tokens, lengths)
         mask = padding_mask(lengths, tokens.shape[1])
         keys = self.alignment.keys(h_lang) if self.alignment is not None else h_lang[..., :0]
         return h_lang, keys, mask
@@ -171,23 +184,41 @@ class AlignDraw(nn.Module):
             return mean_context(h_lang, mask)
         return align(keys, query, self.alignment.v.weight[0], h_lang, mask)
 
-    def _write(self, proj: dict[str, Tensor]) -> tuple[Tensor, attention.Window]:
-        cfg = self.config
-        window = attention.window_params(proj["write"], cfg.height, cfg.width, cfg.write_n)
-        f_x, f_y = attention.filterbanks(window, cfg.height, cfg.width, cfg.write_n, cfg.filter_eps)
-        patch = proj["patch"].view(-1, cfg.channels, cfg.write_n, cfg.write_n)  # (B, C, M, M)
-        return attention.write(patch, f_x, f_y, window.gamma), window
+    def _attention(self, proj: dict[str, Tensor], read: bool) -> tuple[_Attention, _Attention | None]:
+        """This step's write window and, if ``read``, the next step's read window.
 
-    def _read(self, images: Tensor, error: Tensor, params: Tensor) -> Tensor:
+        Both come from the same projection of h_dec_t, so their four filterbanks are built in
+        one call (``attention.filterbanks_batched``).
+        """
         cfg = self.config
-        window = attention.window_params(params, cfg.height, cfg.width, cfg.read_n)
-        f_x, f_y = attention.filterbanks(window, cfg.height, cfg.width, cfg.read_n, cfg.filter_eps)
-        both = torch.cat([images, error], dim=1)  # (B, 2C, H, W)
-        return attention.read(both, f_x, f_y, window.gamma).flatten(1)  # (B, 2C·N·N)
+        windows = [attention.window_params(proj["write"], cfg.height, cfg.width, cfg.write_n)]
+        sizes = [cfg.write_n]
+        if read:
+            windows.append(attention.window_params(proj["read"], cfg.height, cfg.width, cfg.read_n))
+            sizes.append(cfg.read_n)
+        banks = attention.filterbanks_batched(windows, sizes, cfg.height, cfg.width, cfg.filter_eps)
+        atts = [_Attention(w, *b) for w, b in zip(windows, banks, strict=True)]
+        return atts[0], (atts[1] if read else None)
+
+    def _write(self, proj: dict[str, Tensor], att: _Attention) -> Tensor:
+        cfg = self.config
+        patch = proj["patch"].view(-1, cfg.channels, cfg.write_n, cfg.write_n)  # (B, C, M, M)
+        return attention.write(patch, att.f_x, att.f_y, att.window.gamma)
+
+    def _read(self, images: Tensor, canvas_prob: Tensor, att: _Attention) -> Tensor:
+        """r_t = [read(x), read(x̂_t)] with x̂_t = x − σ(c_{t−1}); (B, 2C·N·N).
+
+        Reading is linear, so read(x̂) = read(x) − read(σ(c)): the H×W error image is never
+        formed (saves two full-image operations per step, forward and backward).
+        """
+        gamma = att.window.gamma
+        glimpse_x = attention.read(images, att.f_x, att.f_y, gamma)  # (B, C, N, N)
+        glimpse_c = attention.read(canvas_prob, att.f_x, att.f_y, gamma)
+        return torch.cat([glimpse_x, glimpse_x - glimpse_c], dim=1).flatten(1)  # (B, 2C·N·N)
 
     def _prior(self, proj: dict[str, Tensor], step: int) -> tuple[Tensor, Tensor]:
         if step == 0:  # P(z_1) = N(0, I)
-            zeros = proj["prior"].new_zeros(proj["prior"].shape[0], self.config.z_dim)
+            zeros = proj["prior"].new_zeros(()).expand(proj["prior"].shape[0], self.config.z_dim)
             return zeros, zeros
         mu, log_sigma = torch.tanh(proj["prior"]).chunk(2, dim=-1)
         return mu, log_sigma
@@ -204,46 +235,62 @@ class AlignDraw(nn.Module):
 
     # ----------------------------------------------------------------------------- training
     def forward(self, images: Tensor, tokens: Tensor, lengths: Tensor,
-                generator: torch.Generator | None = None, noise: Tensor | None = None) -> DrawLoss:
+                generator: torch.Generator | None = None, noise: Tensor | None = None,
+                h_lang: Tensor | None = None, log_weight: bool = False) -> DrawLoss:
         """Negative lower bound of log p(x | y) with one posterior sample.
 
         Args:
             images: (B, C, H, W) in [0, 1]. tokens: (B, L) word ids. lengths: (B,).
             generator: source of the posterior noise ε. noise: (B, T, Z) ε to use instead.
+            h_lang: (B, L, D2) caption states to use instead of encoding ``tokens`` (e.g. the
+                mean sentence representation ȳ for retrieval); ``tokens`` then only gives L.
+            log_weight: also return log p(x, z | y) − log q(z | x, y) per image.
 
         Returns:
-            ``DrawLoss`` with loss, nll (B,), kl (B,), kl_steps (B, T).
+            ``DrawLoss`` with loss, nll (B,), kl (B,), kl_steps (B, T) and maybe log_weight.
         """
         b = images.shape[0]
-        h_lang, keys, mask = self.encode_captions(tokens, lengths)
+        h_lang, keys, mask = self.encode_captions(tokens, lengths, h_lang)
         eps = self._noise(noise, b, images, generator)
         proj_fn = self._projection(with_encoder=True)
         enc = self.enc_lstm
-        w_enc = torch.cat([enc.weight_ih[:, : self.read_size], enc.weight_hh], dim=1)
+        # [r_t, h_enc] → encoder gates; the h_dec part of the gates is in the projection.
+        enc_in = StepLinear(torch.cat([enc.weight_ih[:, : self.read_size], enc.weight_hh], dim=1))
+        posterior = StepLinear(self.posterior.weight, self.posterior.bias)
+        dec_in = StepLinear(self.dec_lstm.weight_ih)  # [z_t, s_t] → decoder gates
         st = self._initial_state(b)
         proj = proj_fn(st["h_dec"])
-        kl_steps = []
-        for t in range(self.config.steps):
-            error = images - torch.sigmoid(st["canvas"])  # x̂_t
-            r = self._read(images, error, proj["read"])
-            gates = proj["enc"] + F.linear(torch.cat([r, st["h_enc"]], dim=1), w_enc)
+        cfg = self.config
+        window = attention.window_params(proj["read"], cfg.height, cfg.width, cfg.read_n)
+        read_att = _Attention(window, *attention.filterbanks(window, cfg.height, cfg.width,
+                                                             cfg.read_n, cfg.filter_eps))
+        kl_steps, log_ratios = [], []
+        for t in range(cfg.steps):
+            r = self._read(images, torch.sigmoid(st["canvas"]), read_att)
+            gates = proj["enc"] + enc_in(torch.cat([r, st["h_enc"]], dim=1))
             st["h_enc"], st["c_enc"] = lstm_update(gates, st["c_enc"])
-            mu_q, log_sigma_q = self.posterior(st["h_enc"]).chunk(2, dim=-1)
+            mu_q, log_sigma_q = posterior(st["h_enc"]).chunk(2, dim=-1)
             z = mu_q + log_sigma_q.exp() * eps[:, t]
-            kl_steps.append(gaussian_kl(mu_q, log_sigma_q, *self._prior(proj, t)))
-            st = self._decode(st, proj, z, keys, h_lang, mask)[0]
+            prior = self._prior(proj, t)
+            kl_steps.append(gaussian_kl(mu_q, log_sigma_q, *prior))
+            if log_weight:  # log p(z_t | ·) − log q(z_t | ·); the 2π terms cancel
+                log_ratios.append(gaussian_log_prob(z, *prior) - gaussian_log_prob(z, mu_q, log_sigma_q))
+            st = self._decode(st, proj, z, keys, h_lang, mask, dec_in)[0]
             proj = proj_fn(st["h_dec"])
-            st["canvas"] = st["canvas"] + self._write(proj)[0]
+            write_att, read_att = self._attention(proj, read=t + 1 < cfg.steps)
+            st["canvas"] = st["canvas"] + self._write(proj, write_att)
         nll = bernoulli_nll(st["canvas"], images)
         kl_steps_t = torch.stack(kl_steps, dim=1)  # (B, T)
         kl = kl_steps_t.sum(1)
-        return DrawLoss(loss=(nll + kl).mean(), nll=nll, kl=kl, kl_steps=kl_steps_t)
+        weight = -nll + torch.stack(log_ratios, 1).sum(1) if log_weight else None
+        return DrawLoss(loss=(nll + kl).mean(), nll=nll, kl=kl, kl_steps=kl_steps_t,
+                        log_weight=weight)
 
     def _decode(self, st: dict[str, Tensor], proj: dict[str, Tensor], z: Tensor, keys: Tensor,
-                h_lang: Tensor, mask: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+                h_lang: Tensor, mask: Tensor, dec_in: StepLinear) -> tuple[dict[str, Tensor], Tensor]:
         """Alignment and generative LSTM update; returns the new state and α_t (B, L)."""
         alpha, s = self._context(keys, proj.get("query"), h_lang, mask)
-        gates = proj["dec"] + F.linear(torch.cat([z, s], dim=1), self.dec_lstm.weight_ih)
+        gates = proj["dec"] + dec_in(torch.cat([z, s], dim=1))
         st = dict(st)
         st["h_dec"], st["c_dec"] = lstm_update(gates, st["c_dec"])
         return st, alpha
@@ -265,19 +312,20 @@ class AlignDraw(nn.Module):
         h_lang, keys, mask = self.encode_captions(tokens, lengths)
         eps = self._noise(noise, b, h_lang, generator)
         proj_fn = self._projection(with_encoder=False)
+        dec_in = StepLinear(self.dec_lstm.weight_ih)
         st = self._initial_state(b)
         proj = proj_fn(st["h_dec"])
         canvases, alphas, boxes = [torch.sigmoid(st["canvas"])], [], []
         for t in range(cfg.steps):
             mu_p, log_sigma_p = self._prior(proj, t)
             z = mu_p + log_sigma_p.exp() * eps[:, t]
-            st, alpha = self._decode(st, proj, z, keys, h_lang, mask)
+            st, alpha = self._decode(st, proj, z, keys, h_lang, mask, dec_in)
             proj = proj_fn(st["h_dec"])
-            update, window = self._write(proj)
-            st["canvas"] = st["canvas"] + update
+            write_att = self._attention(proj, read=False)[0]
+            st["canvas"] = st["canvas"] + self._write(proj, write_att)
             canvases.append(torch.sigmoid(st["canvas"]))
             alphas.append(alpha)
-            boxes.append(attention.window_box(window, cfg.write_n))
+            boxes.append(attention.window_box(write_att.window, cfg.write_n))
         canvases_t = torch.stack(canvases, dim=1)  # (B, T+1, C, H, W)
         return DrawSample(images=canvases_t[:, -1], canvases=canvases_t,
                           alignments=torch.stack(alphas, dim=1),  # (B, T, L)

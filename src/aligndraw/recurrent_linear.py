@@ -1,0 +1,99 @@
+"""A linear layer shared by every step of a recurrence, with one weight gradient for all steps.
+
+Autograd computes the gradient of a weight used at T steps as T separate (out × B)·(B × in)
+matrix products plus T − 1 accumulations into ``.grad``. ``StepLinear`` instead records each
+step's input and output gradient during the backward pass and, once every step is done,
+computes the weight gradient as one (out × T·B)·(T·B × in) product: the same sum, fewer and
+larger matrix multiplies, no accumulation traffic. The input gradient is still computed per
+step (the recurrence needs it).
+
+Works under autocast: each step computes in the autocast dtype and returns gradients in the
+dtypes of its inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class _Record:
+    """Inputs x_t (B, in) and output gradients g_t (B, out) of every step, in backward order."""
+
+    def __init__(self) -> None:
+        self.inputs: list[Tensor] = []
+        self.grads: list[Tensor] = []
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class _Share(torch.autograd.Function):
+    """Identity on (weight, bias) whose backward sums the recorded steps' gradients."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, bias: Tensor, record: _Record):
+        ctx.record, ctx.dtypes = record, (weight.dtype, bias.dtype)
+        ctx.set_materialize_grads(False)  # the steps return no weight gradient themselves
+        return weight.view_as(weight), bias.view_as(bias)
+
+    @staticmethod
+    def backward(ctx, grad_weight, grad_bias):
+        record = ctx.record
+        if not record.inputs:
+            return None, None, None
+        x = torch.cat(record.inputs)  # (T·B, in)
+        g = torch.cat(record.grads)  # (T·B, out)
+        record.inputs.clear()
+        record.grads.clear()
+        return (g.t() @ x).to(ctx.dtypes[0]), g.sum(0).to(ctx.dtypes[1]), None
+
+
+class _Step(torch.autograd.Function):
+    """y = x Wᵀ + b for one step; records (x, g) instead of returning a weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, record: _Record):
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            xc, wc = x.to(dtype), weight.to(dtype)
+            out = torch.addmm(bias.to(dtype), xc, wc.t())
+        ctx.save_for_backward(xc, wc)
+        ctx.record, ctx.x_dtype = record, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        xc, wc = ctx.saved_tensors
+        grad = grad.to(wc.dtype)
+        ctx.record.inputs.append(xc)
+        ctx.record.grads.append(grad)
+        return (grad @ wc).to(ctx.x_dtype), None, None, None
+
+
+class StepLinear:
+    """``F.linear(x, weight, bias)`` for every step of one forward pass.
+
+    Build one per forward pass (after the weight is assembled) and call it at each step.
+    Without gradients (sampling, evaluation) it is a plain ``F.linear``.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        if bias is None:
+            bias = weight.new_zeros(weight.shape[0])
+        self.deferred = torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)
+        if self.deferred:
+            self.record = _Record()
+            self.weight, self.bias = _Share.apply(weight, bias, self.record)
+        else:
+            self.weight, self.bias = weight, bias
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not self.deferred:
+            return F.linear(x, self.weight, self.bias)
+        return _Step.apply(x, self.weight, self.bias, self.record)
