@@ -72,15 +72,28 @@ def test_generate_writes_images_grid_alignment_and_gif(run_dir, tmp_path):
 @pytest.mark.realdata
 def test_evaluate_reports_seen_and_held_out(run_dir, tmp_path):
     out = tmp_path / "eval.json"
-    assert main(["evaluate", "--model", str(run_dir), "--split", "test", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())["metrics"]["nll"]
+    assert main(["evaluate", "--model", str(run_dir), "--split", "test", "--out", str(out),
+                 "--metrics", "nll,iwae,retrieval,ssim,fidelity", "--iwae-k", "3",
+                 "--retrieval-samples", "1", "--shortlist", "16", "--ssim-samples", "2",
+                 "--max-captions", "4", "--batch-size", "64"]) == 0
+    payload = json.loads(out.read_text())
+    metrics = payload["metrics"]
+    assert list(metrics) == ["nll", "iwae", "retrieval_nn", "retrieval_random", "ssim", "fidelity"]
+    result = metrics["nll"]
     assert result["seen"]["count"] + result["held_out"]["count"] == 32
     assert result["seen"]["count"] > 0 and result["held_out"]["count"] > 0
     for group in ("all", "seen", "held_out"):
         r = result[group]
         assert r["bound"] == pytest.approx(r["nll"] + r["kl"])
         assert 0 < r["bound"] < 5000
-    assert "| held_out |" in out.with_suffix(".md").read_text()
+        assert metrics["iwae"][group]["count"] == r["count"]
+    assert metrics["iwae"]["all"]["iwae"] < metrics["iwae"]["all"]["bound"] + 1
+    assert metrics["retrieval_nn"]["all"]["count"] == 4 and metrics["ssim"]["all"]["count"] == 4
+    assert 1 <= metrics["retrieval_random"]["all"]["med_r"] <= 16
+    assert metrics["fidelity"]["all"]["ceiling"] > 50  # the bundled reader on real scenes
+    assert set(payload["definitions"]) == set(metrics)
+    table = out.with_suffix(".md").read_text()
+    assert "| held_out |" in table and "Random shortlist" in table
 
 
 @pytest.mark.realdata

@@ -98,7 +98,9 @@ def bundled_models() -> list[str]:
     root = resources.files("aligndraw") / "pretrained"
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / CONFIG_NAME).is_file())
+    return sorted(p.name for p in root.iterdir()
+                  if (p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).is_file()
+                  and (p / VOCAB_NAME).is_file())  # the image reader has no vocabulary
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:

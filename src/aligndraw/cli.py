@@ -1,4 +1,6 @@
-"""Command line: ``aligndraw data | train | generate | evaluate`` (also ``python -m aligndraw``).
+"""Command line: ``aligndraw data | train | generate | evaluate | reader | serve``.
+
+``python -m aligndraw`` is the same program.
 
 Thin wiring only: every subcommand builds library objects and calls them. Bad input ends with
 one line on stderr and exit status 2, never a traceback.
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 from aligndraw.config import PRESETS, TrainConfig
+from aligndraw.serve.cli import add_serve_parser
 
 EXIT_BAD_INPUT = 2
 DEFAULT_MODEL = "mnist-captions"
@@ -35,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_generate(sub)
     _add_evaluate(sub)
+    _add_reader(sub)
+    add_serve_parser(sub)
     return parser
 
 
@@ -110,21 +115,80 @@ def _add_generate(sub) -> None:
     gen.set_defaults(func=cmd_generate)
 
 
+METRICS = ("nll", "iwae", "retrieval", "ssim", "fidelity")
+
+
 def _add_evaluate(sub) -> None:
     ev = sub.add_parser(
         "evaluate", help="measure a model on a captioned-MNIST split",
-        description="Lower bound in nats per image on a split, reported for all, seen and "
-                    "held-out compositions. Writes JSON (--out) and prints a markdown table.")
+        description="The paper's metrics on a split, each reported for all, seen and held-out "
+                    "compositions: nll (lower bound, nats per image), iwae (importance-weighted "
+                    "bound, K samples), retrieval (R@K and median rank, nearest-neighbour and "
+                    "random shortlists), ssim (prior samples vs the caption's image), fidelity "
+                    "(share of samples whose content the image reader finds to match the "
+                    "caption, beside the reader's accuracy on real scenes). Writes JSON (--out) "
+                    "with a .md table beside it, and prints the table. Cost in forward passes: "
+                    "nll n, iwae n*K, retrieval m*(2*shortlist-1)*S plus one per shortlisted "
+                    "image and sample, ssim m*samples, fidelity m*samples (n scenes, m captions).")
     ev.add_argument("--model", default=DEFAULT_MODEL, help="model or run directory, or bundled name")
     ev.add_argument("--split", default="test", choices=["test", "validation"])
-    ev.add_argument("--metrics", default="nll", help="comma-separated; available: nll")
+    ev.add_argument("--metrics", default="nll",
+                    help=f"comma-separated, from: {','.join(METRICS)} (default: %(default)s)")
     ev.add_argument("--out", help="JSON file for the results (a .md table is written beside it)")
-    ev.add_argument("--batch-size", type=int, default=100)
-    ev.add_argument("--max-batches", type=int, help="evaluate only this many batches")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the posterior noise")
+    ev.add_argument("--batch-size", type=int, default=100, help="rows per forward pass")
+    ev.add_argument("--max-batches", type=int, help="nll/iwae: evaluate only this many batches")
+    ev.add_argument("--max-captions", type=int,
+                    help="retrieval/ssim/fidelity: only the first N captions of the split")
+    ev.add_argument("--iwae-k", type=int, default=50, help="importance samples (default: 50)")
+    ev.add_argument("--retrieval-samples", type=int, default=4,
+                    help="posterior samples averaged per bound in retrieval (default: 4)")
+    ev.add_argument("--shortlist", type=int, default=100,
+                    help="images per retrieval shortlist (default: 100, the paper's)")
+    ev.add_argument("--ssim-samples", type=int, default=50,
+                    help="prior samples per caption for SSIM (default: 50, the paper's)")
+    ev.add_argument("--fidelity-samples", type=int, default=1,
+                    help="prior samples per caption for caption fidelity (default: 1)")
+    ev.add_argument("--reader", default="reader",
+                    help="image reader directory, or 'reader' for the bundled one (default)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of all noise")
     ev.add_argument("--device", default="cpu")
+    ev.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     ev.add_argument("--mnist-source", help="directory with the MNIST idx files")
     ev.set_defaults(func=cmd_evaluate)
+
+
+def _add_reader(sub) -> None:
+    reader = sub.add_parser(
+        "reader", help="train or test the image reader used by evaluate",
+        description="The image reader: a small CNN that says which digit (or none) sits at each "
+                    "of the 8 places of a captioned-MNIST scene. evaluate uses it for caption "
+                    "fidelity and retrieval shortlists. A trained one is bundled.")
+    actions = reader.add_subparsers(dest="action", required=True, metavar="ACTION")
+    train = actions.add_parser(
+        "train", help="train a reader on fresh training scenes and test it",
+        description="Train on scenes drawn fresh every step from the MNIST training digits "
+                    "(--compositions any: held-out compositions included, so that the reader "
+                    "judges them fairly; seen: the generative model's own training scenes), "
+                    "then report exact-match accuracy on the real test scenes. Writes OUT/"
+                    "config.json, OUT/model.safetensors and OUT/README.md.")
+    train.add_argument("--out", required=True, help="reader directory to write")
+    train.add_argument("--steps", type=int, default=10000, help="optimizer steps (default: 10000)")
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    train.add_argument("--compositions", default="any", choices=["any", "seen"])
+    train.add_argument("--channels", default="8,16,32,64", help="conv widths (default: 8,16,32,64)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, help="torch intra-op threads (1 is polite)")
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--mnist-source", help="directory with the MNIST idx files")
+    train.set_defaults(func=cmd_reader_train)
+    test = actions.add_parser("evaluate", help="a reader's accuracy on the real test scenes",
+                              description="Exact-match (all 8 places right) and per-place "
+                                          "accuracy in %, for all, seen and held-out scenes.")
+    test.add_argument("--reader", default="reader", help="reader directory or 'reader' (bundled)")
+    test.add_argument("--out", help="JSON file for the results")
+    test.add_argument("--mnist-source", help="directory with the MNIST idx files")
+    test.set_defaults(func=cmd_reader_evaluate)
 
 
 # ---------------------------------------------------------------------------- commands
@@ -206,29 +270,101 @@ def write_outputs(out, directory: Path, per_caption: int, gif: bool) -> list[Pat
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import torch
 
+    from aligndraw import evaluation as ev
     from aligndraw.data.mnist_captions import CaptionedMnist
-    from aligndraw.evaluation import lower_bound, markdown_table
     from aligndraw.pipeline import AlignDrawPipeline
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    unknown = sorted(set(metrics) - {"nll"})
+    unknown = sorted(set(metrics) - set(METRICS))
     if unknown or not metrics:
-        raise ValueError(f"unknown metric(s) {unknown or metrics}; available: nll")
-    pipe = AlignDrawPipeline.from_pretrained(args.model, device=args.device)
+        raise ValueError(f"unknown metric(s) {unknown or metrics}; available: {', '.join(METRICS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    pipe = AlignDrawPipeline.from_pretrained(args.model, device=device)
+    model, vocab = pipe.model, pipe.vocab
     data = CaptionedMnist(pipe.config.data, source=args.mnist_source)
     scenes = data.test() if args.split == "test" else data.validation()
-    results = {"nll": lower_bound(pipe.model, scenes, pipe.vocab, torch.device(args.device),
-                                  batch_size=args.batch_size, max_batches=args.max_batches,
-                                  seed=args.seed)}
-    table = markdown_table(results)
+    reader = None
+    if {"retrieval", "fidelity"} & set(metrics):
+        from aligndraw.reader import load_reader
+
+        reader = load_reader(args.reader, map_location=device)
+    common = dict(seed=args.seed, batch_size=args.batch_size)
+    some = dict(common, max_captions=args.max_captions)
+    results: dict = {}
+    for metric in METRICS:
+        if metric not in metrics:
+            continue
+        if metric == "nll":
+            results["nll"] = ev.lower_bound(model, scenes, vocab, device, max_batches=args.max_batches,
+                                            **common)
+        elif metric == "iwae":
+            results["iwae"] = ev.iwae_bound(model, scenes, vocab, args.iwae_k, device,
+                                            max_batches=args.max_batches, **common)
+        elif metric == "retrieval":
+            results.update(ev.retrieval(model, scenes, vocab, reader, data.train_epoch(0).captions,
+                                        device, samples=args.retrieval_samples,
+                                        shortlist=args.shortlist, **some))
+        elif metric == "ssim":
+            results["ssim"] = ev.ssim_scores(model, scenes, vocab, device, samples=args.ssim_samples,
+                                             **some)
+        else:
+            results["fidelity"] = ev.caption_fidelity(model, reader, scenes, vocab, device,
+                                                      samples=args.fidelity_samples, **some)
+    notes = ev.metric_notes(iwae_k=args.iwae_k, retrieval_samples=args.retrieval_samples,
+                            shortlist=args.shortlist, ssim_samples=args.ssim_samples,
+                            fidelity_samples=args.fidelity_samples, reader=args.reader)
+    notes = {k: v for k, v in notes.items() if k in results}
+    table = ev.markdown_table(results, notes)
     print(table)
     if args.out:
         from aligndraw.checkpoint import write_text_atomically
 
-        payload = {"model": str(args.model), "split": args.split, "metrics": results}
+        settings = {k: getattr(args, k) for k in ("batch_size", "max_batches", "max_captions", "iwae_k",
+                                                  "retrieval_samples", "shortlist", "ssim_samples",
+                                                  "fidelity_samples", "reader", "seed")}
+        payload = {"model": str(args.model), "split": args.split, "settings": settings,
+                   "definitions": notes, "metrics": results}
         write_text_atomically(Path(args.out), json.dumps(payload, indent=2) + "\n")
         write_text_atomically(Path(args.out).with_suffix(".md"), table)
         print(f"wrote {args.out}")
+
+
+def cmd_reader_train(args: argparse.Namespace) -> None:
+    from aligndraw.reader import ReaderConfig, ReaderTrainConfig, train_reader
+
+    try:
+        channels = tuple(int(c) for c in args.channels.split(","))
+    except ValueError as err:
+        raise ValueError(f"--channels must be comma-separated integers, got {args.channels!r}") from err
+    train = ReaderTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                              compositions=args.compositions, seed=args.seed)
+    command = "aligndraw " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["reader"] else None
+    _, metrics = train_reader(args.out, ReaderConfig(channels=channels), train,
+                              mnist_source=args.mnist_source, threads=args.threads,
+                              device=args.device, command=command)
+    _print_reader_accuracy(metrics)
+    print(f"wrote {args.out}")
+
+
+def cmd_reader_evaluate(args: argparse.Namespace) -> None:
+    from aligndraw.data.mnist_captions import CaptionedMnist
+    from aligndraw.reader import evaluate_reader, load_reader
+
+    metrics = evaluate_reader(load_reader(args.reader), CaptionedMnist(source=args.mnist_source).test())
+    _print_reader_accuracy(metrics)
+    if args.out:
+        from aligndraw.checkpoint import write_text_atomically
+
+        write_text_atomically(Path(args.out), json.dumps({"reader": args.reader, "test": metrics},
+                                                         indent=2) + "\n")
+
+
+def _print_reader_accuracy(metrics: dict) -> None:
+    print("| compositions | scenes | exact % | places % |\n|---|---:|---:|---:|")
+    for group, m in metrics.items():
+        print(f"| {group} | {m['count']} | {m['exact']:.2f} | {m['places']:.2f} |")
 
 
 # ---------------------------------------------------------------------------- entry point

@@ -343,6 +343,11 @@ class CaptionedMnist:
         self.vocab = mnist_vocabulary()
         self._cache: dict[str, Scenes] = {}
 
+    @property
+    def training_digits(self) -> tuple[np.ndarray, np.ndarray]:
+        """The digit pool of training scenes: images (n, 28, 28) uint8 and labels (n,)."""
+        return self._train
+
     def _rng(self, split: str, *extra: int) -> np.random.Generator:
         return np.random.default_rng([self.config.seed, _STREAMS[split], *extra])
 

@@ -1,0 +1,221 @@
+"""Evaluation metrics on hand-made cases with known answers, and on tiny models."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aligndraw import evaluation as ev
+from aligndraw.data.mnist_captions import CaptionedMnist, CaptionedMnistConfig
+from aligndraw.model import AlignDraw
+from aligndraw.reader import ImageReader, ReaderConfig, evaluate_reader, load_reader
+from aligndraw.text import encode_batch, mnist_vocabulary
+
+from conftest import synthetic_digits, tiny_config
+
+
+@pytest.fixture(scope="module")
+def data():
+    config = CaptionedMnistConfig(train_scenes_per_epoch=64, val_digits=200, val_scenes=16,
+                                  test_scenes=120)
+    return CaptionedMnist(config, train=synthetic_digits(600, 0), test=synthetic_digits(200, 1))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    # A larger init than the paper's so that q differs from the prior and the bounds differ.
+    return AlignDraw(tiny_config(height=60, width=60, steps=2, init_std=0.1)).eval()
+
+
+class RealImages:
+    """A stand-in generator whose 'samples' are the real images of the captions, in order."""
+
+    def __init__(self, scenes, samples, steps=2, z_dim=4):
+        self.config = SimpleNamespace(steps=steps, z_dim=z_dim)
+        self.images = torch.from_numpy(scenes.images).repeat_interleave(samples, 0)
+        self.done = 0
+
+    def sample(self, tokens, lengths, generator=None, noise=None):
+        images = self.images[self.done:self.done + len(tokens)]
+        self.done += len(tokens)
+        return SimpleNamespace(images=images)
+
+
+# ------------------------------------------------------------------------------ ranking
+def test_true_image_scored_highest_gives_perfect_recall():
+    scores = torch.rand(30, 100)
+    scores[:, 0] = 2.0
+    ranks = ev.ranks_of_first(scores)
+    assert ranks.tolist() == [1] * 30
+    r = ev.recall_summary(ranks, np.zeros(30, bool))["all"]
+    assert r["R@1"] == r["R@5"] == r["R@50"] == 100.0 and r["med_r"] == 1
+
+
+def test_true_image_scored_lowest_gives_worst_rank():
+    scores = torch.rand(30, 100)
+    scores[:, 0] = -1.0
+    r = ev.recall_summary(ev.ranks_of_first(scores), np.zeros(30, bool))["all"]
+    assert r["R@1"] == r["R@50"] == 0.0 and r["med_r"] == 100
+
+
+def test_ties_count_against_the_true_image():
+    assert ev.ranks_of_first(torch.zeros(2, 100)).tolist() == [100, 100]
+
+
+def test_recall_summary_known_values_and_groups():
+    ranks = torch.tensor([1, 2, 6, 60])
+    held = np.array([False, True, False, True])
+    r = ev.recall_summary(ranks, held, same_layout_at_1=torch.tensor([True, False, True, True]))
+    assert r["all"] == {"count": 4, "R@1": 25.0, "R@5": 50.0, "R@10": 75.0, "R@50": 75.0,
+                        "med_r": 4.0, "same_layout@1": 75.0}
+    assert r["seen"]["R@10"] == 100.0 and r["held_out"]["R@1"] == 0.0
+    assert r["held_out"]["med_r"] == 31.0
+
+
+def test_nearest_shortlists_put_the_query_first_then_its_neighbours():
+    angles = torch.linspace(0, 3, 12)
+    features = torch.stack([angles.cos(), angles.sin()], 1)  # points on an arc: order = angle
+    lists = ev.nearest_shortlists(features, torch.tensor([0, 5]), size=3)
+    assert lists.tolist() == [[0, 1, 2], [5, 4, 6]] or lists.tolist() == [[0, 1, 2], [5, 6, 4]]
+
+
+def test_random_shortlists_are_distinct_seeded_and_start_with_the_query():
+    queries = torch.arange(20)
+    a = ev.random_shortlists(150, queries, 100, seed=3)
+    assert torch.equal(a, ev.random_shortlists(150, queries, 100, seed=3))
+    assert not torch.equal(a, ev.random_shortlists(150, queries, 100, seed=4))
+    assert torch.equal(a[:, 0], queries)
+    assert all(len(set(row.tolist())) == 100 for row in a)
+
+
+# ------------------------------------------------------------------------------ SSIM
+def test_ssim_of_an_image_with_itself_is_one():
+    x = torch.rand(4, 1, 60, 60, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(ev.ssim(x, x), torch.ones(4, dtype=torch.float64), atol=1e-6)
+    assert (ev.ssim(x, 1 - x) < 0.5).all()
+
+
+def naive_ssim(x, y, size=11, sigma=1.5, c1=0.01 ** 2, c2=0.03 ** 2):
+    """Wang et al. (2004) with a Gaussian window, 'valid' filtering (no padding), mean."""
+    r = torch.arange(size, dtype=torch.float64) - size // 2
+    w = torch.exp(-r ** 2 / (2 * sigma ** 2))
+    w = (w[:, None] * w[None, :] / w.sum() ** 2)[None, None]  # (1, 1, 11, 11)
+    x, y = x.double(), y.double()
+    mx, my = F.conv2d(x, w), F.conv2d(y, w)
+    vx, vy = F.conv2d(x * x, w) - mx ** 2, F.conv2d(y * y, w) - my ** 2
+    cov = F.conv2d(x * y, w) - mx * my
+    ssim_map = (2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return ssim_map.mean((1, 2, 3))
+
+
+def test_ssim_matches_a_naive_reference_and_scikit_image():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 60, 60, generator=g)
+    y = 0.5 * x + 0.5 * torch.rand(2, 1, 60, 60, generator=g)
+    assert torch.allclose(ev.ssim(y, x), naive_ssim(y, x), atol=1e-5)
+    # skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
+    # use_sample_covariance=False, data_range=1) on the same pairs (scikit-image 0.26.0):
+    assert ev.ssim(y, x).tolist() == pytest.approx([0.6559275173271062, 0.6578262432900236], abs=1e-5)
+
+
+def test_ssim_scores_of_the_real_images_are_one(data):
+    scenes = data.test()
+    result = ev.ssim_scores(RealImages(scenes.subset(slice(0, 10)), 3), scenes, data.vocab,
+                            samples=3, max_captions=10, batch_size=4)
+    assert result["all"]["count"] == 10
+    assert result["seen"]["count"] + result["held_out"]["count"] == 10
+    assert result["all"]["mean"] == pytest.approx(1.0, abs=1e-5)
+    assert result["all"]["std"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_ssim_scores_of_a_model_are_seeded(data, model):
+    a = ev.ssim_scores(model, data.test(), data.vocab, samples=2, max_captions=6, seed=1)
+    b = ev.ssim_scores(model, data.test(), data.vocab, samples=2, max_captions=6, seed=1)
+    assert a == b and -1 <= a["all"]["mean"] <= 1
+
+
+# ------------------------------------------------------------------------------ bounds
+def test_iwae_with_one_sample_is_the_one_sample_bound_on_the_same_noise(data, model):
+    scenes = data.test().subset(slice(0, 24))
+    iwae = ev.per_image_iwae(model, scenes, data.vocab, k=1, batch_size=8, seed=5)
+    plain = ev.per_image_bound(model, scenes, data.vocab, batch_size=8, seed=5)
+    assert torch.allclose(iwae["bound"], plain["bound"])
+    g = torch.Generator().manual_seed(5)
+    tokens, lengths = encode_batch(data.vocab, scenes.captions[:8])
+    out = model(torch.from_numpy(scenes.images[:8]), tokens, lengths, generator=g, log_weight=True)
+    assert torch.allclose(iwae["iwae"][:8], -out.log_weight.double(), rtol=1e-6)
+    assert torch.equal(iwae["held_out"], torch.from_numpy(scenes.held_out))
+
+
+def test_iwae_is_tighter_than_the_bound_on_average(data, model):
+    result = ev.iwae_bound(model, data.test().subset(slice(0, 16)), data.vocab, k=20,
+                           batch_size=64, seed=0)
+    r = result["all"]
+    assert r["count"] == 16 and r["iwae"] < r["bound"] and r["gap"] > 0
+
+
+def test_lower_bound_keeps_the_trainer_interface(data, model):
+    result = ev.lower_bound(model, data.test(), data.vocab, batch_size=50, max_batches=1)
+    assert result["all"]["count"] == 50
+    assert result["all"]["bound"] == pytest.approx(result["all"]["nll"] + result["all"]["kl"])
+
+
+# ------------------------------------------------------------------------------ retrieval
+def test_mean_sentence_is_the_mean_of_per_caption_word_means(data, model):
+    captions = ["the digit 1 is at the top left of the image .",
+                "the digit 3 is on the left of the digit 5 ."]
+    tokens, lengths = encode_batch(data.vocab, captions)
+    with torch.no_grad():
+        h = model.encoder(tokens, lengths)
+    expected = (h[0, : lengths[0]].mean(0) + h[1, : lengths[1]].mean(0)) / 2
+    assert torch.allclose(ev.mean_sentence(model, captions, data.vocab, batch_size=1), expected, atol=1e-6)
+
+
+def test_retrieval_end_to_end_on_a_tiny_model(data, model):
+    reader = ImageReader(ReaderConfig(channels=(4, 8), features=8)).eval()
+    kwargs = dict(samples=2, shortlist=20, max_captions=6, seed=0, batch_size=64)
+    train = data.train_epoch(0).captions
+    a = ev.retrieval(model, data.test(), data.vocab, reader, train, **kwargs)
+    assert set(a) == {"retrieval_nn", "retrieval_random"}
+    for result in a.values():
+        r = result["all"]
+        assert r["count"] == 6 and 1 <= r["med_r"] <= 20
+        assert r["R@1"] <= r["R@5"] <= r["R@10"] <= r["R@50"] == 100.0
+        assert result["seen"]["count"] + result["held_out"]["count"] == 6
+    assert a == ev.retrieval(model, data.test(), data.vocab, reader, train, **kwargs)
+    with pytest.raises(ValueError, match="shortlist"):
+        ev.retrieval(model, data.test(), data.vocab, reader, train, shortlist=500)
+
+
+# ------------------------------------------------------------------------------ fidelity
+@pytest.mark.realdata
+def test_fidelity_of_the_real_images_equals_the_reader_accuracy(mnist_dir):
+    scenes = CaptionedMnist(source=mnist_dir).test().subset(slice(0, 400))
+    reader = load_reader()
+    result = ev.caption_fidelity(RealImages(scenes, 1), reader, scenes, mnist_vocabulary(),
+                                 samples=1, batch_size=64)
+    accuracy = evaluate_reader(reader, scenes)
+    for group in ("all", "seen", "held_out"):
+        assert result[group]["fidelity"] == pytest.approx(accuracy[group]["exact"])
+        assert result[group]["ceiling"] == pytest.approx(accuracy[group]["exact"])
+    assert result["all"]["fidelity"] > 90
+
+
+def test_fidelity_of_a_tiny_model_is_a_share(data, model):
+    reader = ImageReader(ReaderConfig(channels=(4, 8), features=8)).eval()
+    result = ev.caption_fidelity(model, reader, data.test(), data.vocab, samples=2, max_captions=10)
+    assert result["all"]["count"] == 20
+    assert all(0 <= result[g]["fidelity"] <= 100 for g in ("all", "seen", "held_out"))
+
+
+# ------------------------------------------------------------------------------ report
+def test_markdown_table_has_a_row_per_group_and_the_note():
+    results = {"ssim": {"all": {"count": 3, "mean": 0.156, "std": 0.02},
+                        "seen": {"count": 2, "mean": 0.2, "std": 0.01},
+                        "held_out": {"count": 1, "mean": 0.1, "std": 0.0}}}
+    table = ev.markdown_table(results, ev.metric_notes())
+    assert "### ssim" in table and "| held_out | 1 | 0.100 | 0.000 |" in table
+    assert "torchmetrics" in table
