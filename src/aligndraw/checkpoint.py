@@ -55,6 +55,10 @@ def write_dir_atomically(path: str | os.PathLike, fill: Callable[[Path], None]) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in tmp.iterdir():  # temporary-file helpers create 0600 files; use the usual mode
+        item.chmod(0o666 & ~umask)
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         os.replace(path, old)
@@ -153,6 +157,14 @@ def load_model_dir(name_or_path: str | os.PathLike,
     return model.to(map_location).eval(), vocab, config
 
 
+def _data_line(config: RunConfig) -> str:
+    data = config.data
+    if getattr(data, "dataset", "mnist-captions") == "coco32":
+        return (f"- data: Microsoft COCO 2014 at {data.image_size}×{data.image_size} (`aligndraw data "
+                f"coco`), words seen at least {data.min_word_count} times in training")
+    return f"- held-out compositions (never in training scenes): {list(data.held_out)}"
+
+
 def model_card(config: RunConfig, metrics: dict[str, Any] | None = None,
                command: str | None = None) -> str:
     """A short markdown model card describing the configuration (and metrics, if known)."""
@@ -164,7 +176,7 @@ def model_card(config: RunConfig, metrics: dict[str, Any] | None = None,
         f"{m.read_n}, write {m.write_n}×{m.write_n}",
         f"- LSTMs: language {m.lang_hidden}×2, inference {m.enc_hidden}, generative "
         f"{m.dec_hidden}; z {m.z_dim}; alignment {m.align_dim}; vocabulary {m.vocab_size}",
-        f"- held-out compositions (never in training scenes): {list(config.data.held_out)}",
+        _data_line(config),
     ]
     if command:
         lines += ["", "Training command:", "", "```", command, "```"]

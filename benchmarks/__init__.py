@@ -1,0 +1,11 @@
+"""Benchmarks for alignDRAW: throughput against a naive reference, and a per-op profile.
+
+Scripts (run from the repository root):
+    python benchmarks/throughput.py --preset mnist-captions   training/sampling images/s
+    python benchmarks/profile_step.py --preset mnist-captions  top ops and op counts per step
+
+``naive_reference`` holds the plain per-step implementation that the throughput ratios and the
+equivalence tests (``tests/test_benchmarks.py``) compare the library model with; ``flops``
+counts matmul FLOPs per image from a config; ``machine`` times calls, measures the matmul peak
+and how busy other processes kept the machine.
+"""

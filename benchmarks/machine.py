@@ -1,0 +1,70 @@
+"""Measuring the machine: wall and CPU time of a call, matmul peak, other processes' load.
+
+Used by ``throughput.py``. On a shared machine read the figures with ``OtherLoad``: with several
+threads every parallel op waits for any descheduled thread, so a second busy process can
+inflate multi-threaded wall times many-fold while single-threaded runs only lose their share.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def _busy_cpu_seconds() -> float | None:
+    """Whole-machine busy CPU seconds so far (Linux /proc/stat), or None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """Average number of cores that *other* processes kept busy while this block ran."""
+
+    def __enter__(self) -> OtherLoad:
+        self.busy, self.own, self.wall = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy = _busy_cpu_seconds()
+        wall = time.perf_counter() - self.wall
+        self.cores = (None if busy is None or self.busy is None
+                      else max(0.0, (busy - self.busy - (time.process_time() - self.own)) / wall))
+
+
+def matmul_peak(dtype: torch.dtype, size: int, device: torch.device, repeats: int = 7) -> float:
+    """Median GFLOP/s of a square (size × size) @ (size × size) product."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    times = [timed(lambda: a @ b, device) for _ in range(repeats)]
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def timed_cpu(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of one call."""
+    cpu = time.process_time()
+    wall = timed(fn, device)
+    return wall, time.process_time() - cpu

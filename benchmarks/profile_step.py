@@ -1,0 +1,102 @@
+"""Where the library model's time goes: torch.profiler on one training step and one sampling batch.
+
+    python benchmarks/profile_step.py --preset mnist-captions [--precision bf16] [--top 25]
+
+Prints, for each phase, the top ops by self CPU time and how many ops ran: all recorded aten
+ops, and the leaf ones (ops that call no other op — on CPU each is one kernel; on CUDA the
+device kernel launches are counted too), in total and per drawing step. The step is the
+trainer's (zero_grad, forward, backward, per-tensor clip, PaperRMSprop), on random inputs,
+after one untimed warm-up step. Optionally writes Chrome traces (--trace-dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aligndraw.config import ModelConfig, preset  # noqa: E402
+from aligndraw.model import AlignDraw  # noqa: E402
+from benchmarks.throughput import PRESETS, SMOKE_CONFIG, Variant, random_inputs  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, default="mnist-captions", help="model configuration")
+    p.add_argument("--batch", type=int, default=100, help="images per batch")
+    p.add_argument("--caption-len", type=int, default=12, help="words per random caption")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--top", type=int, default=25, help="rows of the op table")
+    p.add_argument("--naive", action="store_true", help="profile the naive reference instead")
+    p.add_argument("--trace-dir", type=Path, default=None, help="write Chrome traces here")
+    p.add_argument("--smoke", action="store_true", help="tiny config and batch (for CI)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.batch, args.caption_len, args.top = 8, 6, 10
+    return args
+
+
+def op_counts(prof: profile) -> dict[str, int]:
+    """All aten ops, leaf aten ops (no child op) and, on CUDA, device kernels."""
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    leaves = [e for e in events if not any(c.name.startswith("aten::") for c in e.cpu_children)]
+    counts = {"aten_ops": len(events), "leaf_ops": len(leaves)}
+    kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    if kernels:
+        counts["device_kernels"] = len(kernels)
+    return counts
+
+
+def profile_phase(variant: Variant, phase: str, device: torch.device, args) -> None:
+    step = getattr(variant, f"{phase}_step")
+    step()  # warm-up: allocator, optimiser state, one-time dispatch costs
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    steps = variant.model.config.steps
+    counts = op_counts(prof)
+    total_ms = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3
+    print(f"\n=== {phase}: {variant.name}, batch {args.batch}, T={steps} — "
+          f"{total_ms:.0f} ms self CPU in total ===")
+    print("op counts: " + ", ".join(f"{k} {v} ({v / steps:.0f} per drawing step)" for k, v in counts.items()))
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=40))
+    if args.trace_dir is not None:
+        args.trace_dir.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(args.trace_dir / f"{variant.name}_{phase}.json"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads and device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    cfg = ModelConfig(**SMOKE_CONFIG) if args.smoke else preset(args.preset).model
+    torch.manual_seed(0)
+    if args.naive:
+        from benchmarks.naive_reference import NaiveAlignDraw, load_from_library
+
+        model, name = load_from_library(NaiveAlignDraw(cfg), AlignDraw(cfg)).to(device), "naive"
+    else:
+        model, name = AlignDraw(cfg).to(device), "library"
+    inputs = random_inputs(cfg, args.batch, args.caption_len, device, seed=0)
+    variant = Variant(f"{name}_{args.precision}", model, args.precision, inputs, seed=0)
+    print(f"preset {'smoke' if args.smoke else args.preset}, threads {torch.get_num_threads()}, "
+          f"device {device}, torch {torch.__version__}")
+    for phase in ("train", "sample"):
+        profile_phase(variant, phase, device, args)
+
+
+if __name__ == "__main__":
+    main()

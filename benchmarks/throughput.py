@@ -1,0 +1,385 @@
+"""Training and sampling throughput of ``AlignDraw`` against the naive per-step reference.
+
+    python benchmarks/throughput.py --preset mnist-captions [--precision both] [--compile]
+
+Both models get the preset's ``ModelConfig``, the same weights and the same batch of random
+inputs (no data loading is timed). A training step is what the trainer does: zero_grad,
+forward, backward, per-tensor gradient clipping at 10, ``PaperRMSprop`` step. A sampling batch
+is ``model.sample`` under no_grad. Timed runs of every variant (library / naive, fp32 / bf16,
+compiled) alternate round-robin inside ONE process, so the ratios hold on a noisy machine;
+medians and min/max are reported. Achieved GFLOP/s use the analytic FLOP counts of
+``benchmarks/flops.py`` and are given as a share of the machine's measured matmul peak.
+
+Output: a readable table, then ONE JSON line with every figure (last line of stdout).
+Progress messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aligndraw.config import ModelConfig, preset  # noqa: E402
+from aligndraw.model import AlignDraw  # noqa: E402
+from aligndraw.trainer import PaperRMSprop, clip_grad_norm_per_tensor  # noqa: E402
+from benchmarks.flops import flops_per_image  # noqa: E402
+from benchmarks.machine import OtherLoad, matmul_peak, timed, timed_cpu  # noqa: E402
+from benchmarks.naive_reference import (  # noqa: E402
+    NaiveAlignDraw,
+    load_from_library,
+    parameter_map,
+    perturb_parameters_,
+)
+
+PRESETS = ("mnist-captions", "coco32")
+CLIP_NORM = 10.0
+# A tiny configuration for --smoke (the unit tests' size: hidden 16, T=3, 12×12 images).
+SMOKE_CONFIG = dict(vocab_size=23, channels=1, height=12, width=12, steps=3, read_n=3, write_n=3,
+                    embed_dim=8, lang_hidden=8, align_dim=8, enc_hidden=16, dec_hidden=16, z_dim=4)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, default="mnist-captions", help="model configuration")
+    p.add_argument("--batch", type=int, default=100, help="images per batch (the paper's 100)")
+    p.add_argument("--caption-len", type=int, default=12, help="words per random caption")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per variant first")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "both"), default="fp32",
+                   help="bf16 = torch.autocast(bfloat16) around forward / sample, for both models")
+    p.add_argument("--compile", action="store_true",
+                   help="also time a torch.compile'd library model and report its compile time")
+    p.add_argument("--skip-naive", action="store_true", help="time the library model only")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--peak-size", type=int, default=2048, help="side of the square peak matmul")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny config, batch 8, 1 repeat (for CI)")
+    args = p.parse_args(argv)
+    if args.smoke:  # one thread: a CI machine's other jobs must not stall an OpenMP barrier
+        args.batch, args.repeats, args.warmup, args.peak_size = 8, 1, 1, 256
+        args.threads = args.threads or 1
+        args.caption_len = min(args.caption_len, 6)
+    for name in ("batch", "repeats", "caption_len", "peak_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    return args
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    if args.smoke:
+        return ModelConfig(**SMOKE_CONFIG)
+    return preset(args.preset).model
+
+
+def random_inputs(cfg: ModelConfig, batch: int, caption_len: int, device: torch.device, seed: int):
+    """Images in [0, 1] (B, C, H, W), full-length random captions (B, L), lengths (B,)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, cfg.channels, cfg.height, cfg.width, generator=g)
+    tokens = torch.randint(1, cfg.vocab_size, (batch, caption_len), generator=g)
+    lengths = torch.full((batch,), caption_len, dtype=torch.long)
+    return images.to(device), tokens.to(device), lengths.to(device)
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# --------------------------------------------------------------------------- the timed work
+class Variant:
+    """One model (library or naive, maybe compiled) at one precision, with its own optimiser."""
+
+    def __init__(self, name: str, model: torch.nn.Module, precision: str, inputs, seed: int,
+                 compiled: bool = False) -> None:
+        self.name, self.model, self.precision = name, model, precision
+        self.images, self.tokens, self.lengths = inputs
+        self.optimizer = PaperRMSprop(model.parameters(), lr=1e-3)
+        self.noise = torch.Generator(device=self.images.device).manual_seed(seed)
+        cfg = model.config
+        self.noise_shape = (self.images.shape[0], cfg.steps, cfg.z_dim)
+        # The compiled variant compiles forward (through the module) and sample separately.
+        self.forward = torch.compile(model) if compiled else model
+        self.sampler = torch.compile(model.sample) if compiled else model.sample
+
+    def _eps(self) -> torch.Tensor:
+        # ε is drawn outside the model call (identically for every variant) so that compiled
+        # graphs need not capture a torch.Generator.
+        return torch.randn(self.noise_shape, generator=self.noise, device=self.images.device)
+
+    def train_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.precision, self.images.device):
+            out = self.forward(self.images, self.tokens, self.lengths, noise=self._eps())
+        out.loss.backward()
+        clip_grad_norm_per_tensor(self.model.parameters(), CLIP_NORM)
+        self.optimizer.step()
+
+    def sample_step(self) -> None:
+        with torch.no_grad(), autocast(self.precision, self.images.device):
+            self.sampler(self.tokens, self.lengths, noise=self._eps())
+
+
+def round_robin(variants: list[Variant], phase: str, warmup: int, repeats: int,
+                device: torch.device) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Alternate the variants run by run; returns wall and CPU seconds per variant (no warm-up).
+
+    CPU seconds cover all threads of this process, spin-waits at OpenMP barriers included: at
+    one thread they are the work done; with several on a busy machine they grow with wall time.
+    """
+    walls: dict[str, list[float]] = {v.name: [] for v in variants}
+    cpus: dict[str, list[float]] = {v.name: [] for v in variants}
+    for r in range(warmup + repeats):
+        this_round = {v.name: timed_cpu(getattr(v, f"{phase}_step"), device) for v in variants}
+        if r >= warmup:
+            for name, (wall, cpu) in this_round.items():
+                walls[name].append(wall)
+                cpus[name].append(cpu)
+        log(f"  {phase} round {r + 1}/{warmup + repeats}{' (warm-up)' if r < warmup else ''}: "
+            + ", ".join(f"{name} {wall:.3f}s (cpu {cpu:.3f}s)" for name, (wall, cpu) in this_round.items()))
+    return walls, cpus
+
+
+def summarise(times: list[float], cpu_times: list[float], batch: int, flops: float, peak: float,
+              threads: int) -> dict[str, float]:
+    """Wall-time statistics, images/s, achieved GFLOP/s and share of the matmul peak.
+
+    ``cpu_median_s`` is the median CPU time of the process per run; ``cpu_utilisation`` =
+    CPU / (wall × threads), near 1 on an idle machine (spinning threads count as busy).
+    """
+    median = statistics.median(times)
+    ips = batch / median
+    gflops = flops * ips / 1e9
+    cpu = statistics.median(cpu_times)
+    return {"median_s": median, "min_s": min(times), "max_s": max(times), "images_per_s": ips,
+            "images_per_s_min": batch / max(times), "images_per_s_max": batch / min(times),
+            "gflops": gflops, "share_of_peak": gflops / peak, "cpu_median_s": cpu,
+            "cpu_utilisation": cpu / (median * threads), "runs": len(times)}
+
+
+def equality_check(reference: AlignDraw, inputs, seed: int) -> dict[str, float]:
+    """fp32, same weights and noise: loss, kl_steps and gradient differences, and sample images.
+
+    The weights are a perturbed copy of ``reference`` (see ``perturb_parameters_``): at the tiny
+    init some gradients are pure rounding noise and would make the comparison meaningless.
+    """
+    images, tokens, lengths = inputs
+    cfg = reference.config
+    lib = AlignDraw(cfg).to(images.device)
+    lib.load_state_dict(reference.state_dict())
+    perturb_parameters_(lib, torch.Generator().manual_seed(seed))
+    naive = load_from_library(NaiveAlignDraw(cfg).to(images.device), lib)
+    noise = torch.randn((images.shape[0], cfg.steps, cfg.z_dim),
+                        generator=torch.Generator().manual_seed(seed)).to(images.device)
+    outs, grads = [], []
+    for model in (lib, naive):
+        model.zero_grad(set_to_none=True)
+        out = model(images, tokens, lengths, noise=noise)
+        out.loss.backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+    lib_params = dict(lib.named_parameters())
+    rel = [float((grads[0][lib_name] - grads[1][name]).norm() / (grads[1][name].norm() + 1e-30))
+           for name, lib_name in parameter_map(naive).items()
+           if name in grads[1] and lib_name in lib_params and grads[1][name].norm() > 0]
+    s_lib = lib.sample(tokens, lengths, noise=noise).images
+    s_naive = naive.sample(tokens, lengths, noise=noise).images
+    loss_diff = abs(float(outs[0].loss.detach() - outs[1].loss.detach()))
+    result = {
+        "loss_library": float(outs[0].loss.detach()), "loss_naive": float(outs[1].loss.detach()),
+        "loss_rel_diff": loss_diff / abs(float(outs[1].loss.detach())),
+        "kl_steps_max_abs_diff": float((outs[0].kl_steps - outs[1].kl_steps).detach().abs().max()),
+        "grad_max_rel_diff": max(rel), "sample_max_abs_diff": float((s_lib - s_naive).abs().max()),
+    }
+    result["equal"] = bool(result["loss_rel_diff"] < 1e-4 and result["grad_max_rel_diff"] < 1e-3
+                           and result["sample_max_abs_diff"] < 1e-4)
+    return result
+
+
+# --------------------------------------------------------------------------- assembling a run
+def build_variants(args, cfg: ModelConfig, inputs, device: torch.device, precisions: list[str]):
+    """Library (and naive, and compiled) variants with identical starting weights."""
+    torch.manual_seed(args.seed)
+    reference = AlignDraw(cfg).to(device)
+    variants, compile_s = [], {}
+    for precision in precisions:
+        lib = AlignDraw(cfg).to(device)
+        lib.load_state_dict(reference.state_dict())
+        variants.append(Variant(f"library_{precision}", lib, precision, inputs, args.seed))
+        if not args.skip_naive:
+            naive = load_from_library(NaiveAlignDraw(cfg).to(device), reference)
+            variants.append(Variant(f"naive_{precision}", naive, precision, inputs, args.seed))
+        if args.compile:
+            compiled = AlignDraw(cfg).to(device)
+            compiled.load_state_dict(reference.state_dict())
+            variant = Variant(f"library_compiled_{precision}", compiled, precision, inputs, args.seed,
+                              compiled=True)
+            try:
+                compile_s[variant.name] = compile_variant(variant, device)
+                variants.append(variant)
+            except Exception as exc:  # report the failure, keep benchmarking the rest
+                compile_s[variant.name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+                log(f"torch.compile failed for {variant.name}: {exc}")
+    return reference, variants, compile_s
+
+
+def compile_variant(variant: Variant, device: torch.device) -> dict[str, float]:
+    """First call of each compiled phase = compile time (plus one run); graphs and breaks."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    log(f"compiling {variant.name} (train) …")
+    train_s = timed(variant.train_step, device)
+    log(f"  train compiled in {train_s:.1f}s; compiling sample …")
+    sample_s = timed(variant.sample_step, device)
+    log(f"  sample compiled in {sample_s:.1f}s")
+    return {"train_first_call_s": train_s, "sample_first_call_s": sample_s,
+            "unique_graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "graph_break_reasons": [_short_reason(r) for r in sorted(counters["graph_break"])[:5]]}
+
+
+def _short_reason(reason: str) -> str:
+    """A graph-break message's first line and its debug context, on one line."""
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    context = [line for line in lines if line.startswith("Developer debug context")]
+    return " | ".join(lines[:1] + context)[:300]
+
+
+def ratios(results: dict, times: dict) -> dict:
+    """Library variants vs naive: ratio of median wall times, median of per-round (paired)
+    ratios, and ratio of median CPU times."""
+    out = {}
+    for name in results:
+        if name.startswith("naive"):
+            continue
+        precision = name.rsplit("_", 1)[1]
+        for base in dict.fromkeys((f"naive_{precision}", "naive_fp32")):
+            if base not in results:
+                continue
+            key = f"{name}/{base}"
+            out[key] = {}
+            for phase in ("train", "sample"):
+                paired = [n / lib for n, lib in zip(times[phase][base], times[phase][name], strict=True)]
+                out[key][phase] = results[base][phase]["median_s"] / results[name][phase]["median_s"]
+                out[key][f"{phase}_paired"] = statistics.median(paired)
+                out[key][f"{phase}_cpu"] = (results[base][phase]["cpu_median_s"]
+                                            / results[name][phase]["cpu_median_s"])
+    return out
+
+
+def print_table(report: dict) -> None:
+    peak, flops = report["peak_gflops"], report["flops_per_image"]
+    print(f"preset {report['preset']}  batch {report['batch']}  threads {report['threads']}  "
+          f"device {report['device']}  torch {report['torch']}  load avg {report['loadavg_before']}")
+    if report["busy"]:
+        print(f"WARNING: the machine was busy: other processes used {report['other_processes_cores']:.2f} "
+              f"of {report['cores']} cores on average while timing. With several threads "
+              "every parallel op waits for any descheduled thread, so wall times are inflated and "
+              "ratios unreliable; rerun on an idle machine or compare at --threads 1.")
+    print("matmul peak: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items())
+          + f" ({report['peak_size']}², median)")
+    print(f"matmul FLOPs per image: train {flops['train'] / 1e9:.3f} GFLOP, "
+          f"sample {flops['sample'] / 1e9:.3f} GFLOP")
+    check = report.get("check")
+    if check:
+        print(f"fp32 equality (same weights and noise): loss rel diff {check['loss_rel_diff']:.1e}, "
+              f"max grad rel diff {check['grad_max_rel_diff']:.1e}, sample max abs diff "
+              f"{check['sample_max_abs_diff']:.1e} → {'EQUAL' if check['equal'] else 'DIFFERENT'}")
+    for name, s in report["compile_s"].items():
+        if "error" in s:
+            print(f"compile {name}: FAILED {s['error']}")
+            continue
+        print(f"compile {name}: first train step {s['train_first_call_s']:.1f}s, first sample "
+              f"{s['sample_first_call_s']:.1f}s, {s['unique_graphs']} graphs, {s['graph_breaks']} graph "
+              f"breaks: {'; '.join(s['graph_break_reasons'])}")
+    print(f"\n{'phase':<7}{'variant':<26}{'median ms':>10}{'min..max ms':>18}{'img/s':>9}"
+          f"{'img/s min..max':>17}{'GFLOP/s':>9}{'%peak':>7}{'cpu ms':>9}{'cpu use':>8}")
+    for phase in ("train", "sample"):
+        for name, res in report["results"].items():
+            s = res[phase]
+            print(f"{phase:<7}{name:<26}{s['median_s'] * 1e3:>10.1f}"
+                  f"{s['min_s'] * 1e3:>9.1f}..{s['max_s'] * 1e3:<7.1f}{s['images_per_s']:>9.1f}"
+                  f"{s['images_per_s_min']:>8.1f}..{s['images_per_s_max']:<7.1f}"
+                  f"{s['gflops']:>9.1f}{100 * s['share_of_peak']:>6.1f}%{s['cpu_median_s'] * 1e3:>9.0f}"
+                  f"{100 * s['cpu_utilisation']:>7.0f}%")
+    if report["ratios"]:
+        print(f"\n{'speed-up (wall medians, paired rounds, CPU time)':<52}{'train':>8}{'paired':>8}"
+              f"{'cpu':>8}{'sample':>8}{'paired':>8}{'cpu':>8}")
+        for key, r in report["ratios"].items():
+            print(f"{key:<52}" + "".join(f"{r[k]:>7.2f}×" for k in (
+                "train", "train_paired", "train_cpu", "sample", "sample_paired", "sample_cpu")))
+    if report.get("targets"):
+        print(f"targets: {report['targets']}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = args.threads or cores
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    cfg = model_config(args)
+    flops = flops_per_image(cfg, args.caption_len)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    log(f"measuring matmul peak ({args.peak_size}²) …")
+    peak = {p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, args.peak_size, device,
+                           repeats=2 if args.smoke else 7) for p in ("fp32", "bf16")}
+    inputs = random_inputs(cfg, args.batch, args.caption_len, device, args.seed)
+    reference, variants, compile_s = build_variants(args, cfg, inputs, device, precisions)
+    check = None
+    if not args.skip_naive:
+        log("checking fp32 equality of library and naive …")
+        check = equality_check(reference, inputs, args.seed)
+    times, cpu_times = {}, {}
+    with OtherLoad() as others:
+        for phase in ("train", "sample"):
+            log(f"timing {phase}: {len(variants)} variants × ({args.warmup} warm-up + {args.repeats}) runs")
+            times[phase], cpu_times[phase] = round_robin(variants, phase, args.warmup, args.repeats, device)
+    results = {v.name: {phase: summarise(times[phase][v.name], cpu_times[phase][v.name], args.batch,
+                                         flops[phase], peak[v.precision], threads)
+                        for phase in ("train", "sample")} for v in variants}
+    load_after = [round(x, 2) for x in os.getloadavg()]
+    # Busy: other processes kept on average more than a quarter of a core busy while we timed.
+    busy = device.type == "cpu" and others.cores is not None and others.cores > 0.25
+    report = {
+        "preset": "smoke" if args.smoke else args.preset, "batch": args.batch, "cores": cores,
+        "busy": busy, "other_processes_cores": others.cores,
+        "caption_len": args.caption_len, "threads": threads, "device": str(device),
+        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "repeats": args.repeats, "warmup": args.warmup, "loadavg_before": load_before,
+        "loadavg_after": load_after, "peak_size": args.peak_size,
+        "peak_gflops": peak, "flops_per_image": flops, "check": check, "compile_s": compile_s,
+        "results": results, "ratios": ratios(results, times),
+    }
+    main_ratio = report["ratios"].get("library_fp32/naive_fp32")
+    if main_ratio and check:
+        report["targets"] = {"train_3x": main_ratio["train"] >= 3.0,
+                             "sample_3x": main_ratio["sample"] >= 3.0, "fp32_equal": check["equal"]}
+    print_table(report)
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

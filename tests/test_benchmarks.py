@@ -1,0 +1,161 @@
+"""The benchmark's naive reference computes the library model's function; the benchmark runs.
+
+The throughput ratios in ``benchmarks/throughput.py`` only mean something if the fast library
+model and the plain per-step ``NaiveAlignDraw`` compute the same thing: same loss terms, same
+gradients for every parameter, same samples, on the same weights and noise.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aligndraw.config import ModelConfig, preset
+from aligndraw.model import AlignDraw
+
+from conftest import random_batch, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+# ``benchmarks`` lives at the repository root, which ``pytest`` (unlike ``python -m pytest``)
+# does not put on sys.path by itself.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.flops import flops_per_image  # noqa: E402
+from benchmarks.naive_reference import (  # noqa: E402
+    NaiveAlignDraw,
+    load_from_library,
+    parameter_map,
+    perturb_parameters_,
+)
+
+CONFIGS = {
+    "tiny-c1": tiny_config(),
+    "tiny-c3": tiny_config(channels=3),
+    "tiny-noalign": tiny_config(model="noalign"),
+    "60x60": tiny_config(height=60, width=60, read_n=8, write_n=8, canvas_init=-10.0),
+}
+# Relative, per tensor. fp32 sums in a different order in the fused library model; gradients
+# that are sums of cancelling terms (e.g. the alignment bias b, which α is nearly invariant to)
+# lose a few more digits than the loss. A real mismatch is off by O(1).
+TOL = {torch.float32: 1e-3, torch.float64: 1e-10}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine every parallel op would wait
+    for a descheduled thread (seconds per test instead of milliseconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def twin_models(config: ModelConfig, dtype: torch.dtype, seed: int = 0):
+    """A library model with perturbed weights and a naive model holding the same weights."""
+    torch.manual_seed(seed)
+    lib = AlignDraw(config)
+    perturb_parameters_(lib, torch.Generator().manual_seed(seed + 1))
+    naive = load_from_library(NaiveAlignDraw(config), lib)
+    return lib.to(dtype), naive.to(dtype)
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
+    err = float((actual - expected).detach().norm())
+    scale = float(expected.detach().norm())
+    assert err <= rtol * scale + 1e-30, f"{what}: |Δ| = {err:.3e}, |ref| = {scale:.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_loss_and_gradients_match_library(name: str, dtype: torch.dtype) -> None:
+    config = CONFIGS[name]
+    lib, naive = twin_models(config, dtype)
+    images, tokens, lengths = random_batch(config, batch=5, max_len=6, seed=3)
+    images = images.to(dtype)
+    noise = torch.randn(5, config.steps, config.z_dim, generator=torch.Generator().manual_seed(7),
+                        dtype=dtype)
+    out_lib = lib(images, tokens, lengths, noise=noise)
+    out_naive = naive(images, tokens, lengths, noise=noise)
+    rtol = TOL[dtype]
+    for field in ("loss", "nll", "kl", "kl_steps"):
+        assert_rel_close(getattr(out_lib, field), getattr(out_naive, field), rtol, field)
+    out_lib.loss.backward()
+    out_naive.loss.backward()
+    lib_params = dict(lib.named_parameters())
+    for naive_name, lib_name in parameter_map(naive).items():
+        g_naive = dict(naive.named_parameters())[naive_name].grad
+        g_lib = lib_params[lib_name].grad
+        assert g_lib is not None and g_naive is not None, lib_name
+        assert_rel_close(g_lib, g_naive, rtol, f"grad {lib_name}")
+
+
+def test_perturbed_weights_give_every_parameter_a_gradient() -> None:
+    """The check above is only meaningful if no path's gradient is rounding noise."""
+    config = CONFIGS["tiny-c1"]
+    lib, _ = twin_models(config, torch.float64)
+    images, tokens, lengths = random_batch(config, batch=5, max_len=6, seed=3)
+    lib(images.double(), tokens, lengths, generator=torch.Generator().manual_seed(0)).loss.backward()
+    for name, p in lib.named_parameters():
+        if name != "encoder.embedding.weight":  # row 0 is padding; the rest are checked below
+            assert float(p.grad.abs().max()) > 1e-6, name
+    assert float(lib.encoder.embedding.weight.grad[1:].abs().max()) > 1e-6
+
+
+@pytest.mark.parametrize("name", ["tiny-c1", "tiny-c3", "60x60"])
+def test_samples_match_library(name: str) -> None:
+    config = CONFIGS[name]
+    lib, naive = twin_models(config, torch.float64)
+    _, tokens, lengths = random_batch(config, batch=5, max_len=6, seed=4)
+    noise = torch.randn(5, config.steps, config.z_dim, generator=torch.Generator().manual_seed(8),
+                        dtype=torch.float64)
+    s_lib, s_naive = lib.sample(tokens, lengths, noise=noise), naive.sample(tokens, lengths, noise=noise)
+    for field in ("images", "canvases", "alignments", "write_windows"):
+        torch.testing.assert_close(getattr(s_lib, field), getattr(s_naive, field), rtol=1e-10, atol=1e-12)
+
+
+def test_same_generator_same_noise() -> None:
+    """Both models draw ε the same way, so one seed gives one loss."""
+    config = CONFIGS["tiny-c1"]
+    lib, naive = twin_models(config, torch.float64)
+    images, tokens, lengths = random_batch(config, batch=4, seed=5)
+    a = lib(images.double(), tokens, lengths, generator=torch.Generator().manual_seed(3)).loss
+    b = naive(images.double(), tokens, lengths, generator=torch.Generator().manual_seed(3)).loss
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
+
+
+def test_load_from_library_rejects_other_shapes() -> None:
+    lib = AlignDraw(tiny_config())
+    with pytest.raises(ValueError, match="shape"):
+        load_from_library(NaiveAlignDraw(tiny_config(enc_hidden=12)), lib)
+    with pytest.raises(ValueError, match="without a naive counterpart"):
+        load_from_library(NaiveAlignDraw(tiny_config(model="noalign")), lib)
+
+
+def test_flop_counts_match_the_issue_estimate() -> None:
+    """The issue quotes ≈ 0.43 GFLOP per training image and ≈ 0.08 per sampled image (MNIST)."""
+    flops = flops_per_image(preset("mnist-captions").model, caption_len=12)
+    assert 0.38e9 < flops["train"] < 0.52e9
+    assert 0.06e9 < flops["sample"] < 0.11e9
+    assert flops["train"] == pytest.approx(3 * flops["forward"])
+
+
+def test_throughput_smoke_prints_json_last() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("preset", "batch", "threads", "busy", "other_processes_cores", "peak_gflops",
+                "flops_per_image", "check", "results", "ratios"):
+        assert key in report, key
+    assert report["check"]["equal"] is True
+    assert set(report["results"]) == {"library_fp32", "naive_fp32"}
+    for phase in ("train", "sample"):
+        stats = report["results"]["library_fp32"][phase]
+        assert stats["images_per_s"] > 0 and 0 < stats["share_of_peak"]
+    assert set(report["ratios"]["library_fp32/naive_fp32"]) >= {"train", "sample"}
