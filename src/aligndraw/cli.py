@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_data(sub) -> None:
-    data = sub.add_parser("data", help="fetch and verify datasets",
-                          description="Fetch and verify datasets.")
+    data = sub.add_parser("data", help="fetch, verify or prepare datasets",
+                          description="Fetch and verify MNIST; prepare your copy of COCO 2014.")
     kinds = data.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     mnist = kinds.add_parser(
         "mnist", help="find, fetch and SHA-256-verify the four MNIST idx files",
@@ -55,11 +55,34 @@ def _add_data(sub) -> None:
                     "checked by SHA-256 and cached.")
     mnist.add_argument("--source", help="directory holding your own copy of the idx files")
     mnist.set_defaults(func=cmd_data_mnist)
+    coco = kinds.add_parser(
+        "coco", help="COCO 2014 (your copy) -> 32x32 arrays, token ids and vocab.json",
+        description="Read the standard COCO 2014 layout under --root (train2014/ and val2014/ "
+                    "JPEGs, annotations/captions_train2014.json and captions_val2014.json; "
+                    "nothing is downloaded), centre-crop every image to a square and resize it "
+                    "to 32x32 RGB (Lanczos, antialiased), tokenise the captions (lower-case, "
+                    "punctuation split off; at most 5 per image), build the vocabulary from the "
+                    "training captions and write compact arrays, vocab.json and meta.json to "
+                    "--out. Images that fail to decode are listed and skipped. Interrupted runs "
+                    "resume from the chunks already decoded; the output appears atomically. "
+                    "`aligndraw train --preset coco32` reads the default --out.")
+    coco.add_argument("--root", required=True, help="the COCO 2014 directory")
+    coco.add_argument("--out", help="prepared directory (default: $ALIGNDRAW_DATA/coco, else "
+                                    "the user cache dir, e.g. ~/.cache/aligndraw/coco)")
+    coco.add_argument("--min-count", type=int, default=None,
+                      help="words seen fewer times in the training captions become <unk> "
+                           "(default: 1, every training word: about 25k words, the paper's size)")
+    coco.add_argument("--captions-per-image", type=int, default=5,
+                      help="keep at most this many captions per image (default: 5, the authors')")
+    coco.add_argument("--image-size", type=int, default=32, help="S of the SxS images (default: 32)")
+    coco.add_argument("--workers", type=int, help="decoding threads (default: min(8, CPUs))")
+    coco.add_argument("--no-progress", action="store_true", help="no progress bars")
+    coco.set_defaults(func=cmd_data_coco)
 
 
 def _add_train(sub) -> None:
     train = sub.add_parser(
-        "train", help="train a model on captioned MNIST",
+        "train", help="train a model on captioned MNIST or COCO",
         description="Train alignDRAW. Checkpoints go to OUT/last (every --checkpoint-every "
                     "steps and at the end), the best validation model to OUT/best, metrics to "
                     "OUT/metrics.jsonl, sample grids to OUT/samples. Launch with "
@@ -74,7 +97,10 @@ def _add_train(sub) -> None:
     train.add_argument("--dry-run", action="store_true",
                        help="one step, one validation batch, a grid and a checkpoint")
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    train.add_argument("--mnist-source", help="directory with the MNIST idx files")
+    train.add_argument("--data-dir", help="where the data is: the MNIST idx files, or the prepared "
+                                          "COCO directory (`aligndraw data coco --out`); default: "
+                                          "the data cache")
+    train.add_argument("--mnist-source", help="directory with the MNIST idx files (= --data-dir)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     for f in dataclasses.fields(TrainConfig):
         kind = _field_type(f)
@@ -112,6 +138,9 @@ def _add_generate(sub) -> None:
                      help="also write a GIF of each caption's first image being drawn")
     gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     gen.add_argument("--list-words", action="store_true", help="print the vocabulary and exit")
+    gen.add_argument("--allow-unknown", action="store_true",
+                     help="draw words outside the vocabulary as <unk> (vocabularies that have it, "
+                          "e.g. COCO) instead of stopping with an error that names them")
     gen.set_defaults(func=cmd_generate)
 
 
@@ -120,13 +149,15 @@ METRICS = ("nll", "iwae", "retrieval", "ssim", "fidelity")
 
 def _add_evaluate(sub) -> None:
     ev = sub.add_parser(
-        "evaluate", help="measure a model on a captioned-MNIST split",
+        "evaluate", help="measure a model on a test or validation split",
         description="The paper's metrics on a split, each reported for all, seen and held-out "
                     "compositions: nll (lower bound, nats per image), iwae (importance-weighted "
                     "bound, K samples), retrieval (R@K and median rank, nearest-neighbour and "
                     "random shortlists), ssim (prior samples vs the caption's image), fidelity "
                     "(share of samples whose content the image reader finds to match the "
-                    "caption, beside the reader's accuracy on real scenes). Writes JSON (--out) "
+                    "caption, beside the reader's accuracy on real scenes; captioned MNIST only). "
+                    "COCO models are evaluated on the COCO split their config names (no held-out "
+                    "groups; retrieval neighbours in pixel space). Writes JSON (--out) "
                     "with a .md table beside it, and prints the table. Cost in forward passes: "
                     "nll n, iwae n*K, retrieval m*(2*shortlist-1)*S plus one per shortlisted "
                     "image and sample, ssim m*samples, fidelity m*samples (n scenes, m captions).")
@@ -153,7 +184,9 @@ def _add_evaluate(sub) -> None:
     ev.add_argument("--seed", type=int, default=0, help="seed of all noise")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    ev.add_argument("--mnist-source", help="directory with the MNIST idx files")
+    ev.add_argument("--data-dir", help="MNIST idx files or prepared COCO directory "
+                                       "(default: the model config's, else the data cache)")
+    ev.add_argument("--mnist-source", help="directory with the MNIST idx files (= --data-dir)")
     ev.set_defaults(func=cmd_evaluate)
 
 
@@ -201,6 +234,24 @@ def cmd_data_mnist(args: argparse.Namespace) -> None:
         print(f"  {name}")
 
 
+def cmd_data_coco(args: argparse.Namespace) -> None:
+    from aligndraw.data.coco import DEFAULT_MIN_WORD_COUNT
+    from aligndraw.data.coco_prepare import prepare_coco
+
+    report = prepare_coco(args.root, args.out, workers=args.workers, progress=not args.no_progress,
+                          min_count=args.min_count or DEFAULT_MIN_WORD_COUNT,
+                          image_size=args.image_size, captions_per_image=args.captions_per_image)
+    meta = report.meta
+    print(f"COCO prepared in {report.out}: {meta['image_size']}x{meta['image_size']} RGB, "
+          f"vocabulary {meta['vocab_size']} ids (<pad>, <unk> and the words seen at least "
+          f"{meta['min_word_count']} times in training)")
+    for pool, p in meta["pools"].items():
+        print(f"  {pool}: {p['images']} images, {p['captions']} captions, "
+              f"{len(p['skipped'])} skipped, longest caption {p['max_length']} words")
+    for s in report.skipped:
+        print(f"  skipped {s['file']}: {s['error']}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from aligndraw.config import preset
     from aligndraw.trainer import Trainer
@@ -214,8 +265,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides.append(f"model.model={json.dumps(args.model_kind)}")
     config = preset(args.preset, overrides)
     _check_run_dir(Path(args.out), args.resume)
-    trainer = Trainer(config, args.out, device=args.device, mnist_source=args.mnist_source,
-                      resume=args.resume, progress_bar=not args.no_progress)
+    trainer = Trainer(config, args.out, device=args.device,
+                      data_source=args.data_dir or args.mnist_source, resume=args.resume,
+                      progress_bar=not args.no_progress)
     progress = trainer.run(max_steps=args.max_steps, dry_run=args.dry_run)
     if trainer.dist.main:
         print(f"trained to step {progress.step} (epoch {progress.epoch}); "
@@ -241,7 +293,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError("give at least one caption, e.g. "
                          '"the digit 3 is at the top of the digit 1 ."')
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    out = pipe(args.captions, num_images_per_caption=args.num, generator=generator)
+    out = pipe(args.captions, num_images_per_caption=args.num, generator=generator,
+               allow_unknown=args.allow_unknown)
+    unknown = pipe.unknown_words(args.captions)
+    if unknown:
+        print(f"drawn as <unk> (not in the vocabulary): {', '.join(map(repr, unknown))}",
+              file=sys.stderr)
     for path in write_outputs(out, Path(args.out), args.num, gif=args.gif):
         print(path)
 
@@ -271,7 +328,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     import torch
 
     from aligndraw import evaluation as ev
-    from aligndraw.data.mnist_captions import CaptionedMnist
+    from aligndraw.data import make_dataset
     from aligndraw.pipeline import AlignDrawPipeline
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -283,10 +340,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     pipe = AlignDrawPipeline.from_pretrained(args.model, device=device)
     model, vocab = pipe.model, pipe.vocab
-    data = CaptionedMnist(pipe.config.data, source=args.mnist_source)
+    data = make_dataset(pipe.config.data, source=args.data_dir or args.mnist_source)
+    if data.vocab != vocab:
+        raise ValueError(f"the data's vocabulary ({len(data.vocab)} ids) is not the model's "
+                         f"({len(vocab)} ids): prepare the data as for training (same --min-count)")
     scenes = data.test() if args.split == "test" else data.validation()
-    reader = None
-    if {"retrieval", "fidelity"} & set(metrics):
+    if "fidelity" in metrics:
+        ev.require_compositions(scenes, "fidelity")
+    reader = None  # retrieval without a reader: neighbours in pixel space (COCO)
+    if ("retrieval" in metrics and scenes.compositions) or "fidelity" in metrics:
         from aligndraw.reader import load_reader
 
         reader = load_reader(args.reader, map_location=device)
@@ -303,7 +365,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             results["iwae"] = ev.iwae_bound(model, scenes, vocab, args.iwae_k, device,
                                             max_batches=args.max_batches, **common)
         elif metric == "retrieval":
-            results.update(ev.retrieval(model, scenes, vocab, reader, data.train_epoch(0).captions,
+            results.update(ev.retrieval(model, scenes, vocab, reader, _mean_sentence_captions(data),
                                         device, samples=args.retrieval_samples,
                                         shortlist=args.shortlist, **some))
         elif metric == "ssim":
@@ -314,7 +376,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                                                       samples=args.fidelity_samples, **some)
     notes = ev.metric_notes(iwae_k=args.iwae_k, retrieval_samples=args.retrieval_samples,
                             shortlist=args.shortlist, ssim_samples=args.ssim_samples,
-                            fidelity_samples=args.fidelity_samples, reader=args.reader)
+                            fidelity_samples=args.fidelity_samples,
+                            reader=args.reader if scenes.compositions else None)
     notes = {k: v for k, v in notes.items() if k in results}
     table = ev.markdown_table(results, notes)
     print(table)
@@ -329,6 +392,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         write_text_atomically(Path(args.out), json.dumps(payload, indent=2) + "\n")
         write_text_atomically(Path(args.out).with_suffix(".md"), table)
         print(f"wrote {args.out}")
+
+
+MEAN_SENTENCE_CAPTIONS = 10000
+
+
+def _mean_sentence_captions(data) -> list[str]:
+    """Training captions that define ȳ for retrieval: all 10,000 of an MNIST epoch, or a seeded
+    sample of 10,000 of COCO's 414k (ȳ is a mean: the sample changes it very little)."""
+    captions = data.train_epoch(0).captions
+    if len(captions) <= MEAN_SENTENCE_CAPTIONS:
+        return list(captions)
+    import numpy as np
+
+    pick = np.random.default_rng(0).choice(len(captions), MEAN_SENTENCE_CAPTIONS, replace=False)
+    return [captions[i] for i in np.sort(pick)]
 
 
 def cmd_reader_train(args: argparse.Namespace) -> None:

@@ -3,6 +3,8 @@
 Defaults follow the paper's captioned-MNIST configuration (PAPER.md, "Hyper-parameters").
 Every config saves to and loads from plain JSON dictionaries; ``RunConfig`` bundles the three
 parts (model, data, training) that a trained model directory records in ``config.json``.
+The data part is a ``CaptionedMnistConfig`` or a ``CocoConfig``, told apart by its ``dataset``
+key ("mnist-captions" or "coco32"; configs saved before COCO existed have none: MNIST).
 Overrides use dotted keys, e.g. ``model.enc_hidden=64`` or ``train.batch_size=32``.
 """
 
@@ -14,11 +16,14 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
+from aligndraw.data.coco import CocoConfig
 from aligndraw.data.mnist_captions import CaptionedMnistConfig
 
 ModelKind = Literal["aligndraw", "noalign"]
 OptimizerKind = Literal["rmsprop", "adam"]
 PrecisionKind = Literal["fp32", "bf16"]
+DataConfig = CaptionedMnistConfig | CocoConfig
+DATA_CONFIGS: dict[str, type] = {"mnist-captions": CaptionedMnistConfig, "coco32": CocoConfig}
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -99,7 +104,7 @@ class RunConfig:
     """Everything that defines a training run; saved as ``config.json`` beside the weights."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: CaptionedMnistConfig = field(default_factory=CaptionedMnistConfig)
+    data: DataConfig = field(default_factory=CaptionedMnistConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = "mnist-captions"
 
@@ -115,13 +120,21 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         return cls(
             model=_from_fields(ModelConfig, d.get("model", {})),
-            data=CaptionedMnistConfig.from_dict(d["data"]) if "data" in d else CaptionedMnistConfig(),
+            data=data_config_from_dict(d.get("data", {})),
             train=_from_fields(TrainConfig, d.get("train", {})),
             preset=d.get("preset", "custom"),
         )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def data_config_from_dict(d: dict[str, Any]) -> DataConfig:
+    """The data config a dict describes, by its ``dataset`` key (absent: captioned MNIST)."""
+    name = d.get("dataset", "mnist-captions")
+    if name not in DATA_CONFIGS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATA_CONFIGS)}")
+    return DATA_CONFIGS[name].from_dict(d)
 
 
 def _from_fields(cls: type, d: dict[str, Any]) -> Any:
@@ -132,6 +145,7 @@ def _from_fields(cls: type, d: dict[str, Any]) -> Any:
     return cls(**d)
 
 
+# Each preset: model and train fields, and optionally the data config ({"dataset": ...}).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The paper's captioned-MNIST configuration.
     "mnist-captions": {"model": {}, "train": {}},
@@ -141,11 +155,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "enc_hidden": 128, "dec_hidden": 128, "z_dim": 32},
         "train": {"batch_size": 64, "checkpoint_every": 200},
     },
-    # The paper's COCO 32×32 configuration (data preparation arrives with the COCO issue).
+    # The paper's COCO 32×32 configuration on the arrays of `aligndraw data coco`. The
+    # vocabulary size is the paper's 25,323 words + <pad> + <unk>; training replaces it with
+    # the size of the prepared vocab.json.
     "coco32": {
         "model": {"channels": 3, "height": 32, "width": 32, "read_n": 9, "write_n": 9,
                   "enc_hidden": 550, "dec_hidden": 550, "z_dim": 275, "canvas_init": 0.0,
                   "vocab_size": 25325},
+        "data": {"dataset": "coco32"},
         "train": {"epochs": 18},
     },
 }
@@ -158,6 +175,7 @@ def preset(name: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     spec = PRESETS[name]
     config = RunConfig(
         model=ModelConfig(**spec["model"]),
+        data=data_config_from_dict(spec.get("data", {})),
         train=TrainConfig(**spec["train"]),
         preset=name,
     )

@@ -1,5 +1,6 @@
 """Evaluation: the paper's metrics (PAPER.md, "Evaluation in the paper"), each reported over all
-test scenes, over scenes whose compositions were seen in training, and over held-out ones.
+test scenes, over scenes whose compositions were seen in training, and over held-out ones
+(captioned MNIST; COCO holds no compositions out, so its tables have the "all" row only).
 
 - ``nll``: the lower bound −L(x | y) = nll + Σ_t KL_t in nats per image, one posterior sample.
 - ``iwae``: the importance-weighted bound with K posterior samples (Burda et al. 2016),
@@ -9,13 +10,18 @@ test scenes, over scenes whose compositions were seen in training, and over held
   L(x | y) − L(x | ȳ), ȳ the mean sentence representation of the training captions; R@K (%)
   and median rank. Shortlists: the 99 nearest neighbours of the caption's own image in the
   image reader's feature space (the paper used a CIFAR-10 CNN's), or 99 random test images.
+  COCO has no image reader here: its neighbours are nearest in pixel space. With several
+  captions per image (COCO), the shortlist holds distinct images.
 - ``ssim``: SSIM between samples from the prior and the caption's real image, mean ± std over
   all (caption, sample) pairs; torchmetrics' SSIM map (Gaussian window 11, σ = 1.5, K1 = 0.01,
   K2 = 0.03, data range 1: Wang et al. 2004's settings) averaged away from the border, as
   scikit-image does (see :func:`ssim`).
 - ``fidelity``: share of generated images in which the image reader (``aligndraw.reader``) sees
   exactly the caption's layout (the digit at each of the 8 places, or none), with the reader's
-  accuracy on the real images of the same captions beside it as the ceiling.
+  accuracy on the real images of the same captions beside it as the ceiling. Captioned MNIST
+  only: it needs layouts.
+
+Every function takes a split of either dataset (:class:`aligndraw.data.CaptionSplit`).
 
 Every stochastic function takes a ``seed``; noise is drawn on the CPU so results do not depend
 on the device. Symbols: n scenes, m captions evaluated, c shortlist size, S posterior samples,
@@ -32,7 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from aligndraw.data.mnist_captions import Scenes, iterate_batches, parse_caption
+from aligndraw.data import CaptionSplit
+from aligndraw.data.mnist_captions import parse_caption
 from aligndraw.model import AlignDraw
 from aligndraw.reader import ImageReader, layout_accuracy, read_features, read_layouts
 from aligndraw.text import Vocabulary, encode_batch
@@ -55,11 +62,18 @@ def _mean(x: Tensor) -> float:
     return x.double().mean().item() if x.numel() else math.nan
 
 
-def summarise(terms: dict[str, Tensor], names: Sequence[str] = TERMS) -> dict[str, dict[str, float]]:
+def groups_of(scenes: CaptionSplit) -> tuple[str, ...]:
+    """The groups a split reports: all / seen / held-out (MNIST), or all only (COCO)."""
+    return GROUPS if scenes.compositions else ("all",)
+
+
+def summarise(terms: dict[str, Tensor], names: Sequence[str] = TERMS,
+              groups: Sequence[str] = GROUPS) -> dict[str, dict[str, float]]:
     """Means of each term over all, seen and held-out images (with counts)."""
     out = {}
     for group, mask in group_masks(terms["held_out"]).items():
-        out[group] = {"count": int(mask.sum()), **{t: _mean(terms[t][mask]) for t in names}}
+        if group in groups:
+            out[group] = {"count": int(mask.sum()), **{t: _mean(terms[t][mask]) for t in names}}
     return out
 
 
@@ -69,7 +83,7 @@ def _check_positive(**values: int | None) -> None:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def _captions(scenes: Scenes, max_captions: int | None) -> Scenes:
+def _captions(scenes: CaptionSplit, max_captions: int | None) -> CaptionSplit:
     """The first ``max_captions`` scenes (the test split is shuffled: seen and held-out mix)."""
     _check_positive(max_captions=max_captions)
     return scenes if max_captions is None else scenes.subset(slice(0, max_captions))
@@ -93,7 +107,7 @@ class _eval_mode:
 
 # ------------------------------------------------------------------------------ lower bounds
 @torch.no_grad()
-def per_image_bound(model: AlignDraw, scenes: Scenes, vocab: Vocabulary,
+def per_image_bound(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary,
                     device: torch.device | str = "cpu", *, batch_size: int = 100,
                     max_batches: int | None = None, seed: int = 0,
                     autocast=nullcontext) -> dict[str, Tensor]:
@@ -106,7 +120,7 @@ def per_image_bound(model: AlignDraw, scenes: Scenes, vocab: Vocabulary,
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(seed)
     parts: dict[str, list[Tensor]] = {k: [] for k in (*TERMS, "held_out")}
-    for i, batch in enumerate(iterate_batches(scenes, vocab, batch_size, shuffle=False)):
+    for i, batch in enumerate(scenes.batches(vocab, batch_size, shuffle=False)):
         if max_batches is not None and i >= max_batches:
             break
         held_out = batch.held_out
@@ -119,18 +133,19 @@ def per_image_bound(model: AlignDraw, scenes: Scenes, vocab: Vocabulary,
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def lower_bound(model: AlignDraw, scenes: Scenes, vocab: Vocabulary,
+def lower_bound(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary,
                 device: torch.device | str = "cpu", **kwargs) -> dict[str, dict[str, float]]:
     """Mean −L, nll and kl in nats per image, for all / seen / held-out scenes.
 
     Keyword arguments go to ``per_image_bound`` (batch_size, max_batches, seed, autocast).
     """
     with _eval_mode(model):
-        return summarise(per_image_bound(model, scenes, vocab, device, **kwargs))
+        return summarise(per_image_bound(model, scenes, vocab, device, **kwargs),
+                         groups=groups_of(scenes))
 
 
 @torch.no_grad()
-def per_image_iwae(model: AlignDraw, scenes: Scenes, vocab: Vocabulary, k: int,
+def per_image_iwae(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary, k: int,
                    device: torch.device | str = "cpu", *, batch_size: int = 100,
                    max_batches: int | None = None, seed: int = 0) -> dict[str, Tensor]:
     """Importance-weighted bound with ``k`` posterior samples per image.
@@ -147,7 +162,7 @@ def per_image_iwae(model: AlignDraw, scenes: Scenes, vocab: Vocabulary, k: int,
     device, cfg = torch.device(device), model.config
     g = torch.Generator().manual_seed(seed)
     parts: dict[str, list[Tensor]] = {"iwae": [], "bound": [], "held_out": []}
-    for i, batch in enumerate(iterate_batches(scenes, vocab, batch_size, shuffle=False)):
+    for i, batch in enumerate(scenes.batches(vocab, batch_size, shuffle=False)):
         if max_batches is not None and i >= max_batches:
             break
         b = len(batch.captions)
@@ -168,7 +183,7 @@ def per_image_iwae(model: AlignDraw, scenes: Scenes, vocab: Vocabulary, k: int,
     return {name: torch.cat(v) for name, v in parts.items()}
 
 
-def iwae_bound(model: AlignDraw, scenes: Scenes, vocab: Vocabulary, k: int = 50,
+def iwae_bound(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary, k: int = 50,
                device: torch.device | str = "cpu", **kwargs) -> dict[str, dict[str, float]]:
     """Mean IWAE bound (K samples) beside the mean 1-sample bound, nats per image, by group.
 
@@ -177,7 +192,7 @@ def iwae_bound(model: AlignDraw, scenes: Scenes, vocab: Vocabulary, k: int = 50,
     with _eval_mode(model):
         terms = per_image_iwae(model, scenes, vocab, k, device, **kwargs)
     terms["gap"] = terms["bound"] - terms["iwae"]
-    return summarise(terms, ("bound", "iwae", "gap"))
+    return summarise(terms, ("bound", "iwae", "gap"), groups_of(scenes))
 
 
 # ------------------------------------------------------------------------------ retrieval
@@ -228,10 +243,12 @@ def ranks_of_first(scores: Tensor) -> Tensor:
 
 
 def recall_summary(ranks: Tensor, held_out: Tensor | np.ndarray, same_layout_at_1: Tensor | None = None,
-                   ) -> dict[str, dict[str, float]]:
+                   groups: Sequence[str] = GROUPS) -> dict[str, dict[str, float]]:
     """R@K in % for K in (1, 5, 10, 50) and the median rank, by group (count = captions)."""
     out = {}
     for group, mask in group_masks(held_out).items():
+        if group not in groups:
+            continue
         r = ranks[mask].double()
         row: dict[str, float] = {"count": int(mask.sum())}
         row.update({f"R@{k}": 100 * _mean((r <= k).double()) for k in RECALL_AT})
@@ -268,62 +285,77 @@ def _mean_bounds(model: AlignDraw, images: np.ndarray, image_idx: Tensor, h_lang
 
 
 @torch.no_grad()
-def retrieval(model: AlignDraw, scenes: Scenes, vocab: Vocabulary, reader: ImageReader,
+def retrieval(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary, reader: ImageReader | None,
               train_captions: Sequence[str], device: torch.device | str = "cpu", *,
               samples: int = 4, shortlist: int = SHORTLIST, max_captions: int | None = None,
               seed: int = 0, batch_size: int = 500) -> dict[str, dict[str, dict[str, float]]]:
     """Image retrieval as in the paper, with nearest-neighbour and random shortlists.
 
-    Each of the first ``max_captions`` captions scores its ``shortlist`` images by
-    L(x | y) − L(x | ȳ) (= bound(x | ȳ) − bound(x | y)), each bound averaged over ``samples``
-    posterior samples; ȳ = :func:`mean_sentence` of ``train_captions``. L(x | ȳ) is computed
-    once per image, L(x | y) once per (caption, image) pair: m · (2c − 1) · S forward rows.
+    Each of the first ``max_captions`` captions scores its ``shortlist`` images (its own and
+    others of the split's distinct images) by L(x | y) − L(x | ȳ) (= bound(x | ȳ) −
+    bound(x | y)), each bound averaged over ``samples`` posterior samples; ȳ =
+    :func:`mean_sentence` of ``train_captions``. L(x | ȳ) is computed once per image,
+    L(x | y) once per (caption, image) pair: m · (2c − 1) · S forward rows. Neighbours are
+    nearest in ``reader``'s feature space, or in pixel space when ``reader`` is None (COCO).
 
     Returns:
         {"retrieval_nn": ..., "retrieval_random": ...}, each {group: {count, R@1, R@5, R@10,
-        R@50, med_r, same_layout@1}}; same_layout@1 = % of captions whose top image has the
-        caption's layout (several test images can fit a caption).
+        R@50, med_r[, same_layout@1]}}; same_layout@1 (captioned MNIST) = % of captions whose
+        top image has the caption's layout (several test images can fit a caption).
     """
     _check_positive(samples=samples, batch_size=batch_size)
-    if not 2 <= shortlist <= len(scenes):
-        raise ValueError(f"shortlist must be in [2, {len(scenes)}] (the number of scenes), got {shortlist}")
+    pool = scenes.image_pool()  # (N, C, H, W) the distinct images
+    if not 2 <= shortlist <= len(pool):
+        raise ValueError(f"shortlist must be in [2, {len(pool)}] (the number of images), got {shortlist}")
     device, cfg = torch.device(device), model.config
     with _eval_mode(model, reader):
         m = len(_captions(scenes, max_captions))
         queries = torch.arange(m)
-        nn_list = nearest_shortlists(read_features(reader, scenes.images), queries, shortlist)
-        rand_list = random_shortlists(len(scenes), queries, shortlist, seed=seed)
-        candidates = torch.cat([nn_list, rand_list[:, 1:]], dim=1)  # (m, 2c − 1)
+        own = torch.from_numpy(np.asarray(scenes.image_index[:m], dtype=np.int64))  # (m,)
+        features = (read_features(reader, pool) if reader is not None
+                    else torch.from_numpy(pool).flatten(1))  # (N, F)
+        nn_list = nearest_shortlists(features, own, shortlist)
+        rand_list = random_shortlists(len(pool), own, shortlist, seed=seed)
+        candidates = torch.cat([nn_list, rand_list[:, 1:]], dim=1)  # (m, 2c − 1) image indices
         noise = torch.randn((samples, cfg.steps, cfg.z_dim), generator=torch.Generator().manual_seed(seed))
         # L(x | ȳ) for every image that appears in a shortlist.
         needed = candidates.unique()
         y_bar = mean_sentence(model, train_captions, vocab, device)[None, None]  # (1, 1, D2)
-        bound_bar = torch.full((len(scenes),), math.nan, dtype=torch.float64)
-        bound_bar[needed] = _mean_bounds(model, scenes.images, needed, y_bar, torch.ones(1, dtype=torch.long),
+        bound_bar = torch.full((len(pool),), math.nan, dtype=torch.float64)
+        bound_bar[needed] = _mean_bounds(model, pool, needed, y_bar, torch.ones(1, dtype=torch.long),
                                          torch.zeros_like(needed), noise, device, batch_size)
         # L(x | y) for every (caption, candidate) pair, caption states encoded once.
         tokens, lengths = encode_batch(vocab, scenes.captions[:m])
         h_lang = model.encoder(tokens.to(device), lengths.to(device)).cpu()  # (m, L, D2)
         c = candidates.shape[1]
-        bound_y = _mean_bounds(model, scenes.images, candidates.flatten(), h_lang, lengths,
+        bound_y = _mean_bounds(model, pool, candidates.flatten(), h_lang, lengths,
                                queries.repeat_interleave(c), noise, device, batch_size).view(m, c)
     scores = bound_bar[candidates] - bound_y  # (m, c) = L(x|y) − L(x|ȳ)
-    layouts = torch.from_numpy(scenes.layouts)
     held = scenes.held_out[:m]
     out = {}
     for name, cols in (("retrieval_nn", slice(0, shortlist)),
                        ("retrieval_random", [0, *range(shortlist, c)])):
         sc, cand = scores[:, cols], candidates[:, cols]
         ranks = ranks_of_first(sc)
-        best_other = cand[torch.arange(m), 1 + sc[:, 1:].argmax(1)]
-        top = torch.where(ranks == 1, queries, best_other)  # ties go against the true image
-        same = (layouts[top] == layouts[queries]).all(1)
-        out[name] = recall_summary(ranks, held, same)
+        same = None
+        if scenes.compositions:  # every scene is its own image: pool rows are scenes
+            layouts = torch.from_numpy(scenes.layouts)
+            best_other = cand[torch.arange(m), 1 + sc[:, 1:].argmax(1)]
+            top = torch.where(ranks == 1, own, best_other)  # ties go against the true image
+            same = (layouts[top] == layouts[own]).all(1)
+        out[name] = recall_summary(ranks, held, same, groups_of(scenes))
     return out
 
 
+def require_compositions(scenes: CaptionSplit, metric: str) -> None:
+    """``ValueError`` for a metric that needs captioned-MNIST layouts on other data."""
+    if not scenes.compositions:
+        raise ValueError(f"{metric} needs captioned-MNIST scenes (digit layouts read by the image "
+                         "reader); this split has none (COCO): use nll, iwae, retrieval or ssim")
+
+
 # ------------------------------------------------------------------------------ generation
-def _prior_images(model: AlignDraw, scenes: Scenes, vocab: Vocabulary, samples: int,
+def _prior_images(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary, samples: int,
                   device: torch.device, seed: int, batch_size: int):
     """Yield (caption indices (R,), generated images (R, C, H, W) on the CPU) in order.
 
@@ -362,7 +394,7 @@ def ssim(images: Tensor, targets: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def ssim_scores(model: AlignDraw, scenes: Scenes, vocab: Vocabulary,
+def ssim_scores(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary,
                 device: torch.device | str = "cpu", *, samples: int = 50,
                 max_captions: int | None = None, seed: int = 0,
                 batch_size: int = 500) -> dict[str, dict[str, float]]:
@@ -378,10 +410,13 @@ def ssim_scores(model: AlignDraw, scenes: Scenes, vocab: Vocabulary,
         done = 0
         for r, images in _prior_images(model, scenes, vocab, samples, torch.device(device), seed,
                                        batch_size):
-            values.view(-1)[done:done + len(r)] = ssim(images, torch.from_numpy(scenes.images[r])).double()
+            real = torch.from_numpy(scenes.caption_images(r.numpy()))
+            values.view(-1)[done:done + len(r)] = ssim(images, real).double()
             done += len(r)
     out = {}
     for group, mask in group_masks(scenes.held_out).items():
+        if group not in groups_of(scenes):
+            continue
         v = values[mask].flatten()
         out[group] = {"count": int(mask.sum()), "mean": _mean(v),
                       "std": v.std(correction=0).item() if v.numel() else math.nan}
@@ -389,7 +424,7 @@ def ssim_scores(model: AlignDraw, scenes: Scenes, vocab: Vocabulary,
 
 
 @torch.no_grad()
-def caption_fidelity(model: AlignDraw, reader: ImageReader, scenes: Scenes, vocab: Vocabulary,
+def caption_fidelity(model: AlignDraw, reader: ImageReader, scenes: CaptionSplit, vocab: Vocabulary,
                      device: torch.device | str = "cpu", *, samples: int = 1,
                      max_captions: int | None = None, seed: int = 0,
                      batch_size: int = 500) -> dict[str, dict[str, float]]:
@@ -399,6 +434,7 @@ def caption_fidelity(model: AlignDraw, reader: ImageReader, scenes: Scenes, voca
     a perfect generator scores about that. Returns {group: {count (images), fidelity, ceiling}}.
     """
     _check_positive(samples=samples, batch_size=batch_size)
+    require_compositions(scenes, "fidelity")
     scenes = _captions(scenes, max_captions)
     wanted = torch.from_numpy(np.stack([parse_caption(c).layout for c in scenes.captions]))  # (m, 8)
     with _eval_mode(model, reader):
@@ -439,18 +475,24 @@ def markdown_table(results: dict[str, dict[str, dict[str, float]]],
 
 
 def metric_notes(iwae_k: int = 50, retrieval_samples: int = 4, shortlist: int = SHORTLIST,
-                 ssim_samples: int = 50, fidelity_samples: int = 1, reader: str = "reader") -> dict[str, str]:
-    """One line per metric saying exactly what its table holds (for the JSON and markdown)."""
+                 ssim_samples: int = 50, fidelity_samples: int = 1, reader: str | None = "reader",
+                 ) -> dict[str, str]:
+    """One line per metric saying exactly what its table holds (for the JSON and markdown).
+
+    ``reader`` None: no image reader (COCO), retrieval neighbours are nearest in pixel space.
+    """
     ranked = (f"each caption ranks {shortlist} test images (its own + {shortlist - 1} others) by "
               f"L(x|y) − L(x|ȳ), ȳ = mean training-caption h_lang, bounds averaged over "
-              f"{retrieval_samples} posterior samples; R@K in %, med_r = median rank, "
-              "same_layout@1 = % whose top image has the caption's layout")
+              f"{retrieval_samples} posterior samples; R@K in %, med_r = median rank")
+    ranked += ("" if reader is None else
+               ", same_layout@1 = % whose top image has the caption's layout")
+    space = ("pixels (no image classifier for this data; the paper used a CIFAR-10 CNN's features)"
+             if reader is None else f"image-reader features, reader {reader!r}")
     return {
         "nll": "−L(x|y) = nll + KL in nats per image (lower is better), one posterior sample.",
         "iwae": f"Importance-weighted bound, K = {iwae_k} posterior samples (iwae), beside the mean "
                 "1-sample bound over the same samples (bound); nats per image, gap = bound − iwae.",
-        "retrieval_nn": f"Nearest-neighbour shortlist (cosine distance of image-reader features, "
-                        f"reader {reader!r}): {ranked}.",
+        "retrieval_nn": f"Nearest-neighbour shortlist (cosine distance of {space}): {ranked}.",
         "retrieval_random": f"Random shortlist: {ranked}.",
         "ssim": f"SSIM (torchmetrics map, Gaussian 11×11, σ = 1.5, 5-pixel border dropped as in "
                 f"scikit-image) of {ssim_samples} prior samples per "

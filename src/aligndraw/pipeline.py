@@ -21,7 +21,7 @@ from PIL import Image
 from aligndraw.checkpoint import load_model_dir, model_card, save_model_dir
 from aligndraw.config import RunConfig
 from aligndraw.model import AlignDraw, DrawSample
-from aligndraw.text import Vocabulary, encode_batch, tokenize
+from aligndraw.text import UNK, Vocabulary, encode_batch, tokenize
 
 OutputType = Literal["pil", "np", "pt"]
 OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt")
@@ -76,12 +76,17 @@ class AlignDrawPipeline:
 
     @property
     def held_out(self) -> tuple:
-        """(place, digit) compositions kept out of this model's training scenes."""
-        return tuple(self.config.data.held_out)
+        """(place, digit) compositions kept out of this model's training scenes (MNIST; COCO: ())."""
+        return tuple(getattr(self.config.data, "held_out", ()))
 
     def check_inputs(self, prompt: str | list[str], num_images_per_caption: int,
-                     output_type: str) -> list[str]:
-        """Validate before any compute; raises ``ValueError`` naming what is wrong."""
+                     output_type: str, allow_unknown: bool = False) -> list[str]:
+        """Validate before any compute; raises ``ValueError`` naming what is wrong.
+
+        Words outside the vocabulary are an error naming them. A vocabulary with ``<unk>``
+        (COCO) can draw them as ``<unk>`` instead, as the paper's model would, but only when
+        asked (``allow_unknown``): silently dropping a word changes what is drawn.
+        """
         captions = [prompt] if isinstance(prompt, str) else list(prompt)
         if not captions:
             raise ValueError("no captions given; pass a caption string or a list of them")
@@ -93,13 +98,29 @@ class AlignDrawPipeline:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not allowed; choose one of "
                              f"{', '.join(OUTPUT_TYPES)}")
+        if self.vocab.unk_id is not None and not allow_unknown:
+            for caption in captions:
+                unknown = self.vocab.unknown_words(caption)
+                if unknown:
+                    shown = ", ".join(repr(w) for w in unknown)
+                    raise ValueError(
+                        f"unknown word{'s' if len(unknown) > 1 else ''} {shown} in caption "
+                        f"{caption!r}: not among the {len(self.vocab.content_words)} words this "
+                        "model was trained on (see `aligndraw generate --list-words` or "
+                        "pipe.vocab.words); pass allow_unknown=True (CLI: --allow-unknown) to "
+                        f"draw {'them' if len(unknown) > 1 else 'it'} as {UNK}")
         encode_batch(self.vocab, captions, self.config.model.max_caption_len)  # raises on bad words
         return captions
+
+    def unknown_words(self, prompt: str | list[str]) -> list[str]:
+        """Words of the caption(s) outside the vocabulary (drawn as ``<unk>`` if allowed)."""
+        captions = [prompt] if isinstance(prompt, str) else list(prompt)
+        return list(dict.fromkeys(w for c in captions for w in self.vocab.unknown_words(c)))
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_images_per_caption: int = 1,
                  generator: torch.Generator | None = None, output_type: OutputType = "pil",
-                 batch_size: int = 256) -> AlignDrawPipelineOutput:
+                 batch_size: int = 256, allow_unknown: bool = False) -> AlignDrawPipelineOutput:
         """Draw ``num_images_per_caption`` images for every caption.
 
         Args:
@@ -108,8 +129,10 @@ class AlignDrawPipeline:
             generator: source of all randomness; the same seed gives the same images.
             output_type: "pil" (list of images), "np" or "pt" ((B, C, H, W) in [0, 1]).
             batch_size: images drawn per forward pass (memory bound, not a result change).
+            allow_unknown: draw words outside the vocabulary as ``<unk>`` (vocabularies that
+                have it, e.g. COCO) instead of raising ``ValueError``.
         """
-        captions = self.check_inputs(prompt, num_images_per_caption, output_type)
+        captions = self.check_inputs(prompt, num_images_per_caption, output_type, allow_unknown)
         repeated = [c for c in captions for _ in range(num_images_per_caption)]
         tokens, lengths = encode_batch(self.vocab, repeated, self.config.model.max_caption_len)
         tokens, lengths = tokens.to(self.device), lengths.to(self.device)

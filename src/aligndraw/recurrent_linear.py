@@ -86,7 +86,10 @@ class StepLinear:
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         if bias is None:
             bias = weight.new_zeros(weight.shape[0])
-        self.deferred = torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)
+        # Under torch.compile the recording (a Python side effect) would break the graph, and the
+        # compiler schedules the weight gradients itself: use the plain linear there.
+        self.deferred = (torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)
+                         and not torch.compiler.is_compiling())
         if self.deferred:
             self.record = _Record()
             self.weight, self.bias = _Share.apply(weight, bias, self.record)

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,7 @@ class Vocabulary:
         object.__setattr__(self, "aliases", dict(self.aliases))
         if not words or words[0] != PAD:
             raise ValueError(f"words[0] must be the padding token {PAD!r}, got {words[:1]}")
-        duplicates = sorted({w for w in words if words.count(w) > 1})
+        duplicates = sorted(w for w, n in Counter(words).items() if n > 1)  # linear: COCO has 25k
         if duplicates:
             raise ValueError(f"duplicate words in vocabulary: {duplicates}")
         bad = {a: w for a, w in self.aliases.items() if w not in words or a in words}
@@ -98,6 +99,12 @@ class Vocabulary:
     def content_words(self) -> tuple[str, ...]:
         """The words a caption may use (no ``<pad>``/``<unk>``)."""
         return tuple(w for w in self.words if w not in (PAD, UNK))
+
+    def unknown_words(self, caption: str) -> list[str]:
+        """The caption's tokens that are not vocabulary words (aliases resolved), in order,
+        without repeats. With ``<unk>`` they would be encoded as ``<unk>``; without, refused."""
+        tokens = [self.aliases.get(t, t) for t in tokenize(caption)]
+        return list(dict.fromkeys(t for t in tokens if t not in self._ids or t in (PAD, UNK)))
 
     def index(self, word: str) -> int:
         """Id of ``word`` (aliases resolved); ``ValueError`` if unknown and there is no unk."""

@@ -10,6 +10,11 @@ by 10 when the validation bound stops improving. A checkpoint (``last/``: model 
 optimiser, schedule, data position and every random stream, so a resumed run takes exactly the
 same steps as an uninterrupted one. Under ``torchrun`` the model runs in DDP (gloo on CPU, nccl
 on CUDA); each rank draws its own shard of every epoch and only rank 0 logs and writes.
+
+The data is whatever ``config.data`` names (captioned MNIST or COCO, through the one
+:class:`aligndraw.data.CaptionDataset` interface). The vocabulary comes from the data: when
+its size differs from ``model.vocab_size`` (the coco32 preset's is the paper's), the config
+is corrected before the model is built, and the run's config records the real size.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +39,15 @@ from tqdm import tqdm
 from aligndraw import visualize
 from aligndraw.checkpoint import fill_model_dir, model_card, save_model_dir, write_dir_atomically
 from aligndraw.config import RunConfig, TrainConfig
-from aligndraw.data.mnist_captions import Batch, CaptionedMnist, iterate_batches
+from aligndraw.data import Batch, BatchPlan, CaptionDataset, make_dataset
+from aligndraw.data.mnist_captions import PREVIEW_CAPTIONS
 from aligndraw.evaluation import lower_bound
 from aligndraw.model import AlignDraw
 from aligndraw.text import encode_batch
 
 log = logging.getLogger("aligndraw.train")
 STATE_NAME = "trainer_state.pt"
-# Captions drawn into the per-epoch sample grid: every kind, including held-out compositions.
-GRID_CAPTIONS = (
-    "the digit 3 is on the left of the digit 5 .", "the digit 2 is on the left of the digit 6 .",
-    "the digit 0 is at the top of the digit 4 .", "the digit 1 is at the top of the digit 7 .",
-    "the digit 7 is at the top left of the image .", "the digit 8 is at the top left of the image .",
-    "the digit 6 is at the bottom right of the image .",
-    "the digit 4 is at the top right of the image .",
-)
+GRID_CAPTIONS = PREVIEW_CAPTIONS  # captioned MNIST's sample-grid captions (other data: its own)
 
 
 class PaperRMSprop(torch.optim.Optimizer):
@@ -133,13 +132,27 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size())
 
 
+def fit_to_data(config: RunConfig, data: CaptionDataset) -> RunConfig:
+    """``config`` with the data's resolved settings and vocabulary size (logged if changed)."""
+    if len(data.vocab) != config.model.vocab_size:
+        log.info("model.vocab_size %d -> %d: the size of the dataset's vocabulary",
+                 config.model.vocab_size, len(data.vocab))
+        config = replace(config, model=replace(config.model, vocab_size=len(data.vocab)))
+    return replace(config, data=data.config)
+
+
 class Trainer:
     """Owns model, optimiser, data and bookkeeping for one run directory."""
 
     def __init__(self, config: RunConfig, out_dir: str | os.PathLike, *, device: str = "cpu",
-                 data: CaptionedMnist | None = None, mnist_source: str | None = None,
-                 resume: bool = False, progress_bar: bool = True) -> None:
-        self.config = config
+                 data: CaptionDataset | None = None, data_source: str | os.PathLike | None = None,
+                 mnist_source: str | None = None, resume: bool = False,
+                 progress_bar: bool = True) -> None:
+        """``data``: a ready dataset (tests); else built from ``config.data``, reading from
+        ``data_source`` (MNIST idx files or prepared COCO; ``mnist_source`` is its old name)."""
+        self.data = data or make_dataset(config.data, source=data_source or mnist_source)
+        self.vocab = self.data.vocab
+        config = self.config = fit_to_data(config, self.data)
         self.out = Path(out_dir)
         self.device = torch.device(device)
         self.dist = init_distributed(self.device)
@@ -154,8 +167,6 @@ class Trainer:
         self.model = AlignDraw(config.model).to(self.device)
         self.net = (DistributedDataParallel(self.model) if self.dist.world_size > 1 else self.model)
         self.optimizer = make_optimizer(self.model.parameters(), config.train)
-        self.data = data or CaptionedMnist(config.data, source=mnist_source)
-        self.vocab = self.data.vocab
         self.noise = torch.Generator(device=self.device)
         self.noise.manual_seed(config.train.seed * 1000 + self.dist.rank)
         self.progress = Progress(lr=config.train.lr)
@@ -207,14 +218,12 @@ class Trainer:
         bar.close()
         return False
 
-    def epoch_batches(self, epoch: int) -> list[Batch]:
-        """This rank's batches of ``epoch``, in an order fixed by (seed, epoch)."""
-        scenes = self.data.train_epoch(epoch, rank=self.dist.rank,
-                                       world_size=self.dist.world_size)
+    def epoch_batches(self, epoch: int) -> BatchPlan:
+        """This rank's batches of ``epoch`` (built lazily), in an order fixed by (seed, epoch)."""
+        split = self.data.train_epoch(epoch, rank=self.dist.rank, world_size=self.dist.world_size)
         rng = np.random.default_rng([self.config.train.seed, epoch])
         per_rank = self.config.train.batch_size // self.dist.world_size
-        return list(iterate_batches(scenes, self.vocab, per_rank, shuffle=True, generator=rng,
-                                    drop_last=True))
+        return self.data.batches(split, per_rank, shuffle=True, generator=rng, drop_last=True)
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """Zero grad, forward, backward, clip each tensor, step. Returns the batch's terms."""
@@ -258,11 +267,15 @@ class Trainer:
         return {k: v for k, v in result["all"].items() if k != "count"}
 
     def save_grid(self, path: Path) -> None:
-        tokens, lengths = encode_batch(self.vocab, list(GRID_CAPTIONS))
+        """Samples for the dataset's fixed preview captions (MNIST: every kind; COCO: the
+        first validation captions), one per caption, seeded."""
+        captions = self.data.preview_captions()
+        tokens, lengths = encode_batch(self.vocab, captions)
         g = torch.Generator(device=self.device).manual_seed(self.config.train.seed)
         sample = self.model.sample(tokens.to(self.device), lengths.to(self.device), generator=g)
-        visualize.save_image(visualize.image_grid(sample.images, nrow=4,
-                                                  captions=list(GRID_CAPTIONS)), path)
+        scale = max(3, 96 // self.config.model.width)  # room for the caption under small tiles
+        visualize.save_image(visualize.image_grid(sample.images, nrow=4, scale=scale,
+                                                  captions=captions), path)
 
     # ------------------------------------------------------------------ persistence
     def save(self) -> None:

@@ -51,11 +51,12 @@ import dataclasses
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
 
+from aligndraw.data.batching import Batch, BatchPlan, batch_order
 from aligndraw.data.mnist import load_mnist
 from aligndraw.text import Vocabulary, encode_batch, mnist_vocabulary, tokenize
 
@@ -87,6 +88,15 @@ _BOX = np.array([JITTER[p] for p in PLACES])  # (8, 4)
 _STREAMS = {"train": 0, "validation": 1, "test": 2}  # independent seeded random streams
 _MAX_REJECTION_ROUNDS = 1000
 Mode = Literal["seen", "held_out", "any"]
+DATASET = "mnist-captions"  # the ``dataset`` key of this data config
+# Captions of the trainer's per-epoch sample grid: every kind, including held-out compositions.
+PREVIEW_CAPTIONS = (
+    "the digit 3 is on the left of the digit 5 .", "the digit 2 is on the left of the digit 6 .",
+    "the digit 0 is at the top of the digit 4 .", "the digit 1 is at the top of the digit 7 .",
+    "the digit 7 is at the top left of the image .", "the digit 8 is at the top left of the image .",
+    "the digit 6 is at the bottom right of the image .",
+    "the digit 4 is at the top right of the image .",
+)
 
 
 def default_held_out() -> tuple[tuple[str, int], ...]:
@@ -123,10 +133,13 @@ class CaptionedMnistConfig:
     test_held_out_fraction: float = 0.5  # share of test scenes with a held-out composition
     seed: int = 1234
     held_out: tuple[tuple[str, int], ...] = DEFAULT_HELD_OUT
+    dataset: str = DATASET  # names the data config in config.json (COCO's says "coco32")
 
     def __post_init__(self) -> None:
         pairs = tuple((str(p), int(d)) for p, d in self.held_out)
         object.__setattr__(self, "held_out", pairs)
+        if self.dataset != DATASET:
+            raise ValueError(f"CaptionedMnistConfig.dataset must be {DATASET!r}, got {self.dataset!r}")
         if self.image_size != IMAGE_SIZE:
             raise ValueError(f"image_size must be {IMAGE_SIZE} (the paper's scene layout), "
                              f"got {self.image_size}")
@@ -212,9 +225,51 @@ class Scenes:
     held_out: np.ndarray
     sources: np.ndarray
     positions: np.ndarray
+    compositions: ClassVar[bool] = True  # layouts and held-out flags mean something here
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    @property
+    def image_index(self) -> np.ndarray:
+        """(n,) the image of each caption in :meth:`image_pool`: every scene is its own."""
+        return np.arange(len(self))
+
+    def image_pool(self) -> np.ndarray:
+        """(n, 1, 60, 60) float32: the distinct images of the split (one per scene)."""
+        return self.images
+
+    def caption_images(self, index: np.ndarray) -> np.ndarray:
+        """(k, 1, 60, 60) float32: the image of each caption in ``index``."""
+        return self.images[index]
+
+    def batches(self, vocab: Vocabulary, batch_size: int, *, shuffle: bool,
+                generator: torch.Generator | np.random.Generator | None = None,
+                drop_last: bool = False) -> BatchPlan:
+        """The :class:`Batch` es of one pass, padded to each batch's longest caption.
+
+        Args:
+            shuffle: visit scenes in a random order drawn from ``generator`` (required then).
+            drop_last: skip a final batch smaller than ``batch_size``.
+        """
+        order = batch_order(len(self), batch_size, shuffle=shuffle, generator=generator,
+                            drop_last=drop_last)
+        tokens, lengths = encode_batch(vocab, self.captions)  # (n, L), (n,)
+        captions = list(self.captions)
+
+        def make(idx: np.ndarray) -> Batch:
+            t = torch.from_numpy(idx)
+            width = int(lengths[t].max())
+            return Batch(
+                images=torch.from_numpy(self.images[idx]),  # (B, 1, H, W)
+                tokens=tokens[t, :width],  # (B, L)
+                lengths=lengths[t],
+                layouts=torch.from_numpy(self.layouts[idx]),
+                held_out=torch.from_numpy(self.held_out[idx]),
+                captions=[captions[i] for i in idx.tolist()],
+            )
+
+        return BatchPlan(order, make)
 
     def subset(self, index: np.ndarray | slice) -> Scenes:
         """The scenes at ``index`` (an index array or a slice)."""
@@ -343,6 +398,17 @@ class CaptionedMnist:
         self.vocab = mnist_vocabulary()
         self._cache: dict[str, Scenes] = {}
 
+    def batches(self, split: Scenes, batch_size: int, *, shuffle: bool,
+                generator: torch.Generator | np.random.Generator | None = None,
+                drop_last: bool = False) -> BatchPlan:
+        """Batches of ``split`` (see :meth:`Scenes.batches`), in this dataset's vocabulary."""
+        return split.batches(self.vocab, batch_size, shuffle=shuffle, generator=generator,
+                             drop_last=drop_last)
+
+    def preview_captions(self) -> list[str]:
+        """Fixed captions for sample grids: every caption kind, held-out compositions too."""
+        return list(PREVIEW_CAPTIONS)
+
     @property
     def training_digits(self) -> tuple[np.ndarray, np.ndarray]:
         """The digit pool of training scenes: images (n, 28, 28) uint8 and labels (n,)."""
@@ -390,26 +456,6 @@ class CaptionedMnist:
         return self._cache["test"]
 
 
-@dataclass
-class Batch:
-    """A training batch. images (B, 1, H, W) float32; tokens (B, L) long, 0-padded; lengths
-    (B,) long; layouts (B, 8) long; held_out (B,) bool; captions: B strings."""
-
-    images: torch.Tensor
-    tokens: torch.Tensor
-    lengths: torch.Tensor
-    layouts: torch.Tensor
-    held_out: torch.Tensor
-    captions: list[str]
-
-    def to(self, device: torch.device | str) -> Batch:
-        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = value.to(device, non_blocking=True)
-        return Batch(**moved)
-
-
 def iterate_batches(scenes: Scenes, vocab: Vocabulary, batch_size: int, *, shuffle: bool,
                     generator: torch.Generator | np.random.Generator | None = None,
                     drop_last: bool = False) -> Iterator[Batch]:
@@ -419,28 +465,5 @@ def iterate_batches(scenes: Scenes, vocab: Vocabulary, batch_size: int, *, shuff
         shuffle: visit scenes in a random order drawn from ``generator`` (required then).
         drop_last: skip a final batch smaller than ``batch_size``.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = len(scenes)
-    if not shuffle:
-        order = np.arange(n)
-    elif isinstance(generator, torch.Generator):
-        order = torch.randperm(n, generator=generator).numpy()
-    elif isinstance(generator, np.random.Generator):
-        order = generator.permutation(n)
-    else:
-        raise ValueError("shuffle=True needs a torch.Generator or np.random.Generator")
-    tokens, lengths = encode_batch(vocab, scenes.captions)  # (n, L), (n,)
-    stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size]
-        t = torch.from_numpy(idx)
-        width = int(lengths[t].max())
-        yield Batch(
-            images=torch.from_numpy(scenes.images[idx]),  # (B, 1, H, W)
-            tokens=tokens[t, :width],  # (B, L)
-            lengths=lengths[t],
-            layouts=torch.from_numpy(scenes.layouts[idx]),
-            held_out=torch.from_numpy(scenes.held_out[idx]),
-            captions=[scenes.captions[i] for i in idx.tolist()],
-        )
+    yield from scenes.batches(vocab, batch_size, shuffle=shuffle, generator=generator,
+                              drop_last=drop_last)

@@ -52,7 +52,6 @@ from aligndraw import __version__, visualize
 from aligndraw.data.mnist_captions import held_out_matrix, layout_held_out, parse_caption
 from aligndraw.pipeline import AlignDrawPipeline, AlignDrawPipelineOutput, to_pil
 from aligndraw.serve import DEFAULT_MAX_CONCURRENT
-from aligndraw.text import tokenize
 
 STATIC_DIR = Path(__file__).with_name("static")
 MAX_IMAGES = 8  # per request: a row of thumbnails, and 8 × T steps of PNGs stay < 1 MB of events
@@ -130,14 +129,8 @@ class Slots:
 
 # ---------------------------------------------------------------------------- input checks
 def unknown_words(pipe: AlignDrawPipeline, caption: str) -> list[str]:
-    """The caption's tokens that the vocabulary rejects, in order, without repeats."""
-    bad = []
-    for token in tokenize(caption):
-        try:
-            pipe.vocab.index(token)
-        except ValueError:
-            bad.append(token)
-    return list(dict.fromkeys(bad))
+    """The caption's tokens outside the vocabulary, in order, without repeats."""
+    return pipe.vocab.unknown_words(caption)
 
 
 def check_caption(pipe: AlignDrawPipeline, caption: str, num_images: int) -> None:
