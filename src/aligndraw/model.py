@@ -184,21 +184,21 @@ class AlignDraw(nn.Module):
             return mean_context(h_lang, mask)
         return align(keys, query, self.alignment.v.weight[0], h_lang, mask)
 
-    def _attention(self, proj: dict[str, Tensor], read: bool) -> tuple[_Attention, _Attention | None]:
-        """This step's write window and, if ``read``, the next step's read window.
+    def _attention(self, proj: dict[str, Tensor], write: bool = True,
+                   read: bool = True) -> tuple[_Attention | None, _Attention | None]:
+        """This step's write window and the next step's read window, as asked for.
 
         Both come from the same projection of h_dec_t, so their four filterbanks are built in
         one call (``attention.filterbanks_batched``).
         """
         cfg = self.config
-        windows = [attention.window_params(proj["write"], cfg.height, cfg.width, cfg.write_n)]
-        sizes = [cfg.write_n]
-        if read:
-            windows.append(attention.window_params(proj["read"], cfg.height, cfg.width, cfg.read_n))
-            sizes.append(cfg.read_n)
-        banks = attention.filterbanks_batched(windows, sizes, cfg.height, cfg.width, cfg.filter_eps)
-        atts = [_Attention(w, *b) for w, b in zip(windows, banks, strict=True)]
-        return atts[0], (atts[1] if read else None)
+        wanted = [(name, n) for name, n, on in (("write", cfg.write_n, write), ("read", cfg.read_n, read))
+                  if on]
+        windows = [attention.window_params(proj[name], cfg.height, cfg.width, n) for name, n in wanted]
+        banks = attention.filterbanks_batched(windows, [n for _, n in wanted], cfg.height, cfg.width,
+                                              cfg.filter_eps)
+        atts = {name: _Attention(w, *b) for (name, _), w, b in zip(wanted, windows, banks, strict=True)}
+        return atts.get("write"), atts.get("read")
 
     def _write(self, proj: dict[str, Tensor], att: _Attention) -> Tensor:
         cfg = self.config
@@ -259,11 +259,9 @@ class AlignDraw(nn.Module):
         posterior = StepLinear(self.posterior.weight, self.posterior.bias)
         dec_in = StepLinear(self.dec_lstm.weight_ih)  # [z_t, s_t] → decoder gates
         st = self._initial_state(b)
-        proj = proj_fn(st["h_dec"])
+        proj = proj_fn(self.h_dec0[None])  # (1, ·): h_dec_0 is the same for every image
         cfg = self.config
-        window = attention.window_params(proj["read"], cfg.height, cfg.width, cfg.read_n)
-        read_att = _Attention(window, *attention.filterbanks(window, cfg.height, cfg.width,
-                                                             cfg.read_n, cfg.filter_eps))
+        read_att = self._attention(proj, write=False)[1]
         kl_steps, log_ratios = [], []
         for t in range(cfg.steps):
             r = self._read(images, torch.sigmoid(st["canvas"]), read_att)
@@ -278,6 +276,7 @@ class AlignDraw(nn.Module):
             st = self._decode(st, proj, z, keys, h_lang, mask, dec_in)[0]
             proj = proj_fn(st["h_dec"])
             write_att, read_att = self._attention(proj, read=t + 1 < cfg.steps)
+            assert write_att is not None
             st["canvas"] = st["canvas"] + self._write(proj, write_att)
         nll = bernoulli_nll(st["canvas"], images)
         kl_steps_t = torch.stack(kl_steps, dim=1)  # (B, T)
@@ -314,7 +313,7 @@ class AlignDraw(nn.Module):
         proj_fn = self._projection(with_encoder=False)
         dec_in = StepLinear(self.dec_lstm.weight_ih)
         st = self._initial_state(b)
-        proj = proj_fn(st["h_dec"])
+        proj = proj_fn(self.h_dec0[None])  # (1, ·): h_dec_0 is the same for every image
         canvases, alphas, boxes = [torch.sigmoid(st["canvas"])], [], []
         for t in range(cfg.steps):
             mu_p, log_sigma_p = self._prior(proj, t)
@@ -322,6 +321,7 @@ class AlignDraw(nn.Module):
             st, alpha = self._decode(st, proj, z, keys, h_lang, mask, dec_in)
             proj = proj_fn(st["h_dec"])
             write_att = self._attention(proj, read=False)[0]
+            assert write_att is not None
             st["canvas"] = st["canvas"] + self._write(proj, write_att)
             canvases.append(torch.sigmoid(st["canvas"]))
             alphas.append(alpha)

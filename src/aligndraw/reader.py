@@ -125,33 +125,28 @@ def layout_targets(layouts: np.ndarray | Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def read_layouts(reader: ImageReader, images: Tensor | np.ndarray, batch_size: int = 500) -> Tensor:
-    """The layout the reader sees in each image: (B, 8) long, -1 where a place is empty."""
+def _in_batches(reader: ImageReader, fn, images: Tensor | np.ndarray, batch_size: int) -> Tensor:
+    """``fn(images[i:i+batch_size])`` on the reader's device in eval mode, concatenated on the CPU."""
     was_training = reader.training
     reader.eval()
     device = next(reader.parameters()).device
     images = torch.as_tensor(images)
     try:
-        preds = [reader(images[i:i + batch_size].to(device, torch.float32)).argmax(-1).cpu()
-                 for i in range(0, len(images), batch_size)]
-    finally:
-        reader.train(was_training)
-    pred = torch.cat(preds)  # (B, 8)
-    return torch.where(pred == EMPTY, torch.full_like(pred, -1), pred)
-
-
-@torch.no_grad()
-def read_features(reader: ImageReader, images: Tensor | np.ndarray, batch_size: int = 500) -> Tensor:
-    """(B, F) penultimate features of ``images`` (eval mode), on the CPU."""
-    was_training = reader.training
-    reader.eval()
-    device = next(reader.parameters()).device
-    images = torch.as_tensor(images)
-    try:
-        return torch.cat([reader.features(images[i:i + batch_size].to(device, torch.float32)).cpu()
+        return torch.cat([fn(images[i:i + batch_size].to(device, torch.float32)).cpu()
                           for i in range(0, len(images), batch_size)])
     finally:
         reader.train(was_training)
+
+
+def read_layouts(reader: ImageReader, images: Tensor | np.ndarray, batch_size: int = 500) -> Tensor:
+    """The layout the reader sees in each image: (B, 8) long, -1 where a place is empty."""
+    pred = _in_batches(reader, lambda x: reader(x).argmax(-1), images, batch_size)  # (B, 8)
+    return torch.where(pred == EMPTY, torch.full_like(pred, -1), pred)
+
+
+def read_features(reader: ImageReader, images: Tensor | np.ndarray, batch_size: int = 500) -> Tensor:
+    """(B, F) penultimate features of ``images`` (eval mode), on the CPU."""
+    return _in_batches(reader, reader.features, images, batch_size)
 
 
 def layout_accuracy(predicted: Tensor, layouts: Tensor | np.ndarray, held_out: Tensor | np.ndarray,

@@ -40,14 +40,12 @@ from aligndraw import visualize
 from aligndraw.checkpoint import fill_model_dir, model_card, save_model_dir, write_dir_atomically
 from aligndraw.config import RunConfig, TrainConfig
 from aligndraw.data import Batch, BatchPlan, CaptionDataset, make_dataset
-from aligndraw.data.mnist_captions import PREVIEW_CAPTIONS
 from aligndraw.evaluation import lower_bound
 from aligndraw.model import AlignDraw
 from aligndraw.text import encode_batch
 
 log = logging.getLogger("aligndraw.train")
 STATE_NAME = "trainer_state.pt"
-GRID_CAPTIONS = PREVIEW_CAPTIONS  # captioned MNIST's sample-grid captions (other data: its own)
 
 
 class PaperRMSprop(torch.optim.Optimizer):
