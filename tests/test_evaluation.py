@@ -38,6 +38,9 @@ class RealImages:
         self.images = torch.from_numpy(scenes.images).repeat_interleave(samples, 0)
         self.done = 0
 
+    def noise_shape(self, batch):
+        return (batch, self.config.steps, self.config.z_dim)
+
     def sample(self, tokens, lengths, generator=None, noise=None):
         images = self.images[self.done:self.done + len(tokens)]
         self.done += len(tokens)

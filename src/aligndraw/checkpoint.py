@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from aligndraw import __version__
+from aligndraw.baselines import Model, build_model
 from aligndraw.config import RunConfig
-from aligndraw.model import AlignDraw
 from aligndraw.text import Vocabulary
 
 CONFIG_NAME = "config.json"
@@ -128,7 +128,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
 
 
 def load_model_dir(name_or_path: str | os.PathLike,
-                   map_location: str | torch.device = "cpu") -> tuple[AlignDraw, Vocabulary, RunConfig]:
+                   map_location: str | torch.device = "cpu") -> tuple[Model, Vocabulary, RunConfig]:
     """Load model, vocabulary and run config; every failure is a ``ValueError`` saying what."""
     directory = resolve_model_dir(name_or_path)
     for name in (CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME):
@@ -140,7 +140,7 @@ def load_model_dir(name_or_path: str | os.PathLike,
     except (json.JSONDecodeError, TypeError, KeyError) as err:
         raise ValueError(f"{directory / CONFIG_NAME} is not a valid aligndraw config: {err}") from err
     vocab = Vocabulary.from_json(directory / VOCAB_NAME)
-    model = AlignDraw(config.model)
+    model = build_model(config.model)
     try:
         state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as err:

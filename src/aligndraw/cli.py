@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from aligndraw.config import PRESETS, TrainConfig
+from aligndraw.config import MODEL_KINDS, PRESETS, TrainConfig
 from aligndraw.serve.cli import add_serve_parser
 
 EXIT_BAD_INPUT = 2
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_evaluate(sub)
     _add_reader(sub)
+    _add_report(sub)
     add_serve_parser(sub)
     return parser
 
@@ -90,8 +91,11 @@ def _add_train(sub) -> None:
     train.add_argument("--preset", default="mnist-captions", choices=sorted(PRESETS),
                        help="configuration to start from (default: %(default)s, the paper's)")
     train.add_argument("--out", required=True, help="run directory")
-    train.add_argument("--model", dest="model_kind", choices=["aligndraw", "noalign"],
-                       help="model variant (default: the preset's, aligndraw)")
+    train.add_argument("--model", dest="model_kind", choices=list(MODEL_KINDS),
+                       help="model (default: the preset's, aligndraw); baselines: noalign (mean "
+                            "of the caption states, no alignment), sentvec (a frozen sentence "
+                            "vector from a caption autoencoder trained first), fcvae and convvae "
+                            "(fully connected / conv-deconv conditional VAEs)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last exactly")
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     train.add_argument("--dry-run", action="store_true",
@@ -407,6 +411,42 @@ def _mean_sentence_captions(data) -> list[str]:
 
     pick = np.random.default_rng(0).choice(len(captions), MEAN_SENTENCE_CAPTIONS, replace=False)
     return [captions[i] for i in np.sort(pick)]
+
+
+def _add_report(sub) -> None:
+    rep = sub.add_parser(
+        "report", help="the paper-style results table and sample figure for several models",
+        description="One markdown table (rows = models, columns = bound, IWAE, retrieval R@K and "
+                    "median rank, SSIM, caption fidelity; then seen vs held-out compositions) "
+                    "from each run's evaluation/*.json files (`aligndraw evaluate --model RUN "
+                    "--out RUN/evaluation/NAME.json`), with steps and training minutes from "
+                    "RUN/metrics.jsonl, and a figure beside it: one sample of every model for "
+                    "the same captions and seed.")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run (or model) directories, in row order")
+    rep.add_argument("--out", required=True, help="markdown file, e.g. docs/results.md "
+                                                  "(the figure is written beside it as *_samples.png)")
+    rep.add_argument("--captions", nargs="+", metavar="CAPTION",
+                     help="captions of the figure (default: the captioned-MNIST preview captions, "
+                          "held-out compositions included)")
+    rep.add_argument("--seed", type=int, default=0, help="noise seed of the figure (default: 0)")
+    rep.add_argument("--title", default="Results", help="the report's heading")
+    rep.add_argument("--notes", help="markdown file appended to the report (e.g. the commands)")
+    rep.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from aligndraw.data.mnist_captions import PREVIEW_CAPTIONS
+    from aligndraw.report import write_report
+
+    notes = None
+    if args.notes:
+        if not Path(args.notes).is_file():
+            raise ValueError(f"--notes {args.notes!r} is not a file")
+        notes = Path(args.notes).read_text()
+    md, figure = write_report(args.runs, args.out, args.captions or list(PREVIEW_CAPTIONS),
+                              seed=args.seed, title=args.title, notes=notes)
+    print(md.read_text())
+    print(f"wrote {md} and {figure}")
 
 
 def cmd_reader_train(args: argparse.Namespace) -> None:

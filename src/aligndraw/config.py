@@ -19,7 +19,8 @@ from typing import Any, Literal
 from aligndraw.data.coco import CocoConfig
 from aligndraw.data.mnist_captions import CaptionedMnistConfig
 
-ModelKind = Literal["aligndraw", "noalign"]
+ModelKind = Literal["aligndraw", "noalign", "sentvec", "fcvae", "convvae"]
+MODEL_KINDS: tuple[str, ...] = typing.get_args(ModelKind)
 OptimizerKind = Literal["rmsprop", "adam"]
 PrecisionKind = Literal["fp32", "bf16"]
 DataConfig = CaptionedMnistConfig | CocoConfig
@@ -42,7 +43,10 @@ def _check_positive(obj: Any, names: tuple[str, ...]) -> None:
 class ModelConfig:
     """alignDRAW architecture (PAPER.md symbols in comments)."""
 
-    model: ModelKind = "aligndraw"  # "noalign": s_t = mean of h_lang (baseline)
+    # Baselines (PAPER.md, "Baselines"; aligndraw.baselines): "noalign" s_t = mean of h_lang;
+    # "sentvec" s_t = a frozen, separately trained sentence vector; "fcvae" / "convvae" one-shot
+    # conditional VAEs (fully connected / conv-deconv) on the mean of h_lang.
+    model: ModelKind = "aligndraw"
     vocab_size: int = 23  # 22 captioned-MNIST words + padding
     channels: int = 1  # C
     height: int = 60  # H
@@ -60,12 +64,16 @@ class ModelConfig:
     init_std: float = 0.01  # weights ~ N(0, 0.01²), biases 0 (authors' code)
     filter_eps: float = 1e-4  # filterbank row normalisation (authors' code)
     max_caption_len: int = 32  # longest caption the pipeline accepts
+    sentence_dim: int = 256  # sentvec: size of the frozen sentence vector
+    vae_hidden: int = 300  # fcvae: units per hidden layer (3.4M parameters; alignDRAW: 2.9M)
+    conv_channels: int = 16  # convvae: first conv layer's channels, doubled per layer (3.1M)
 
     def __post_init__(self) -> None:
         _check_choice("model", self.model, typing.get_args(ModelKind))
         _check_positive(self, ("vocab_size", "channels", "height", "width", "steps", "embed_dim",
                                "lang_hidden", "align_dim", "enc_hidden", "dec_hidden", "z_dim",
-                               "init_std", "filter_eps", "max_caption_len"))
+                               "init_std", "filter_eps", "max_caption_len", "sentence_dim",
+                               "vae_hidden", "conv_channels"))
         for name in ("read_n", "write_n"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be at least 2 (a grid of filters), got {getattr(self, name)}")
@@ -91,12 +99,13 @@ class TrainConfig:
     val_batches: int | None = None  # None: the whole validation set
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    sentence_steps: int = 1500  # sentvec: caption-autoencoder steps before the model trains
 
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.optimizer, typing.get_args(OptimizerKind))
         _check_choice("precision", self.precision, typing.get_args(PrecisionKind))
         _check_positive(self, ("batch_size", "lr", "clip_norm", "epochs", "lr_decay",
-                               "checkpoint_every", "log_every", "min_lr"))
+                               "checkpoint_every", "log_every", "min_lr", "sentence_steps"))
 
 
 @dataclass(frozen=True)

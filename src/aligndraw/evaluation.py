@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from aligndraw.baselines import Model
 from aligndraw.data import CaptionSplit
 from aligndraw.data.mnist_captions import parse_caption
-from aligndraw.model import AlignDraw
 from aligndraw.reader import ImageReader, layout_accuracy, read_features, read_layouts
 from aligndraw.text import Vocabulary, encode_batch
 
@@ -107,7 +107,7 @@ class _eval_mode:
 
 # ------------------------------------------------------------------------------ lower bounds
 @torch.no_grad()
-def per_image_bound(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary,
+def per_image_bound(model: Model, scenes: CaptionSplit, vocab: Vocabulary,
                     device: torch.device | str = "cpu", *, batch_size: int = 100,
                     max_batches: int | None = None, seed: int = 0,
                     autocast=nullcontext) -> dict[str, Tensor]:
@@ -133,7 +133,7 @@ def per_image_bound(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary,
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def lower_bound(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary,
+def lower_bound(model: Model, scenes: CaptionSplit, vocab: Vocabulary,
                 device: torch.device | str = "cpu", **kwargs) -> dict[str, dict[str, float]]:
     """Mean −L, nll and kl in nats per image, for all / seen / held-out scenes.
 
@@ -145,7 +145,7 @@ def lower_bound(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary,
 
 
 @torch.no_grad()
-def per_image_iwae(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary, k: int,
+def per_image_iwae(model: Model, scenes: CaptionSplit, vocab: Vocabulary, k: int,
                    device: torch.device | str = "cpu", *, batch_size: int = 100,
                    max_batches: int | None = None, seed: int = 0) -> dict[str, Tensor]:
     """Importance-weighted bound with ``k`` posterior samples per image.
@@ -159,14 +159,14 @@ def per_image_iwae(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary, k:
         "held_out": (n,)}, float64 nats; w_k = p(x, z_k | y) / q(z_k | x, y).
     """
     _check_positive(k=k, batch_size=batch_size, max_batches=max_batches)
-    device, cfg = torch.device(device), model.config
+    device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
     parts: dict[str, list[Tensor]] = {"iwae": [], "bound": [], "held_out": []}
     for i, batch in enumerate(scenes.batches(vocab, batch_size, shuffle=False)):
         if max_batches is not None and i >= max_batches:
             break
         b = len(batch.captions)
-        noise = torch.randn((b, k, cfg.steps, cfg.z_dim), generator=g).flatten(0, 1)  # (B·K, T, Z)
+        noise = torch.randn((b, k, *model.noise_shape(1)[1:]), generator=g).flatten(0, 1)  # (B·K, T, Z)
         rows = torch.arange(b).repeat_interleave(k)  # image of each row
         log_w, bound = [], []
         for start in range(0, b * k, batch_size):
@@ -183,7 +183,7 @@ def per_image_iwae(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary, k:
     return {name: torch.cat(v) for name, v in parts.items()}
 
 
-def iwae_bound(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary, k: int = 50,
+def iwae_bound(model: Model, scenes: CaptionSplit, vocab: Vocabulary, k: int = 50,
                device: torch.device | str = "cpu", **kwargs) -> dict[str, dict[str, float]]:
     """Mean IWAE bound (K samples) beside the mean 1-sample bound, nats per image, by group.
 
@@ -197,7 +197,7 @@ def iwae_bound(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary, k: int
 
 # ------------------------------------------------------------------------------ retrieval
 @torch.no_grad()
-def mean_sentence(model: AlignDraw, captions: Sequence[str], vocab: Vocabulary,
+def mean_sentence(model: Model, captions: Sequence[str], vocab: Vocabulary,
                   device: torch.device | str = "cpu", batch_size: int = 500) -> Tensor:
     """ȳ: the mean over ``captions`` of each caption's mean-over-words h_lang, (D2,).
 
@@ -260,7 +260,7 @@ def recall_summary(ranks: Tensor, held_out: Tensor | np.ndarray, same_layout_at_
 
 
 @torch.no_grad()
-def _mean_bounds(model: AlignDraw, images: np.ndarray, image_idx: Tensor, h_lang: Tensor,
+def _mean_bounds(model: Model, images: np.ndarray, image_idx: Tensor, h_lang: Tensor,
                  lengths: Tensor, caption_idx: Tensor, noise: Tensor, device: torch.device,
                  batch_size: int) -> Tensor:
     """−L averaged over S samples for P (image, caption) pairs: (P,) float64.
@@ -285,7 +285,7 @@ def _mean_bounds(model: AlignDraw, images: np.ndarray, image_idx: Tensor, h_lang
 
 
 @torch.no_grad()
-def retrieval(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary, reader: ImageReader | None,
+def retrieval(model: Model, scenes: CaptionSplit, vocab: Vocabulary, reader: ImageReader | None,
               train_captions: Sequence[str], device: torch.device | str = "cpu", *,
               samples: int = 4, shortlist: int = SHORTLIST, max_captions: int | None = None,
               seed: int = 0, batch_size: int = 500) -> dict[str, dict[str, dict[str, float]]]:
@@ -307,7 +307,7 @@ def retrieval(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary, reader:
     pool = scenes.image_pool()  # (N, C, H, W) the distinct images
     if not 2 <= shortlist <= len(pool):
         raise ValueError(f"shortlist must be in [2, {len(pool)}] (the number of images), got {shortlist}")
-    device, cfg = torch.device(device), model.config
+    device = torch.device(device)
     with _eval_mode(model, reader):
         m = len(_captions(scenes, max_captions))
         queries = torch.arange(m)
@@ -317,7 +317,7 @@ def retrieval(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary, reader:
         nn_list = nearest_shortlists(features, own, shortlist)
         rand_list = random_shortlists(len(pool), own, shortlist, seed=seed)
         candidates = torch.cat([nn_list, rand_list[:, 1:]], dim=1)  # (m, 2c − 1) image indices
-        noise = torch.randn((samples, cfg.steps, cfg.z_dim), generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn(model.noise_shape(samples), generator=torch.Generator().manual_seed(seed))
         # L(x | ȳ) for every image that appears in a shortlist.
         needed = candidates.unique()
         y_bar = mean_sentence(model, train_captions, vocab, device)[None, None]  # (1, 1, D2)
@@ -355,20 +355,19 @@ def require_compositions(scenes: CaptionSplit, metric: str) -> None:
 
 
 # ------------------------------------------------------------------------------ generation
-def _prior_images(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary, samples: int,
+def _prior_images(model: Model, scenes: CaptionSplit, vocab: Vocabulary, samples: int,
                   device: torch.device, seed: int, batch_size: int):
     """Yield (caption indices (R,), generated images (R, C, H, W) on the CPU) in order.
 
     Each caption is repeated ``samples`` times; the noise of each chunk of ``batch_size`` rows
     comes from one CPU generator seeded with ``seed``.
     """
-    cfg = model.config
     g = torch.Generator().manual_seed(seed)
     tokens, lengths = encode_batch(vocab, scenes.captions)
     rows = torch.arange(len(scenes)).repeat_interleave(samples)
     for start in range(0, len(rows), batch_size):
         r = rows[start:start + batch_size]
-        noise = torch.randn((len(r), cfg.steps, cfg.z_dim), generator=g)
+        noise = torch.randn(model.noise_shape(len(r)), generator=g)
         out = model.sample(tokens[r].to(device), lengths[r].to(device), noise=noise.to(device))
         yield r, out.images.float().cpu()
 
@@ -394,7 +393,7 @@ def ssim(images: Tensor, targets: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def ssim_scores(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary,
+def ssim_scores(model: Model, scenes: CaptionSplit, vocab: Vocabulary,
                 device: torch.device | str = "cpu", *, samples: int = 50,
                 max_captions: int | None = None, seed: int = 0,
                 batch_size: int = 500) -> dict[str, dict[str, float]]:
@@ -424,7 +423,7 @@ def ssim_scores(model: AlignDraw, scenes: CaptionSplit, vocab: Vocabulary,
 
 
 @torch.no_grad()
-def caption_fidelity(model: AlignDraw, reader: ImageReader, scenes: CaptionSplit, vocab: Vocabulary,
+def caption_fidelity(model: Model, reader: ImageReader, scenes: CaptionSplit, vocab: Vocabulary,
                      device: torch.device | str = "cpu", *, samples: int = 1,
                      max_captions: int | None = None, seed: int = 0,
                      batch_size: int = 500) -> dict[str, dict[str, float]]:

@@ -33,6 +33,7 @@ from aligndraw.config import ModelConfig
 from aligndraw.language import CaptionEncoder, padding_mask
 from aligndraw.losses import bernoulli_nll, gaussian_kl, gaussian_log_prob
 from aligndraw.recurrent_linear import StepLinear
+from aligndraw.sentence_vectors import SentenceVectorEncoder
 
 
 @dataclass
@@ -111,7 +112,11 @@ class AlignDraw(nn.Module):
         self.config = cfg = config
         c, n, m = cfg.channels, cfg.read_n, cfg.write_n
         self.read_size = 2 * c * n * n  # image and error-image glimpses
-        self.encoder = CaptionEncoder(cfg.vocab_size, cfg.embed_dim, cfg.lang_hidden)
+        self.encoder: CaptionEncoder | SentenceVectorEncoder
+        if cfg.model == "sentvec":  # frozen; trained apart (aligndraw.sentence_vectors)
+            self.encoder = SentenceVectorEncoder(cfg.vocab_size, cfg.sentence_dim)
+        else:
+            self.encoder = CaptionEncoder(cfg.vocab_size, cfg.embed_dim, cfg.lang_hidden)
         lang_dim = self.encoder.out_dim
         self.alignment = (Alignment(lang_dim, cfg.dec_hidden, cfg.align_dim)
                           if cfg.model == "aligndraw" else None)
@@ -128,6 +133,12 @@ class AlignDraw(nn.Module):
         self.c_dec0 = nn.Parameter(torch.zeros(cfg.dec_hidden))
         self.canvas0 = nn.Parameter(torch.zeros(c, cfg.height, cfg.width))
         self.reset_parameters()
+        if cfg.model == "sentvec":
+            self.encoder.requires_grad_(False)
+
+    def noise_shape(self, batch: int) -> tuple[int, int, int]:
+        """Shape (B, T, Z) of the standard-normal noise ``forward`` and ``sample`` take."""
+        return (batch, self.config.steps, self.config.z_dim)
 
     def reset_parameters(self) -> None:
         """Weights ~ N(0, init_std²), biases and initial states 0, c_0 = canvas_init."""
@@ -225,7 +236,7 @@ class AlignDraw(nn.Module):
 
     def _noise(self, noise: Tensor | None, batch: int, like: Tensor,
                generator: torch.Generator | None) -> Tensor:
-        shape = (batch, self.config.steps, self.config.z_dim)
+        shape = self.noise_shape(batch)
         if noise is not None:
             if tuple(noise.shape) != shape:
                 raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from aligndraw.baselines import Model
 from aligndraw.checkpoint import load_model_dir, model_card, save_model_dir
 from aligndraw.config import RunConfig
-from aligndraw.model import AlignDraw, DrawSample
+from aligndraw.model import DrawSample
 from aligndraw.text import UNK, Vocabulary, encode_batch, tokenize
 
 OutputType = Literal["pil", "np", "pt"]
@@ -50,7 +51,7 @@ class AlignDrawPipelineOutput:
 class AlignDrawPipeline:
     """A trained alignDRAW model plus its vocabulary, ready to draw captions."""
 
-    def __init__(self, model: AlignDraw, vocab: Vocabulary, config: RunConfig | None = None) -> None:
+    def __init__(self, model: Model, vocab: Vocabulary, config: RunConfig | None = None) -> None:
         self.model = model.eval()
         self.vocab = vocab
         self.config = config or RunConfig(model=model.config)
@@ -72,7 +73,7 @@ class AlignDrawPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.model.canvas0.device
+        return next(self.model.parameters()).device
 
     @property
     def held_out(self) -> tuple:
@@ -146,9 +147,8 @@ class AlignDrawPipeline:
 
     def _noise(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
         # Drawn up front for all images so that results do not depend on batch_size.
-        cfg = self.model.config
         device = generator.device if generator is not None else torch.device("cpu")
-        noise = torch.randn((n, cfg.steps, cfg.z_dim), generator=generator, device=device)
+        noise = torch.randn(self.model.noise_shape(n), generator=generator, device=device)
         return noise.to(self.device)
 
     def _output(self, sample: DrawSample, captions: list[str],

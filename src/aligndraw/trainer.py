@@ -37,11 +37,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from aligndraw import visualize
+from aligndraw.baselines import build_model
 from aligndraw.checkpoint import fill_model_dir, model_card, save_model_dir, write_dir_atomically
 from aligndraw.config import RunConfig, TrainConfig
 from aligndraw.data import Batch, BatchPlan, CaptionDataset, make_dataset
 from aligndraw.evaluation import lower_bound
-from aligndraw.model import AlignDraw
+from aligndraw.sentence_vectors import SentenceVectorEncoder, train_sentence_encoder
 from aligndraw.text import encode_batch
 
 log = logging.getLogger("aligndraw.train")
@@ -162,15 +163,37 @@ class Trainer:
             raise ValueError(f"train.batch_size={config.train.batch_size} must divide evenly "
                              f"over {self.dist.world_size} processes")
         torch.manual_seed(config.train.seed)
-        self.model = AlignDraw(config.model).to(self.device)
+        self.model = build_model(config.model).to(self.device)
         self.net = (DistributedDataParallel(self.model) if self.dist.world_size > 1 else self.model)
-        self.optimizer = make_optimizer(self.model.parameters(), config.train)
+        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad],
+                                        config.train)
         self.noise = torch.Generator(device=self.device)
         self.noise.manual_seed(config.train.seed * 1000 + self.dist.rank)
         self.progress = Progress(lr=config.train.lr)
         self.progress_bar = progress_bar and self.dist.main
         if resume:
             self.resume()
+        elif config.model.model == "sentvec":
+            self.train_sentence_encoder()
+
+    def train_sentence_encoder(self) -> dict[str, float]:
+        """sentvec: train the caption autoencoder on this run's training captions (every rank
+        the same, seeded), put its frozen encoder into the model and log how well it spells
+        validation and test captions back (seen and held-out compositions)."""
+        assert isinstance(self.model.encoder, SentenceVectorEncoder)
+        test = self.data.test()
+        check = {"validation": self.data.validation().captions,
+                 "test_seen": [c for c, h in zip(test.captions, test.held_out, strict=True) if not h],
+                 "test_held_out": [c for c, h in zip(test.captions, test.held_out, strict=True) if h]}
+        tick = time.perf_counter()
+        encoder, metrics = train_sentence_encoder(
+            self.data.train_epoch(0).captions, self.vocab, self.config.model.sentence_dim,
+            steps=self.config.train.sentence_steps, seed=self.config.train.seed,
+            check={k: v for k, v in check.items() if v})
+        self.model.encoder.load_state_dict(encoder.state_dict())
+        self.log_metrics({"split": "sentence_encoder", **metrics,
+                          "seconds": round(time.perf_counter() - tick, 1)})
+        return metrics
 
     # ------------------------------------------------------------------ the loop
     def run(self, max_steps: int | None = None, dry_run: bool = False) -> Progress:

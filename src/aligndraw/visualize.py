@@ -361,3 +361,42 @@ def alignment_heatmap(alignments: ArrayLike, words: Sequence[str], *, cell: int 
                       font=font, anchor="md")
     draw.rectangle((left - 1, top - 1, left + heat.width, top + heat.height), outline=BLACK)
     return out
+
+
+def comparison_grid(rows: Sequence[tuple[str, ArrayLike]], captions: Sequence[str], *,
+                    scale: int = 2, padding: int = 2) -> Image.Image:
+    """One row of samples per model under one header of captions (the report's figure).
+
+    Args:
+        rows: (name, images) per model; images (K, C, H, W) in [0, 1], one per caption.
+        captions: the K captions, wrapped above their column.
+        scale: nearest-neighbour upscaling of each tile.
+
+    Returns:
+        RGB image: a name column on the left, a caption row on top, then the models' rows.
+    """
+    if not rows or not captions:
+        raise ValueError("comparison_grid needs at least one model row and one caption")
+    strips = []
+    for name, images in rows:
+        arr = to_numpy(images)
+        _check_images(arr, f"images of {name!r}")
+        if arr.shape[0] != len(captions):
+            raise ValueError(f"{name!r} has {arr.shape[0]} images for {len(captions)} captions")
+        strips.append(_tile([_to_pil(a, scale) for a in arr], len(captions), padding))
+    font, line_h = _font(), _line_height(_font())
+    tile_w = (strips[0].width - padding) // len(captions)
+    wrapped = [_wrap(c, font, tile_w - 4) for c in captions]
+    head_h = max(map(len, wrapped)) * line_h + 4
+    label_w = max(int(ImageDraw.Draw(strips[0]).textlength(name, font=font)) for name, _ in rows) + 8
+    out = Image.new("RGB", (label_w + strips[0].width, head_h + sum(s.height for s in strips)), WHITE)
+    draw = ImageDraw.Draw(out)
+    for k, lines in enumerate(wrapped):
+        for j, line in enumerate(lines):
+            draw.text((label_w + padding + k * tile_w + 2, 2 + j * line_h), line, fill=BLACK, font=font)
+    y = head_h
+    for (name, _), strip in zip(rows, strips, strict=True):
+        out.paste(strip, (label_w, y))
+        draw.text((4, y + strip.height // 2 - line_h // 2), name, fill=BLACK, font=font)
+        y += strip.height
+    return out
