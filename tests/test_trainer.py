@@ -99,7 +99,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, synthetic_data):
 
 
 def test_plateau_schedule_decays_after_patience_and_stops_at_min_lr():
-    config = TrainConfig(lr=1e-3, lr_patience=2, lr_decay=0.1, min_lr=1e-5)
+    config = TrainConfig(lr=1e-3, lr_patience=2, lr_decay=0.1, min_lr=1e-5, lr_hold_epochs=0)
     p = Progress(lr=1e-3)
     seen = [(update_schedule(p, bound, config), p.lr)
             for bound in (100, 90, 95, 91, 92, 93, 80, 85, 86, 87, 88, 89, 90)]
@@ -111,6 +111,18 @@ def test_plateau_schedule_decays_after_patience_and_stops_at_min_lr():
     assert lrs[5] == pytest.approx(1e-5)  # two more
     assert lrs[-1] == pytest.approx(1e-5)  # never below min_lr
     assert p.best_val == 80
+
+
+def test_no_decay_during_the_hold_epochs_then_patience_counts_from_there():
+    config = TrainConfig(lr=1e-3, lr_patience=2, lr_decay=0.1, lr_hold_epochs=3)
+    p = Progress(lr=1e-3)
+    lrs = []
+    for epoch, bound in enumerate((100, 101, 102, 103, 104, 105)):
+        p.epoch = epoch
+        update_schedule(p, bound, config)
+        lrs.append(p.lr)
+    # epochs 1 and 2 are bad but held; 3 and 4 are the first two that count
+    assert lrs[:4] == [1e-3] * 4 and lrs[4] == pytest.approx(1e-4)
 
 
 def test_validation_is_deterministic(tmp_path, synthetic_data):

@@ -165,19 +165,37 @@ def _data_line(config: RunConfig) -> str:
     return f"- held-out compositions (never in training scenes): {list(data.held_out)}"
 
 
+_KIND_TEXT = {
+    "aligndraw": "alignDRAW",
+    "noalign": "noalignDRAW (baseline: s_t = mean of the caption states, no alignment)",
+    "sentvec": "sentence-vector DRAW (baseline: s_t = a frozen caption-autoencoder vector)",
+    "fcvae": "fully-connected conditional VAE (baseline)",
+    "convvae": "conv-deconv conditional VAE (baseline)",
+}
+
+
+def _architecture_lines(m: Any) -> list[str]:
+    image = f"- image {m.channels}×{m.height}×{m.width}; z {m.z_dim}; vocabulary {m.vocab_size}"
+    if m.model == "fcvae":
+        return [image, f"- two fully connected layers of {m.vae_hidden} in encoder and decoder; "
+                       f"caption BiLSTM {m.lang_hidden}×2"]
+    if m.model == "convvae":
+        return [image, f"- three stride-2 convolutions from {m.conv_channels} channels and their "
+                       f"transposes; caption BiLSTM {m.lang_hidden}×2"]
+    caption = (f"frozen sentence vector {m.sentence_dim}" if m.model == "sentvec"
+               else f"caption BiLSTM {m.lang_hidden}×2")
+    return [f"{image}, T = {m.steps} steps, read {m.read_n}×{m.read_n}, write {m.write_n}×{m.write_n}",
+            f"- LSTMs: inference {m.enc_hidden}, generative {m.dec_hidden}; {caption}"
+            + (f"; alignment {m.align_dim}" if m.model == "aligndraw" else "")]
+
+
 def model_card(config: RunConfig, metrics: dict[str, Any] | None = None,
                command: str | None = None) -> str:
     """A short markdown model card describing the configuration (and metrics, if known)."""
     m = config.model
-    lines = [
-        "# aligndraw model", "",
-        f"alignDRAW ({m.model}) trained with aligndraw {__version__}, preset `{config.preset}`.", "",
-        f"- image {m.channels}×{m.height}×{m.width}, T = {m.steps} steps, read {m.read_n}×"
-        f"{m.read_n}, write {m.write_n}×{m.write_n}",
-        f"- LSTMs: language {m.lang_hidden}×2, inference {m.enc_hidden}, generative "
-        f"{m.dec_hidden}; z {m.z_dim}; alignment {m.align_dim}; vocabulary {m.vocab_size}",
-        _data_line(config),
-    ]
+    lines = ["# aligndraw model", "",
+             f"{_KIND_TEXT[m.model]} (`{m.model}`) trained with aligndraw {__version__}, "
+             f"preset `{config.preset}`.", "", *_architecture_lines(m), _data_line(config)]
     if command:
         lines += ["", "Training command:", "", "```", command, "```"]
     if metrics:

@@ -92,6 +92,7 @@ class TrainConfig:
     epochs: int = 150
     lr_decay: float = 0.1  # lr ← lr·0.1 when the validation bound stops improving
     lr_patience: int = 2  # epochs without improvement before decaying
+    lr_hold_epochs: int = 10  # no decay before this epoch (the bundled model first decayed at 36)
     min_lr: float = 1e-5
     precision: PrecisionKind = "fp32"  # bf16 autocast is an option for speed
     checkpoint_every: int = 500  # optimizer steps between checkpoints

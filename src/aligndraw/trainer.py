@@ -100,11 +100,15 @@ class Progress:
 def update_schedule(p: Progress, val_bound: float, config: TrainConfig) -> bool:
     """Record a validation bound; decay lr after ``lr_patience`` epochs without improvement.
 
+    Epochs before ``lr_hold_epochs`` never count as bad: early on DRAW can sit near the mean
+    image for a few epochs before its latents take over, and decaying then stalls it.
     Returns whether the bound improved on the best so far.
     """
     if val_bound < p.best_val:
         p.best_val, p.bad_epochs = val_bound, 0
         return True
+    if p.epoch < config.lr_hold_epochs:
+        return False
     p.bad_epochs += 1
     if p.bad_epochs >= config.lr_patience and p.lr > config.min_lr:
         p.lr, p.bad_epochs = max(p.lr * config.lr_decay, config.min_lr), 0
