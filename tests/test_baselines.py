@@ -318,3 +318,24 @@ def test_comparison_grid_checks_its_rows():
                                     ["a", "b"], scale=2)
     strip_h = 8 * 2 + 2 * 2
     assert img.height > 2 * strip_h
+
+
+def test_report_and_train_commands_name_bad_input(tmp_path, capsys):
+    from aligndraw.checkpoint import save_model_dir
+    from aligndraw.cli import main
+    from aligndraw.config import RunConfig
+
+    config = RunConfig(model=vae_config("convvae"))
+    save_model_dir(tmp_path / "run" / "best", build_model(config.model), mnist_vocabulary(), config, "card")
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "r.txt")]) == 2
+    assert "must end in .md" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "r.md"),
+                 "--notes", str(tmp_path / "missing.md")]) == 2
+    assert "--notes" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "r.md"),
+                 "--captions", "the digit 1 is at the top left of the image ."]) == 0
+    assert "conv-deconv VAE" in (tmp_path / "r.md").read_text()
+    assert (tmp_path / "r_samples.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path / "x"), "--model", "lstmvae"])
+    assert "invalid choice" in capsys.readouterr().err

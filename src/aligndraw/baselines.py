@@ -29,7 +29,7 @@ from aligndraw.alignment import mean_context
 from aligndraw.config import ModelConfig
 from aligndraw.language import CaptionEncoder, padding_mask
 from aligndraw.losses import bernoulli_nll, gaussian_kl, gaussian_log_prob
-from aligndraw.model import AlignDraw, DrawLoss, DrawSample
+from aligndraw.model import AlignDraw, DrawLoss, DrawSample, standard_noise
 
 CONV_LAYERS = 3  # convvae: each halves H and W (rounding down)
 
@@ -120,13 +120,7 @@ class CaptionVAE(nn.Module):
 
     def _noise(self, noise: Tensor | None, batch: int, like: Tensor,
                generator: torch.Generator | None) -> Tensor:
-        shape = self.noise_shape(batch)
-        if noise is not None:
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
-            return noise[:, 0].to(like)  # (B, Z)
-        device = generator.device if generator is not None else like.device
-        return torch.randn(shape, generator=generator, device=device)[:, 0].to(like)
+        return standard_noise(self.noise_shape(batch), noise, like, generator)[:, 0]  # (B, Z)
 
     def sentence(self, tokens: Tensor, lengths: Tensor,
                  h_lang: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -82,6 +82,18 @@ def lstm_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
+def standard_noise(shape: tuple[int, ...], noise: Tensor | None, like: Tensor,
+                   generator: torch.Generator | None) -> Tensor:
+    """The given ``noise`` (checked against ``shape``) or a fresh N(0, I) draw from
+    ``generator``, with ``like``'s dtype and device."""
+    if noise is not None:
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+        return noise.to(like)
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device).to(like)
+
+
 @dataclass
 class _Attention:
     """A window and its filterbanks F_x (B, n, W), F_y (B, n, H)."""
@@ -236,13 +248,7 @@ class AlignDraw(nn.Module):
 
     def _noise(self, noise: Tensor | None, batch: int, like: Tensor,
                generator: torch.Generator | None) -> Tensor:
-        shape = self.noise_shape(batch)
-        if noise is not None:
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
-            return noise.to(like)
-        device = generator.device if generator is not None else like.device
-        return torch.randn(shape, generator=generator, device=device).to(like)
+        return standard_noise(self.noise_shape(batch), noise, like, generator)
 
     # ----------------------------------------------------------------------------- training
     def forward(self, images: Tensor, tokens: Tensor, lengths: Tensor,
