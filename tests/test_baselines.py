@@ -13,6 +13,7 @@ from aligndraw import visualize
 from aligndraw.baselines import CaptionVAE, build_model, conv_sizes
 from aligndraw.checkpoint import load_model_dir
 from aligndraw.model import AlignDraw
+from aligndraw.pipeline import AlignDrawPipeline
 from aligndraw.report import load_run, main_table, training_record, write_report
 from aligndraw.sentence_vectors import (
     CaptionAutoencoder,
@@ -225,8 +226,6 @@ def test_every_metric_runs_on_the_baselines(kind, data):
 
 @pytest.mark.parametrize("kind", VAES)
 def test_vae_runs_train_resume_exactly_and_load_in_the_pipeline(kind, tmp_path, synthetic_data):
-    from aligndraw.pipeline import AlignDrawPipeline
-
     base = tiny_run_config()
     config = base.__class__(model=vae_config(kind, height=60, width=60), data=base.data,
                             train=base.train, preset="tiny")
@@ -279,8 +278,8 @@ def test_report_tables_one_row_per_model_and_a_figure_of_every_model(tmp_path, s
     table = main_table(summaries).splitlines()
     assert len(table) == 4 and "123.45" in table[2] and "234.56" in table[3]
     assert "50.0" in table[2] and "12.5" in table[3] and "–" in table[2]  # no retrieval run
-    captions = ["the digit 1 is at the top left of the image .",
-                "the digit 2 is on the left of the digit 3 ."]
+    captions = ["the digit 1 is at the top left of the image .",  # seen compositions
+                "the digit 3 is on the left of the digit 5 ."]
     md, figure = write_report(runs, tmp_path / "out" / "results.md", captions)
     text = md.read_text()
     assert "124.45" in text and "125.45" in text  # seen and held-out bounds
@@ -295,6 +294,9 @@ def test_report_tables_one_row_per_model_and_a_figure_of_every_model(tmp_path, s
     assert not np.array_equal(np.asarray(full), np.asarray(layout))  # samples, not blanks
     with pytest.raises(ValueError, match=r"\.md"):
         write_report(runs, tmp_path / "out" / "results.txt", captions)
+    pipe = AlignDrawPipeline.from_pretrained(runs[0])  # the figure marks held-out captions
+    assert pipe.is_held_out("the digit 8 is at the top left of the image .") is True
+    assert pipe.is_held_out(captions[0]) is False and pipe.is_held_out("a red bus .") is None
 
 
 def test_report_rejects_a_json_that_is_not_an_evaluation(tmp_path):

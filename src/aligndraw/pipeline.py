@@ -80,6 +80,19 @@ class AlignDrawPipeline:
         """(place, digit) compositions kept out of this model's training scenes (MNIST; COCO: ())."""
         return tuple(getattr(self.config.data, "held_out", ()))
 
+    def is_held_out(self, caption: str) -> bool | None:
+        """Is this a captioned-MNIST caption whose composition was held out of training?
+
+        None when the caption is not in the captioned-MNIST grammar (nothing can be said).
+        """
+        from aligndraw.data.mnist_captions import held_out_matrix, layout_held_out, parse_caption
+
+        try:
+            layout = parse_caption(caption).layout
+        except ValueError:
+            return None
+        return bool(layout_held_out(layout[None], held_out_matrix(self.held_out))[0])
+
     def check_inputs(self, prompt: str | list[str], num_images_per_caption: int,
                      output_type: str, allow_unknown: bool = False) -> list[str]:
         """Validate before any compute; raises ``ValueError`` naming what is wrong.

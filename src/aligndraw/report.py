@@ -84,6 +84,11 @@ def load_run(path: str | os.PathLike) -> RunSummary:
         parameters = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     run = RunSummary(path=path, model_dir=model_dir, kind=config.model.model, parameters=parameters,
                      training=training_record(path / "metrics.jsonl"))
+    state = path / "last" / "trainer_state.pt"
+    if state.is_file():  # the exact last step (metrics.jsonl logs every log_every steps)
+        progress = torch.load(state, map_location="cpu", weights_only=True)["progress"]
+        for key, value in (("steps", progress["step"]), ("epochs", progress["epoch"])):
+            run.training[key] = max(run.training.get(key, 0), value)
     for file in sorted((path / "evaluation").glob("*.json")):
         record = json.loads(file.read_text())
         if "metrics" not in record:
@@ -167,15 +172,18 @@ def settings_lines(runs: Sequence[RunSummary]) -> list[str]:
 @torch.no_grad()
 def samples_figure(runs: Sequence[RunSummary], captions: Sequence[str], seed: int = 0,
                    device: str = "cpu"):
-    """One prior sample per (model, caption), each model seeded with ``seed``."""
+    """One prior sample per (model, caption), each model seeded with ``seed``; captions of
+    compositions held out of training are marked [held-out]."""
     from aligndraw.pipeline import AlignDrawPipeline
 
-    rows = []
+    rows, labels = [], list(captions)
     for run in runs:
         pipe = AlignDrawPipeline.from_pretrained(run.model_dir, device=device)
         out = pipe(list(captions), generator=torch.Generator().manual_seed(seed), output_type="pt")
         rows.append((run.name, out.images))
-    return visualize.comparison_grid(rows, captions)
+        if run is runs[0]:  # mark compositions the (first) model never saw in training
+            labels = [f"{c} [held-out]" if pipe.is_held_out(c) else c for c in captions]
+    return visualize.comparison_grid(rows, labels)
 
 
 def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike,

@@ -49,7 +49,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from aligndraw import __version__, visualize
-from aligndraw.data.mnist_captions import held_out_matrix, layout_held_out, parse_caption
 from aligndraw.pipeline import AlignDrawPipeline, AlignDrawPipelineOutput, to_pil
 from aligndraw.serve import DEFAULT_MAX_CONCURRENT
 
@@ -143,15 +142,8 @@ def check_caption(pipe: AlignDrawPipeline, caption: str, num_images: int) -> Non
 
 
 def composition_held_out(pipe: AlignDrawPipeline, caption: str) -> bool | None:
-    """Is this a captioned-MNIST caption whose composition was held out of training?
-
-    None when the caption is not in the captioned-MNIST grammar (so nothing can be said).
-    """
-    try:
-        layout = parse_caption(caption).layout
-    except ValueError:
-        return None
-    return bool(layout_held_out(layout[None], held_out_matrix(pipe.held_out))[0])
+    """See :meth:`AlignDrawPipeline.is_held_out`."""
+    return pipe.is_held_out(caption)
 
 
 def place_caption(place: str, digit: int, other: int) -> str:
