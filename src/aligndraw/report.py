@@ -40,7 +40,7 @@ class RunSummary:
     model_dir: Path
     kind: str
     parameters: int
-    training: dict[str, Any] = field(default_factory=dict)  # steps, epochs, best_val, hours
+    training: dict[str, Any] = field(default_factory=dict)  # steps, epochs, minutes
     metrics: dict[str, Any] = field(default_factory=dict)  # {metric: {group: {term: value}}}
     definitions: dict[str, str] = field(default_factory=dict)  # metric → what was measured
 
@@ -50,7 +50,7 @@ class RunSummary:
 
 
 def training_record(metrics_file: Path) -> dict[str, Any]:
-    """Steps, epochs, best validation bound and training time from a run's metrics.jsonl.
+    """Steps, epochs and training time from a run's metrics.jsonl.
 
     Training time sums the gaps between consecutive lines, leaving out gaps longer than
     ``MAX_GAP_S`` (a stopped and resumed run).
@@ -62,13 +62,8 @@ def training_record(metrics_file: Path) -> dict[str, Any]:
         return {}
     times = [r["time"] for r in lines if "time" in r]
     seconds = sum(b - a for a, b in itertools.pairwise(times) if 0 <= b - a <= MAX_GAP_S)
-    val = [r for r in lines if r.get("split") == "validation"]
-    best = min(val, key=lambda r: r["bound"]) if val else None
     return {"steps": max(r.get("step", 0) for r in lines),
-            "epochs": max(r.get("epoch", 0) for r in lines),
-            "best_step": best["step"] if best else None,
-            "best_validation": best["bound"] if best else None,
-            "minutes": seconds / 60}
+            "epochs": max(r.get("epoch", 0) for r in lines), "minutes": seconds / 60}
 
 
 def load_run(path: str | os.PathLike) -> RunSummary:

@@ -141,11 +141,6 @@ def check_caption(pipe: AlignDrawPipeline, caption: str, num_images: int) -> Non
         raise ApiError(422, str(err), word=words[0] if words else None, words=words) from err
 
 
-def composition_held_out(pipe: AlignDrawPipeline, caption: str) -> bool | None:
-    """See :meth:`AlignDrawPipeline.is_held_out`."""
-    return pipe.is_held_out(caption)
-
-
 def place_caption(place: str, digit: int, other: int) -> str:
     """A caption that puts ``digit`` at ``place`` (``other`` is the second digit, if needed)."""
     if place in ("left", "top"):
@@ -167,7 +162,7 @@ def examples(pipe: AlignDrawPipeline) -> list[dict[str, Any]]:
             pipe.check_inputs(caption, 1, "np")
         except ValueError:
             continue  # another vocabulary (e.g. COCO): the MNIST examples do not apply
-        out.append({"caption": caption, "held_out": bool(composition_held_out(pipe, caption))})
+        out.append({"caption": caption, "held_out": bool(pipe.is_held_out(caption))})
     return out
 
 
@@ -288,7 +283,7 @@ def create_app(pipeline_or_path: AlignDrawPipeline | str = "mnist-captions", *,
         began = time.perf_counter()
         out = await compute(draw, pipe, req)
         start = {**req.model_dump(), "words": out.words[0], "steps": out.canvases.shape[1] - 1,
-                 "held_out": composition_held_out(pipe, req.caption),
+                 "held_out": pipe.is_held_out(req.caption),
                  "channels": out.canvases.shape[2], "height": out.canvases.shape[3],
                  "width": out.canvases.shape[4]}
         done = {"steps": start["steps"], "downloads": download_urls(req),
