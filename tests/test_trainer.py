@@ -92,6 +92,24 @@ def test_full_run_writes_metrics_checkpoints_grids_and_decays_lr(tmp_path, synth
     assert not list(tmp_path.glob(".*tmp*")), "temporary directories left behind"
 
 
+def test_restart_lr_resumes_weights_but_starts_the_rate_again(tmp_path, synthetic_data):
+    config = tiny_run_config()
+    first = Trainer(config, tmp_path, data=synthetic_data(config), progress_bar=False)
+    first.run(max_steps=2)
+    first.progress.lr, first.progress.bad_epochs = 1e-5, 1  # as if the rate had decayed
+    first.save()
+    exact = Trainer(config, tmp_path, data=synthetic_data(config), resume=True, progress_bar=False)
+    assert exact.progress.lr == 1e-5 and exact.progress.bad_epochs == 1
+    warm = Trainer(config, tmp_path, data=synthetic_data(config), resume=True, restart_lr=True,
+                   progress_bar=False)
+    assert warm.progress.lr == config.train.lr and warm.progress.bad_epochs == 0
+    assert warm.progress.step == 2
+    assert {g["lr"] for g in warm.optimizer.param_groups} == {config.train.lr}
+    with pytest.raises(ValueError, match="only applies when resuming"):
+        Trainer(config, tmp_path / "new", data=synthetic_data(config), restart_lr=True,
+                progress_bar=False)
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, synthetic_data):
     config = tiny_run_config()
     with pytest.raises(ValueError, match="cannot resume"):

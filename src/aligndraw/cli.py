@@ -97,6 +97,9 @@ def _add_train(sub) -> None:
                             "vector from a caption autoencoder trained first), fcvae and convvae "
                             "(fully connected / conv-deconv conditional VAEs)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last exactly")
+    train.add_argument("--restart-lr", action="store_true",
+                       help="with --resume: a warm restart, the learning rate starts again at "
+                            "--lr (default: the run's current, possibly decayed, rate)")
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     train.add_argument("--dry-run", action="store_true",
                        help="one step, one validation batch, a grid and a checkpoint")
@@ -271,7 +274,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     _check_run_dir(Path(args.out), args.resume)
     trainer = Trainer(config, args.out, device=args.device,
                       data_source=args.data_dir or args.mnist_source, resume=args.resume,
-                      progress_bar=not args.no_progress)
+                      restart_lr=args.restart_lr, progress_bar=not args.no_progress)
     progress = trainer.run(max_steps=args.max_steps, dry_run=args.dry_run)
     if trainer.dist.main:
         print(f"trained to step {progress.step} (epoch {progress.epoch}); "

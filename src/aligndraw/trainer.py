@@ -150,9 +150,11 @@ class Trainer:
     def __init__(self, config: RunConfig, out_dir: str | os.PathLike, *, device: str = "cpu",
                  data: CaptionDataset | None = None, data_source: str | os.PathLike | None = None,
                  mnist_source: str | None = None, resume: bool = False,
-                 progress_bar: bool = True) -> None:
+                 restart_lr: bool = False, progress_bar: bool = True) -> None:
         """``data``: a ready dataset (tests); else built from ``config.data``, reading from
-        ``data_source`` (MNIST idx files or prepared COCO; ``mnist_source`` is its old name)."""
+        ``data_source`` (MNIST idx files or prepared COCO; ``mnist_source`` is its old name).
+        ``restart_lr`` (with ``resume``): a warm restart — the learning rate starts again at
+        ``config.train.lr`` with no bad epochs counted; everything else resumes exactly."""
         self.data = data or make_dataset(config.data, source=data_source or mnist_source)
         self.vocab = self.data.vocab
         config = self.config = fit_to_data(config, self.data)
@@ -175,8 +177,10 @@ class Trainer:
         self.noise.manual_seed(config.train.seed * 1000 + self.dist.rank)
         self.progress = Progress(lr=config.train.lr)
         self.progress_bar = progress_bar and self.dist.main
+        if restart_lr and not resume:
+            raise ValueError("restart_lr only applies when resuming a run (pass --resume)")
         if resume:
-            self.resume()
+            self.resume(restart_lr=restart_lr)
         elif config.model.model == "sentvec":
             self.train_sentence_encoder()
 
@@ -319,8 +323,9 @@ class Trainer:
 
         write_dir_atomically(self.out / "last", fill)
 
-    def resume(self) -> None:
-        """Restore weights, optimiser, progress and random streams from ``last/``."""
+    def resume(self, restart_lr: bool = False) -> None:
+        """Restore weights, optimiser, progress and random streams from ``last/``; with
+        ``restart_lr`` the learning rate restarts at ``config.train.lr``."""
         last = self.out / "last"
         if not (last / STATE_NAME).is_file():
             raise ValueError(f"cannot resume: {last / STATE_NAME} does not exist "
@@ -332,6 +337,8 @@ class Trainer:
         state = torch.load(last / STATE_NAME, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.progress = Progress(**state["progress"])
+        if restart_lr:
+            self.progress.lr, self.progress.bad_epochs = self.config.train.lr, 0
         self._set_lr(self.progress.lr)
         rngs = state["noise_rng"]
         if len(rngs) == self.dist.world_size:
