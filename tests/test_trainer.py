@@ -110,6 +110,25 @@ def test_restart_lr_resumes_weights_but_starts_the_rate_again(tmp_path, syntheti
                 progress_bar=False)
 
 
+def test_compiled_training_follows_the_eager_run(tmp_path, synthetic_data):
+    config = tiny_run_config()
+    eager = Trainer(config, tmp_path / "eager", data=synthetic_data(config), progress_bar=False)
+    eager.run(max_steps=3)
+    compiled_config = tiny_run_config(compile=True)
+    compiled = Trainer(compiled_config, tmp_path / "compiled", data=synthetic_data(compiled_config),
+                       progress_bar=False)
+    compiled.run(max_steps=3)
+    a, b = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")
+    for k in a:  # same batches, same noise: the same weights up to float rounding
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    records = [json.loads(line) for line in
+               (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()]
+    compile_records = [r for r in records if r["split"] == "compile"]
+    assert len(compile_records) == 1 and compile_records[0]["first_step_s"] > 0
+    start = Trainer(config, tmp_path / "start", data=synthetic_data(config), progress_bar=False)
+    assert any(not torch.equal(v, b[k]) for k, v in start.model.state_dict().items())
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, synthetic_data):
     config = tiny_run_config()
     with pytest.raises(ValueError, match="cannot resume"):

@@ -110,6 +110,10 @@ def _add_train(sub) -> None:
     train.add_argument("--mnist-source", help="directory with the MNIST idx files (= --data-dir)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     for f in dataclasses.fields(TrainConfig):
+        if f.type in (bool, "bool"):
+            train.add_argument(_kebab(f.name), dest=f"train_{f.name}", action="store_const",
+                               const=True, default=None, help=f"train.{f.name}=true")
+            continue
         kind = _field_type(f)
         train.add_argument(_kebab(f.name), dest=f"train_{f.name}", type=kind, default=None,
                            metavar=f.name.upper(),

@@ -95,6 +95,7 @@ class TrainConfig:
     lr_hold_epochs: int = 10  # no decay before this epoch (the bundled model first decayed at 36)
     min_lr: float = 1e-5
     precision: PrecisionKind = "fp32"  # bf16 autocast is an option for speed
+    compile: bool = False  # torch.compile the training forward (the first steps pay compile time)
     checkpoint_every: int = 500  # optimizer steps between checkpoints
     log_every: int = 20  # steps between metrics.jsonl lines
     val_batches: int | None = None  # None: the whole validation set

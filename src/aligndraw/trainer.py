@@ -42,6 +42,7 @@ from aligndraw.checkpoint import fill_model_dir, model_card, save_model_dir, wri
 from aligndraw.config import RunConfig, TrainConfig
 from aligndraw.data import Batch, BatchPlan, CaptionDataset, make_dataset
 from aligndraw.evaluation import lower_bound
+from aligndraw.model import standard_noise
 from aligndraw.sentence_vectors import SentenceVectorEncoder, train_sentence_encoder
 from aligndraw.text import encode_batch
 
@@ -171,6 +172,9 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         self.model = build_model(config.model).to(self.device)
         self.net = (DistributedDataParallel(self.model) if self.dist.world_size > 1 else self.model)
+        self._compile_logged = False
+        if config.train.compile:  # graphs are built on the first steps (logged as "compile")
+            self.net = torch.compile(self.net)
         self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad],
                                         config.train)
         self.noise = torch.Generator(device=self.device)
@@ -233,7 +237,12 @@ class Trainer:
             if max_steps is not None and p.step >= max_steps:
                 bar.close()
                 return True
+            first = time.perf_counter()
             terms = self.train_step(batch)
+            if self.config.train.compile and not self._compile_logged:
+                self._compile_logged = True
+                self.log_metrics({"split": "compile",
+                                  "first_step_s": round(time.perf_counter() - first, 1)})
             p.step, p.batch_in_epoch = p.step + 1, p.batch_in_epoch + 1
             images += batch.images.shape[0] * self.dist.world_size
             bar.update()
@@ -258,8 +267,11 @@ class Trainer:
         """Zero grad, forward, backward, clip each tensor, step. Returns the batch's terms."""
         batch = batch.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
+        # ε is drawn here, not inside the model, so that a compiled model sees a plain tensor.
+        noise = standard_noise(self.model.noise_shape(batch.images.shape[0]), None, batch.images,
+                               self.noise)
         with self.autocast():
-            out = self.net(batch.images, batch.tokens, batch.lengths, generator=self.noise)
+            out = self.net(batch.images, batch.tokens, batch.lengths, noise=noise)
         out.loss.backward()
         clip_grad_norm_per_tensor(self.model.parameters(), self.config.train.clip_norm)
         self.optimizer.step()
