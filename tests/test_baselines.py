@@ -105,6 +105,27 @@ def test_same_noise_same_images_and_a_seed_reproduces_them(kind):
         model.sample(tokens, lengths, noise=torch.randn(4, 7, cfg.z_dim))
 
 
+@pytest.mark.parametrize("kind", ["aligndraw", "noalign", *VAES])
+def test_temperature_scales_the_prior_noise(kind):
+    cfg = vae_config(kind) if kind in VAES else tiny_config(model=kind)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # away from the zero-initialised prior
+    _, tokens, lengths = random_batch(cfg)
+    noise = torch.randn(model.noise_shape(4))
+    half = model.sample(tokens, lengths, noise=noise, temperature=0.5).images
+    torch.testing.assert_close(half, model.sample(tokens, lengths, noise=noise * 0.5).images)
+    assert torch.equal(model.sample(tokens, lengths, noise=noise, temperature=1).images,
+                       model.sample(tokens, lengths, noise=noise).images)
+    assert not torch.allclose(half, model.sample(tokens, lengths, noise=noise).images)
+    mean = model.sample(tokens, lengths, noise=noise, temperature=0).images  # the prior mean
+    torch.testing.assert_close(mean, model.sample(tokens, lengths, noise=-3 * noise, temperature=0).images)
+    for bad in (-0.1, float("nan"), "hot"):
+        with pytest.raises(ValueError, match="temperature must be a number between 0 and 10"):
+            model.sample(tokens, lengths, noise=noise, temperature=bad)
+
+
 @pytest.mark.parametrize("kind", ["sentvec", *VAES])
 def test_gradients_reach_every_trainable_parameter_and_spare_the_frozen_encoder(kind):
     cfg = vae_config(kind)

@@ -94,6 +94,12 @@ def test_evaluate_reports_seen_and_held_out(run_dir, tmp_path):
     assert set(payload["definitions"]) == set(metrics)
     table = out.with_suffix(".md").read_text()
     assert "| held_out |" in table and "Random shortlist" in table
+    cold = tmp_path / "cold.json"
+    assert main(["evaluate", "--model", str(run_dir), "--out", str(cold), "--metrics", "fidelity",
+                 "--temperature", "0", "--max-captions", "4"]) == 0
+    payload = json.loads(cold.read_text())
+    assert payload["settings"]["temperature"] == 0
+    assert "prior samples at temperature 0 per caption" in payload["definitions"]["fidelity"]
 
 
 @pytest.mark.realdata
@@ -102,6 +108,7 @@ def test_evaluate_reports_seen_and_held_out(run_dir, tmp_path):
     (["generate", "", "--out", "X"], "at least one word"),
     (["generate", "digit " * 40, "--out", "X"], "32"),
     (["evaluate", "--metrics", "bleu"], "unknown metric"),
+    (["generate", CAPTION, "--temperature", "-1", "--out", "X"], "temperature must be"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(run_dir, tmp_path, args, message):
     args = [a.replace("X", str(tmp_path / "out")) for a in args]

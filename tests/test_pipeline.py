@@ -74,6 +74,17 @@ def test_bad_arguments(pipe):
         pipe(CAPTION, output_type="jpeg")
     with pytest.raises(ValueError, match="no captions"):
         pipe([])
+    with pytest.raises(ValueError, match="temperature"):
+        pipe(CAPTION, temperature=-1)
+
+
+def test_temperature_zero_draws_the_prior_mean_for_any_seed(pipe):
+    a = pipe(CAPTION, generator=torch.Generator().manual_seed(1), output_type="pt", temperature=0)
+    b = pipe(CAPTION, generator=torch.Generator().manual_seed(2), output_type="pt", temperature=0)
+    torch.testing.assert_close(a.images, b.images)
+    c = pipe(CAPTION, generator=torch.Generator().manual_seed(1), output_type="pt")
+    d = pipe(CAPTION, generator=torch.Generator().manual_seed(2), output_type="pt")
+    assert not torch.allclose(c.images, d.images)
 
 
 def test_save_load_round_trip(pipe, tmp_path):

@@ -29,7 +29,7 @@ from aligndraw.alignment import mean_context
 from aligndraw.config import ModelConfig
 from aligndraw.language import CaptionEncoder, padding_mask
 from aligndraw.losses import bernoulli_nll, gaussian_kl, gaussian_log_prob
-from aligndraw.model import AlignDraw, DrawLoss, DrawSample, standard_noise
+from aligndraw.model import AlignDraw, DrawLoss, DrawSample, check_temperature, standard_noise
 
 CONV_LAYERS = 3  # convvae: each halves H and W (rounding down)
 
@@ -156,12 +156,14 @@ class CaptionVAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, tokens: Tensor, lengths: Tensor, generator: torch.Generator | None = None,
-               noise: Tensor | None = None) -> DrawSample:
-        """Images from the conditional prior; ``DrawSample`` with T = 1 (see the module doc)."""
+               noise: Tensor | None = None, temperature: float = 1.0) -> DrawSample:
+        """Images from the conditional prior, z = μ + τ·σ·ε (``temperature`` τ as in
+        ``AlignDraw.sample``); ``DrawSample`` with T = 1 (see the module doc)."""
         cfg = self.config
         y, alpha = self.sentence(tokens, lengths)
         mu, log_sigma = self._prior(y)
-        z = mu + log_sigma.exp() * self._noise(noise, tokens.shape[0], y, generator)
+        eps = self._noise(noise, tokens.shape[0], y, generator) * check_temperature(temperature)
+        z = mu + log_sigma.exp() * eps
         images = torch.sigmoid(self.decoder(torch.cat([z, y], 1)))
         images = images.view(-1, cfg.channels, cfg.height, cfg.width)  # (B, C, H, W)
         blank = torch.zeros_like(images)

@@ -144,6 +144,9 @@ def _add_generate(sub) -> None:
                           "(default: %(default)s)")
     gen.add_argument("--num", type=int, default=4, help="images per caption (default: 4)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    gen.add_argument("--temperature", type=float, default=1.0,
+                     help="z = μ + τ·σ·ε: 1 samples the learned prior as trained (default), "
+                          "lower gives cleaner, less varied images, 0 the prior mean")
     gen.add_argument("--out", default="outputs", help="output directory (default: outputs)")
     gen.add_argument("--gif", action="store_true",
                      help="also write a GIF of each caption's first image being drawn")
@@ -190,6 +193,9 @@ def _add_evaluate(sub) -> None:
                     help="prior samples per caption for SSIM (default: 50, the paper's)")
     ev.add_argument("--fidelity-samples", type=int, default=1,
                     help="prior samples per caption for caption fidelity (default: 1)")
+    ev.add_argument("--temperature", type=float, default=1.0,
+                    help="ssim/fidelity: sample z = μ + τ·σ·ε at this temperature τ (default: 1, "
+                         "the paper's sampling)")
     ev.add_argument("--reader", default="reader",
                     help="image reader directory, or 'reader' for the bundled one (default)")
     ev.add_argument("--seed", type=int, default=0, help="seed of all noise")
@@ -305,7 +311,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                          '"the digit 3 is at the top of the digit 1 ."')
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     out = pipe(args.captions, num_images_per_caption=args.num, generator=generator,
-               allow_unknown=args.allow_unknown)
+               allow_unknown=args.allow_unknown, temperature=args.temperature)
     unknown = pipe.unknown_words(args.captions)
     if unknown:
         print(f"drawn as <unk> (not in the vocabulary): {', '.join(map(repr, unknown))}",
@@ -381,13 +387,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                                         shortlist=args.shortlist, **some))
         elif metric == "ssim":
             results["ssim"] = ev.ssim_scores(model, scenes, vocab, device, samples=args.ssim_samples,
-                                             **some)
+                                             temperature=args.temperature, **some)
         else:
             results["fidelity"] = ev.caption_fidelity(model, reader, scenes, vocab, device,
-                                                      samples=args.fidelity_samples, **some)
+                                                      samples=args.fidelity_samples,
+                                                      temperature=args.temperature, **some)
     notes = ev.metric_notes(iwae_k=args.iwae_k, retrieval_samples=args.retrieval_samples,
                             shortlist=args.shortlist, ssim_samples=args.ssim_samples,
-                            fidelity_samples=args.fidelity_samples,
+                            fidelity_samples=args.fidelity_samples, temperature=args.temperature,
                             reader=args.reader if scenes.compositions else None)
     notes = {k: v for k, v in notes.items() if k in results}
     table = ev.markdown_table(results, notes)
@@ -397,7 +404,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
         settings = {k: getattr(args, k) for k in ("batch_size", "max_batches", "max_captions", "iwae_k",
                                                   "retrieval_samples", "shortlist", "ssim_samples",
-                                                  "fidelity_samples", "reader", "seed")}
+                                                  "fidelity_samples", "temperature", "reader",
+                                                  "seed")}
         payload = {"model": str(args.model), "split": args.split, "settings": settings,
                    "definitions": notes, "metrics": results}
         write_text_atomically(Path(args.out), json.dumps(payload, indent=2) + "\n")

@@ -356,11 +356,11 @@ def require_compositions(scenes: CaptionSplit, metric: str) -> None:
 
 # ------------------------------------------------------------------------------ generation
 def _prior_images(model: Model, scenes: CaptionSplit, vocab: Vocabulary, samples: int,
-                  device: torch.device, seed: int, batch_size: int):
+                  device: torch.device, seed: int, batch_size: int, temperature: float = 1.0):
     """Yield (caption indices (R,), generated images (R, C, H, W) on the CPU) in order.
 
     Each caption is repeated ``samples`` times; the noise of each chunk of ``batch_size`` rows
-    comes from one CPU generator seeded with ``seed``.
+    comes from one CPU generator seeded with ``seed``; ``temperature`` as in ``model.sample``.
     """
     g = torch.Generator().manual_seed(seed)
     tokens, lengths = encode_batch(vocab, scenes.captions)
@@ -368,7 +368,8 @@ def _prior_images(model: Model, scenes: CaptionSplit, vocab: Vocabulary, samples
     for start in range(0, len(rows), batch_size):
         r = rows[start:start + batch_size]
         noise = torch.randn(model.noise_shape(len(r)), generator=g)
-        out = model.sample(tokens[r].to(device), lengths[r].to(device), noise=noise.to(device))
+        out = model.sample(tokens[r].to(device), lengths[r].to(device), noise=noise.to(device),
+                           temperature=temperature)
         yield r, out.images.float().cpu()
 
 
@@ -395,9 +396,10 @@ def ssim(images: Tensor, targets: Tensor) -> Tensor:
 @torch.no_grad()
 def ssim_scores(model: Model, scenes: CaptionSplit, vocab: Vocabulary,
                 device: torch.device | str = "cpu", *, samples: int = 50,
-                max_captions: int | None = None, seed: int = 0,
-                batch_size: int = 500) -> dict[str, dict[str, float]]:
-    """SSIM of ``samples`` prior samples per caption against its real image, by group.
+                max_captions: int | None = None, seed: int = 0, batch_size: int = 500,
+                temperature: float = 1.0) -> dict[str, dict[str, float]]:
+    """SSIM of ``samples`` prior samples per caption against its real image, by group
+    (``temperature`` as in ``model.sample``; the paper samples at 1).
 
     Returns {group: {count (captions), mean, std}}; mean and std over all (caption, sample)
     pairs, as the paper reports them.
@@ -408,7 +410,7 @@ def ssim_scores(model: Model, scenes: CaptionSplit, vocab: Vocabulary,
     with _eval_mode(model):
         done = 0
         for r, images in _prior_images(model, scenes, vocab, samples, torch.device(device), seed,
-                                       batch_size):
+                                       batch_size, temperature):
             real = torch.from_numpy(scenes.caption_images(r.numpy()))
             values.view(-1)[done:done + len(r)] = ssim(images, real).double()
             done += len(r)
@@ -425,9 +427,10 @@ def ssim_scores(model: Model, scenes: CaptionSplit, vocab: Vocabulary,
 @torch.no_grad()
 def caption_fidelity(model: Model, reader: ImageReader, scenes: CaptionSplit, vocab: Vocabulary,
                      device: torch.device | str = "cpu", *, samples: int = 1,
-                     max_captions: int | None = None, seed: int = 0,
-                     batch_size: int = 500) -> dict[str, dict[str, float]]:
-    """Share (%) of generated images whose read layout is exactly the caption's, by group.
+                     max_captions: int | None = None, seed: int = 0, batch_size: int = 500,
+                     temperature: float = 1.0) -> dict[str, dict[str, float]]:
+    """Share (%) of generated images whose read layout is exactly the caption's, by group
+    (images sampled at ``temperature``, as in ``model.sample``).
 
     ``ceiling`` is the reader's exact-match accuracy on the real images of the same captions;
     a perfect generator scores about that. Returns {group: {count (images), fidelity, ceiling}}.
@@ -439,7 +442,7 @@ def caption_fidelity(model: Model, reader: ImageReader, scenes: CaptionSplit, vo
     with _eval_mode(model, reader):
         rows, read = [], []
         for r, images in _prior_images(model, scenes, vocab, samples, torch.device(device), seed,
-                                       batch_size):
+                                       batch_size, temperature):
             rows.append(r)
             read.append(read_layouts(reader, images, batch_size))
         rows_t = torch.cat(rows)
@@ -475,7 +478,7 @@ def markdown_table(results: dict[str, dict[str, dict[str, float]]],
 
 def metric_notes(iwae_k: int = 50, retrieval_samples: int = 4, shortlist: int = SHORTLIST,
                  ssim_samples: int = 50, fidelity_samples: int = 1, reader: str | None = "reader",
-                 ) -> dict[str, str]:
+                 temperature: float = 1.0) -> dict[str, str]:
     """One line per metric saying exactly what its table holds (for the JSON and markdown).
 
     ``reader`` None: no image reader (COCO), retrieval neighbours are nearest in pixel space.
@@ -485,6 +488,7 @@ def metric_notes(iwae_k: int = 50, retrieval_samples: int = 4, shortlist: int = 
               f"{retrieval_samples} posterior samples; R@K in %, med_r = median rank")
     ranked += ("" if reader is None else
                ", same_layout@1 = % whose top image has the caption's layout")
+    prior = "prior samples" if temperature == 1.0 else f"prior samples at temperature {temperature:g}"
     space = ("pixels (no image classifier for this data; the paper used a CIFAR-10 CNN's features)"
              if reader is None else f"image-reader features, reader {reader!r}")
     return {
@@ -494,9 +498,9 @@ def metric_notes(iwae_k: int = 50, retrieval_samples: int = 4, shortlist: int = 
         "retrieval_nn": f"Nearest-neighbour shortlist (cosine distance of {space}): {ranked}.",
         "retrieval_random": f"Random shortlist: {ranked}.",
         "ssim": f"SSIM (torchmetrics map, Gaussian 11×11, σ = 1.5, 5-pixel border dropped as in "
-                f"scikit-image) of {ssim_samples} prior samples per "
+                f"scikit-image) of {ssim_samples} {prior} per "
                 "caption against its real image; mean and std over all pairs; n = captions.",
-        "fidelity": f"% of generated images ({fidelity_samples} per caption, n = images) in which the "
-                    f"image reader ({reader!r}) finds exactly the caption's layout; ceiling = the "
-                    "reader's exact-match accuracy on the real images of the same captions.",
+        "fidelity": f"% of generated images ({fidelity_samples} {prior} per caption, n = images) "
+                    f"in which the image reader ({reader!r}) finds exactly the caption's layout; "
+                    "ceiling = the reader's exact-match accuracy on the real images of the same captions.",
     }

@@ -82,6 +82,14 @@ def lstm_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
+def check_temperature(temperature: float) -> float:
+    """A sampling temperature τ ≥ 0 (z = μ + τ·σ·ε; 1 is the paper's sampling), as a float."""
+    if not isinstance(temperature, (int, float)) or not 0.0 <= float(temperature) <= 10.0:
+        raise ValueError(f"temperature must be a number between 0 and 10 (1 samples the learned "
+                         f"prior as trained, 0 takes its mean at every step), got {temperature!r}")
+    return float(temperature)
+
+
 def standard_noise(shape: tuple[int, ...], noise: Tensor | None, like: Tensor,
                    generator: torch.Generator | None) -> Tensor:
     """The given ``noise`` (checked against ``shape``) or a fresh N(0, I) draw from
@@ -314,11 +322,13 @@ class AlignDraw(nn.Module):
     # ----------------------------------------------------------------------------- generation
     @torch.no_grad()
     def sample(self, tokens: Tensor, lengths: Tensor, generator: torch.Generator | None = None,
-               noise: Tensor | None = None) -> DrawSample:
+               noise: Tensor | None = None, temperature: float = 1.0) -> DrawSample:
         """Draw images from the learned prior, without the inference network.
 
         Args:
             tokens: (B, L) word ids. lengths: (B,). generator: source of z. noise: (B, T, Z).
+            temperature: τ scales the prior's standard deviation, z_t = μ_t + τ·σ_t·ε_t
+                (1: the paper's sampling; 0: the prior mean at every step).
 
         Returns:
             ``DrawSample`` with images, canvases, alignments and write windows.
@@ -326,7 +336,7 @@ class AlignDraw(nn.Module):
         cfg = self.config
         b = tokens.shape[0]
         h_lang, keys, mask = self.encode_captions(tokens, lengths)
-        eps = self._noise(noise, b, h_lang, generator)
+        eps = self._noise(noise, b, h_lang, generator) * check_temperature(temperature)
         proj_fn = self._projection(with_encoder=False)
         dec_in = StepLinear(self.dec_lstm.weight_ih)
         st = self._initial_state(b)
