@@ -8,9 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from aligndraw import evaluation as ev
-from aligndraw.data.mnist_captions import CaptionedMnist, CaptionedMnistConfig
+from aligndraw.data.mnist_captions import CAPTION_KINDS, CaptionedMnist, CaptionedMnistConfig, parse_caption
 from aligndraw.model import AlignDraw
-from aligndraw.reader import ImageReader, ReaderConfig, evaluate_reader, load_reader
+from aligndraw.reader import (
+    ImageReader,
+    ReaderConfig,
+    evaluate_reader,
+    layout_accuracy,
+    load_reader,
+    read_layouts,
+)
 from aligndraw.text import encode_batch, mnist_vocabulary
 
 from conftest import synthetic_digits, tiny_config
@@ -41,7 +48,7 @@ class RealImages:
     def noise_shape(self, batch):
         return (batch, self.config.steps, self.config.z_dim)
 
-    def sample(self, tokens, lengths, generator=None, noise=None):
+    def sample(self, tokens, lengths, generator=None, noise=None, temperature=1.0):
         images = self.images[self.done:self.done + len(tokens)]
         self.done += len(tokens)
         return SimpleNamespace(images=images)
@@ -205,6 +212,18 @@ def test_fidelity_of_the_real_images_equals_the_reader_accuracy(mnist_dir):
         assert result[group]["fidelity"] == pytest.approx(accuracy[group]["exact"])
         assert result[group]["ceiling"] == pytest.approx(accuracy[group]["exact"])
     assert result["all"]["fidelity"] > 90
+    # One row per caption kind and group: real images score their own ceiling there too, and
+    # the rows split the captions exactly.
+    kinds = {k: v for k, v in result.items() if ", " in k}
+    assert {k.split(", ")[0] for k in kinds} == set(CAPTION_KINDS)
+    assert sum(v["count"] for v in kinds.values()) == 400
+    for name, row in kinds.items():
+        assert row["fidelity"] == pytest.approx(row["ceiling"]), name
+    left = [i for i, c in enumerate(scenes.captions) if parse_caption(c).kind == 0]
+    real = read_layouts(reader, scenes.images[left])
+    wanted = torch.from_numpy(scenes.layouts[left])
+    expected = layout_accuracy(real, wanted, scenes.held_out[left])
+    assert result[f"{CAPTION_KINDS[0]}, seen"]["fidelity"] == pytest.approx(expected["seen"]["exact"])
 
 
 def test_fidelity_of_a_tiny_model_is_a_share(data, model):
@@ -212,6 +231,10 @@ def test_fidelity_of_a_tiny_model_is_a_share(data, model):
     result = ev.caption_fidelity(model, reader, data.test(), data.vocab, samples=2, max_captions=10)
     assert result["all"]["count"] == 20
     assert all(0 <= result[g]["fidelity"] <= 100 for g in ("all", "seen", "held_out"))
+    kinds = {k: v for k, v in result.items() if ", " in k}
+    assert sum(v["count"] for v in kinds.values()) == 20
+    hits = sum(v["fidelity"] * v["count"] for v in kinds.values()) / 100
+    assert hits == pytest.approx(result["all"]["fidelity"] * 20 / 100)
 
 
 # ------------------------------------------------------------------------------ report

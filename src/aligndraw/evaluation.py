@@ -40,7 +40,7 @@ from torch import Tensor
 
 from aligndraw.baselines import Model
 from aligndraw.data import CaptionSplit
-from aligndraw.data.mnist_captions import parse_caption
+from aligndraw.data.mnist_captions import CAPTION_KINDS, parse_caption
 from aligndraw.reader import ImageReader, layout_accuracy, read_features, read_layouts
 from aligndraw.text import Vocabulary, encode_batch
 
@@ -433,12 +433,16 @@ def caption_fidelity(model: Model, reader: ImageReader, scenes: CaptionSplit, vo
     (images sampled at ``temperature``, as in ``model.sample``).
 
     ``ceiling`` is the reader's exact-match accuracy on the real images of the same captions;
-    a perfect generator scores about that. Returns {group: {count (images), fidelity, ceiling}}.
+    a perfect generator scores about that. Returns {group: {count (images), fidelity, ceiling}}
+    for all / seen / held_out, then one "KIND, GROUP" row per caption kind (e.g. "left-of, seen")
+    and composition group present.
     """
     _check_positive(samples=samples, batch_size=batch_size)
     require_compositions(scenes, "fidelity")
     scenes = _captions(scenes, max_captions)
-    wanted = torch.from_numpy(np.stack([parse_caption(c).layout for c in scenes.captions]))  # (m, 8)
+    parsed = [parse_caption(c) for c in scenes.captions]
+    wanted = torch.from_numpy(np.stack([p.layout for p in parsed]))  # (m, 8)
+    kinds = torch.tensor([p.kind for p in parsed])  # (m,)
     with _eval_mode(model, reader):
         rows, read = [], []
         for r, images in _prior_images(model, scenes, vocab, samples, torch.device(device), seed,
@@ -446,10 +450,30 @@ def caption_fidelity(model: Model, reader: ImageReader, scenes: CaptionSplit, vo
             rows.append(r)
             read.append(read_layouts(reader, images, batch_size))
         rows_t = torch.cat(rows)
-        generated = layout_accuracy(torch.cat(read), wanted[rows_t], scenes.held_out[rows_t.numpy()])
-        real = layout_accuracy(read_layouts(reader, scenes.images, batch_size), wanted, scenes.held_out)
-    return {g: {"count": generated[g]["count"], "fidelity": generated[g]["exact"],
-                "ceiling": real[g]["exact"]} for g in GROUPS}
+        read_t, real_t = torch.cat(read), read_layouts(reader, scenes.images, batch_size)
+    held = torch.as_tensor(scenes.held_out, dtype=torch.bool)
+    out = _fidelity_rows(read_t, real_t, wanted, held, rows_t, GROUPS)
+    for kind in kinds.unique().tolist():
+        mine = kinds == kind
+        rows = _fidelity_rows(read_t[mine[rows_t]], real_t[mine], wanted[mine], held[mine],
+                              _renumber(rows_t[mine[rows_t]], mine), ("seen", "held_out"))
+        out.update({f"{CAPTION_KINDS[kind]}, {g}": v for g, v in rows.items() if v["count"]})
+    return out
+
+
+def _renumber(rows: Tensor, keep: Tensor) -> Tensor:
+    """Caption indices ``rows`` (all in ``keep``) as indices among the kept captions."""
+    return (torch.cumsum(keep.long(), 0) - 1)[rows]
+
+
+def _fidelity_rows(generated: Tensor, real: Tensor, wanted: Tensor, held: Tensor, rows: Tensor,
+                   groups: Sequence[str]) -> dict[str, dict[str, float]]:
+    """generated (R, 8) layouts read from images of captions ``rows`` (R,); real (m, 8) read
+    from the real images; wanted (m, 8); held (m,) → {group: {count, fidelity, ceiling}}."""
+    gen = layout_accuracy(generated, wanted[rows], held[rows])
+    ceiling = layout_accuracy(real, wanted, held)
+    return {g: {"count": gen[g]["count"], "fidelity": gen[g]["exact"],
+                "ceiling": ceiling[g]["exact"]} for g in groups}
 
 
 # ------------------------------------------------------------------------------ reporting
