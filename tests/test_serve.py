@@ -144,6 +144,16 @@ def test_same_seed_same_frames_other_seed_differs(client):
     assert final[0] == final[1] and final[0] != final[2]
 
 
+def test_temperature_reaches_the_pipeline(client):
+    cold = [parse_sse(draw(client, seed=s, temperature=0).text) for s in (1, 2)]
+    assert cold[0][0][1]["temperature"] == 0
+    assert cold[0][-2][1]["images"] == cold[1][-2][1]["images"]  # the prior mean: seed-free
+    warm = parse_sse(draw(client, seed=1, temperature=0.5).text)
+    assert warm[-2][1]["images"] != cold[0][-2][1]["images"]
+    urls = parse_sse(draw(client, seed=1, temperature=0.5).text)[-1][1]["downloads"]
+    assert "temperature=0.5" in urls[0]["png"]
+
+
 def test_held_out_caption_is_flagged(client):
     start = parse_sse(draw(client, caption="the digit eight is at the top left of the image .").text)[0][1]
     assert start["held_out"] is True and start["words"][2] == "eight"
@@ -165,6 +175,8 @@ def test_unknown_word_is_422_naming_it(client):
     ({"num_images": MAX_IMAGES + 1}, "num_images", "from 1 to 8"),
     ({"seed": -1}, "seed", "from 0 to"),
     ({"seed": "abc"}, "seed", "whole number"),
+    ({"temperature": -0.5}, "temperature", "from 0 to 10"),
+    ({"temperature": "hot"}, "temperature", "from 0 to 10"),
     ({"steps": 5}, "steps", "Extra inputs"),
 ])
 def test_bad_input_is_422_with_a_message(client, body, field, needle):

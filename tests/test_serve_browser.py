@@ -102,6 +102,7 @@ def test_type_a_caption_and_watch_it_drawn(page, tmp_path):
     page.fill("#caption", HELD_OUT_CAPTION)
     page.fill("#num", "3")
     page.fill("#seed", "5")
+    page.fill("#temperature", "0.8")
     page.click("#draw")
     page.wait_for_function("document.body.dataset.state === 'done'", timeout=30_000)
 
@@ -119,6 +120,7 @@ def test_type_a_caption_and_watch_it_drawn(page, tmp_path):
     assert lit.count() >= 1
     assert float(lit.first.evaluate("e => e.style.getPropertyValue('--lit')")) == 1.0
     assert page.get_attribute("#dl-gif", "href").startswith("/api/drawing.gif?")
+    assert "temperature=0.8" in page.get_attribute("#dl-gif", "href")  # the form's temperature
 
     # Scrubbing back shows an earlier step, its box and its alignment.
     page.fill("#slider", "1")

@@ -10,7 +10,7 @@ Routes:
     GET  /                  the page (static/index.html; static/ is mounted at /static)
     GET  /health            {"status": "ok", "model", "busy", "max_concurrent"}
     GET  /api/info          vocabulary, example captions (held-out ones flagged), limits, T/C/H/W
-    POST /api/draw          {"caption", "num_images", "seed"} → text/event-stream:
+    POST /api/draw          {"caption", "num_images", "seed", "temperature"} → text/event-stream:
                               event: start  {caption, words, steps, num_images, seed, held_out, ...}
                               event: frame  T+1 times: {step, images (B base64 PNGs),
                                             boxes (B × [x0, y0, x1, y1]) | null at step 0,
@@ -55,6 +55,7 @@ from aligndraw.serve import DEFAULT_MAX_CONCURRENT
 STATIC_DIR = Path(__file__).with_name("static")
 MAX_IMAGES = 8  # per request: a row of thumbnails, and 8 × T steps of PNGs stay < 1 MB of events
 MAX_CAPTION_CHARS = 300  # checked before tokenising; the model's max_caption_len (words) also applies
+MAX_TEMPERATURE = 10.0  # as aligndraw.model.check_temperature allows
 MAX_SEED = 2**63 - 1  # the largest seed torch.Generator.manual_seed takes as a signed int
 MAX_SCALE = 8  # download upscaling: a 60×60 scene becomes at most 480×480
 # Captions that exercise every caption kind; held-out ones are added per model (see examples()).
@@ -75,6 +76,7 @@ class DrawRequest(BaseModel):
     caption: str = Field(max_length=MAX_CAPTION_CHARS, examples=[SEEN_EXAMPLES[0]])
     num_images: int = Field(default=4, ge=1, le=MAX_IMAGES)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
 
 
 class DownloadQuery(DrawRequest):
@@ -90,6 +92,8 @@ FIELD_RULES = {  # what a bad value of each field should have been, in the page'
     "caption": f"caption must be text of at most {MAX_CAPTION_CHARS} characters",
     "num_images": f"number of images must be a whole number from 1 to {MAX_IMAGES}",
     "seed": f"seed must be a whole number from 0 to {MAX_SEED}",
+    "temperature": f"temperature must be a number from 0 to {MAX_TEMPERATURE:g} (1 samples the "
+                   "learned prior as trained, 0 draws its mean)",
     "index": f"index must be a whole number from 0 to {MAX_IMAGES - 1}",
     "scale": f"scale must be a whole number from 1 to {MAX_SCALE}",
 }
@@ -171,7 +175,7 @@ def draw(pipe: AlignDrawPipeline, req: DrawRequest) -> AlignDrawPipelineOutput:
     """All ``req.num_images`` images at once, as numpy arrays (runs in a worker thread)."""
     generator = torch.Generator().manual_seed(req.seed)
     return pipe(req.caption, num_images_per_caption=req.num_images, generator=generator,
-                output_type="np")
+                output_type="np", temperature=req.temperature)
 
 
 def png_base64(canvas: np.ndarray) -> str:
@@ -322,7 +326,8 @@ def _info(pipe: AlignDrawPipeline, name: str) -> dict[str, Any]:
         "words": list(pipe.vocab.content_words), "aliases": dict(pipe.vocab.aliases),
         "examples": examples(pipe), "held_out": [[p, int(d)] for p, d in pipe.held_out],
         "limits": {"max_caption_chars": MAX_CAPTION_CHARS, "max_words": cfg.max_caption_len,
-                   "max_images": MAX_IMAGES, "max_seed": MAX_SEED},
+                   "max_images": MAX_IMAGES, "max_seed": MAX_SEED,
+                   "max_temperature": MAX_TEMPERATURE},
     }
 
 

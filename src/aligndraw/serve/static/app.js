@@ -16,7 +16,7 @@ const TOKEN_RE = /\w+(?:'\w+)*|[^\w\s]/g;  // the same rule as aligndraw.text.to
 const $ = (id) => document.getElementById(id);
 const ui = {
   form: $("form"), caption: $("caption"), draw: $("draw"), message: $("message"),
-  seed: $("seed"), dice: $("dice"), num: $("num"), vocab: $("vocab"),
+  seed: $("seed"), dice: $("dice"), num: $("num"), vocab: $("vocab"), temperature: $("temperature"),
   examples: $("examples"), examplesHeld: $("examples-held"),
   canvas: $("canvas"), placeholder: $("placeholder"), play: $("play"), slider: $("slider"),
   step: $("step"), words: $("words"), heatmap: $("heatmap"), heldout: $("heldout"),
@@ -131,6 +131,7 @@ async function startDraw() {
     caption: ui.caption.value,
     num_images: Number(ui.num.value),
     seed: Number(ui.seed.value),
+    temperature: Number(ui.temperature.value),
   };
   setState("drawing");
   ui.draw.disabled = true;
