@@ -121,7 +121,7 @@ def test_temperature_scales_the_prior_noise(kind):
     assert not torch.allclose(half, model.sample(tokens, lengths, noise=noise).images)
     mean = model.sample(tokens, lengths, noise=noise, temperature=0).images  # the prior mean
     torch.testing.assert_close(mean, model.sample(tokens, lengths, noise=-3 * noise, temperature=0).images)
-    for bad in (-0.1, float("nan"), "hot"):
+    for bad in (-0.1, 10.5, float("nan"), "hot", True):
         with pytest.raises(ValueError, match="temperature must be a number between 0 and 10"):
             model.sample(tokens, lengths, noise=noise, temperature=bad)
 

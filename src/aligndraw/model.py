@@ -84,7 +84,8 @@ def lstm_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
 
 def check_temperature(temperature: float) -> float:
     """A sampling temperature τ ≥ 0 (z = μ + τ·σ·ε; 1 is the paper's sampling), as a float."""
-    if not isinstance(temperature, (int, float)) or not 0.0 <= float(temperature) <= 10.0:
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not 0.0 <= float(temperature) <= 10.0):
         raise ValueError(f"temperature must be a number between 0 and 10 (1 samples the learned "
                          f"prior as trained, 0 takes its mean at every step), got {temperature!r}")
     return float(temperature)
