@@ -271,7 +271,7 @@ def cmd_data_coco(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from aligndraw.config import preset
-    from aligndraw.trainer import Trainer
+    from aligndraw.trainer import Trainer, close_distributed
 
     overrides = list(args.overrides)
     for f in dataclasses.fields(TrainConfig):
@@ -286,6 +286,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                       data_source=args.data_dir or args.mnist_source, resume=args.resume,
                       restart_lr=args.restart_lr, progress_bar=not args.no_progress)
     progress = trainer.run(max_steps=args.max_steps, dry_run=args.dry_run)
+    close_distributed()  # on success only: after an error a barrier could wait forever
     if trainer.dist.main:
         print(f"trained to step {progress.step} (epoch {progress.epoch}); "
               f"checkpoint: {Path(args.out) / 'last'}")

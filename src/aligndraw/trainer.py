@@ -136,6 +136,15 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size())
 
 
+def close_distributed() -> None:
+    """Leave the process group once every rank is done (no-op without one). A rank that exits
+    while another still writes its checkpoint would otherwise tear down gloo's threads under it
+    (seen as "terminate called without an active exception" and SIGABRT)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def fit_to_data(config: RunConfig, data: CaptionDataset) -> RunConfig:
     """``config`` with the data's resolved settings and vocabulary size (logged if changed)."""
     if len(data.vocab) != config.model.vocab_size:
