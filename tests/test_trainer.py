@@ -103,6 +103,7 @@ def test_restart_lr_resumes_weights_but_starts_the_rate_again(tmp_path, syntheti
     warm = Trainer(config, tmp_path, data=synthetic_data(config), resume=True, restart_lr=True,
                    progress_bar=False)
     assert warm.progress.lr == config.train.lr and warm.progress.bad_epochs == 0
+    assert warm.progress.hold_until == warm.progress.epoch + config.train.lr_hold_epochs
     assert warm.progress.step == 2
     assert {g["lr"] for g in warm.optimizer.param_groups} == {config.train.lr}
     with pytest.raises(ValueError, match="only applies when resuming"):
@@ -159,6 +160,18 @@ def test_no_decay_during_the_hold_epochs_then_patience_counts_from_there():
         update_schedule(p, bound, config)
         lrs.append(p.lr)
     # epochs 1 and 2 are bad but held; 3 and 4 are the first two that count
+    assert lrs[:4] == [1e-3] * 4 and lrs[4] == pytest.approx(1e-4)
+
+
+def test_a_warm_restart_holds_decay_again():
+    config = TrainConfig(lr=1e-3, lr_patience=2, lr_decay=0.1, lr_hold_epochs=3)
+    p = Progress(lr=1e-3, epoch=40, best_val=100.0, hold_until=43)  # restarted at epoch 40
+    lrs = []
+    for epoch, bound in zip(range(40, 46), (104, 103, 102, 101, 100.5, 100.2), strict=True):
+        p.epoch = epoch
+        update_schedule(p, bound, config)
+        lrs.append(p.lr)
+    # 40–42 are worse than the best but held; 43 and 44 count, so the rate decays at 44
     assert lrs[:4] == [1e-3] * 4 and lrs[4] == pytest.approx(1e-4)
 
 

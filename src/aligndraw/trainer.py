@@ -96,19 +96,22 @@ class Progress:
     lr: float = 1e-3
     best_val: float = math.inf
     bad_epochs: int = 0
+    hold_until: int = 0  # no decay before this epoch either (set by a warm restart)
 
 
 def update_schedule(p: Progress, val_bound: float, config: TrainConfig) -> bool:
     """Record a validation bound; decay lr after ``lr_patience`` epochs without improvement.
 
     Epochs before ``lr_hold_epochs`` never count as bad: early on DRAW can sit near the mean
-    image for a few epochs before its latents take over, and decaying then stalls it.
+    image for a few epochs before its latents take over, and decaying then stalls it. After a
+    warm restart the same hold applies again (``p.hold_until``): the bound first gets worse at
+    the raised rate, and counting those epochs would decay the rate straight back.
     Returns whether the bound improved on the best so far.
     """
     if val_bound < p.best_val:
         p.best_val, p.bad_epochs = val_bound, 0
         return True
-    if p.epoch < config.lr_hold_epochs:
+    if p.epoch < max(config.lr_hold_epochs, p.hold_until):
         return False
     p.bad_epochs += 1
     if p.bad_epochs >= config.lr_patience and p.lr > config.min_lr:
@@ -164,7 +167,8 @@ class Trainer:
         """``data``: a ready dataset (tests); else built from ``config.data``, reading from
         ``data_source`` (MNIST idx files or prepared COCO; ``mnist_source`` is its old name).
         ``restart_lr`` (with ``resume``): a warm restart — the learning rate starts again at
-        ``config.train.lr`` with no bad epochs counted; everything else resumes exactly."""
+        ``config.train.lr``, and no decay for ``lr_hold_epochs`` epochs; everything else
+        resumes exactly."""
         self.data = data or make_dataset(config.data, source=data_source or mnist_source)
         self.vocab = self.data.vocab
         config = self.config = fit_to_data(config, self.data)
@@ -360,6 +364,7 @@ class Trainer:
         self.progress = Progress(**state["progress"])
         if restart_lr:
             self.progress.lr, self.progress.bad_epochs = self.config.train.lr, 0
+            self.progress.hold_until = self.progress.epoch + self.config.train.lr_hold_epochs
         self._set_lr(self.progress.lr)
         rngs = state["noise_rng"]
         if len(rngs) == self.dist.world_size:
