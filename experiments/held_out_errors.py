@@ -19,7 +19,6 @@ from aligndraw.data import make_dataset
 from aligndraw.data.mnist_captions import CAPTION_KINDS, PLACES, parse_caption
 from aligndraw.pipeline import AlignDrawPipeline
 from aligndraw.reader import load_reader, read_layouts
-from aligndraw.text import encode_batch
 
 TWO_DIGIT_KINDS = {k for k, name in enumerate(CAPTION_KINDS) if name.endswith("-of")}
 
@@ -35,13 +34,8 @@ def main() -> None:
     parsed = [parse_caption(c) for c in scenes.captions[:args.captions]]
     rows = [i for i, c in enumerate(parsed)
             if scenes.held_out[i] and c.kind in TWO_DIGIT_KINDS]
-    tokens, lengths = encode_batch(pipe.vocab, [scenes.captions[i] for i in rows])
-    noise = torch.randn(pipe.model.noise_shape(len(rows)),
-                        generator=torch.Generator().manual_seed(args.seed))
-    with torch.no_grad():
-        images = torch.cat([pipe.model.sample(tokens[i:i + 500], lengths[i:i + 500],
-                                              noise=noise[i:i + 500]).images
-                            for i in range(0, len(rows), 500)])
+    images = pipe([scenes.captions[i] for i in rows], output_type="pt",
+                  generator=torch.Generator().manual_seed(args.seed)).images
     read = read_layouts(load_reader("reader"), images).numpy()  # (n, 8), -1 = empty
     wanted = np.stack([parsed[i].layout for i in rows])  # (n, 8)
     held_pairs = {(place, int(digit)) for place, digit in pipe.held_out}

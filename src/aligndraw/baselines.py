@@ -159,10 +159,11 @@ class CaptionVAE(nn.Module):
                noise: Tensor | None = None, temperature: float = 1.0) -> DrawSample:
         """Images from the conditional prior, z = μ + τ·σ·ε (``temperature`` τ as in
         ``AlignDraw.sample``); ``DrawSample`` with T = 1 (see the module doc)."""
+        temperature = check_temperature(temperature)  # before any compute
         cfg = self.config
         y, alpha = self.sentence(tokens, lengths)
         mu, log_sigma = self._prior(y)
-        eps = self._noise(noise, tokens.shape[0], y, generator) * check_temperature(temperature)
+        eps = self._noise(noise, tokens.shape[0], y, generator) * temperature
         z = mu + log_sigma.exp() * eps
         images = torch.sigmoid(self.decoder(torch.cat([z, y], 1)))
         images = images.view(-1, cfg.channels, cfg.height, cfg.width)  # (B, C, H, W)

@@ -444,34 +444,28 @@ def caption_fidelity(model: Model, reader: ImageReader, scenes: CaptionSplit, vo
     wanted = torch.from_numpy(np.stack([p.layout for p in parsed]))  # (m, 8)
     kinds = torch.tensor([p.kind for p in parsed])  # (m,)
     with _eval_mode(model, reader):
-        rows, read = [], []
-        for r, images in _prior_images(model, scenes, vocab, samples, torch.device(device), seed,
-                                       batch_size, temperature):
-            rows.append(r)
-            read.append(read_layouts(reader, images, batch_size))
-        rows_t = torch.cat(rows)
-        read_t, real_t = torch.cat(read), read_layouts(reader, scenes.images, batch_size)
+        chunks = list(_prior_images(model, scenes, vocab, samples, torch.device(device), seed,
+                                    batch_size, temperature))
+        rows = torch.cat([r for r, _ in chunks])  # (R,) caption of each generated image
+        generated = torch.cat([read_layouts(reader, images, batch_size) for _, images in chunks])
+        real = read_layouts(reader, scenes.images, batch_size)  # (m, 8)
     held = torch.as_tensor(scenes.held_out, dtype=torch.bool)
-    out = _fidelity_rows(read_t, real_t, wanted, held, rows_t, GROUPS)
+    out = _fidelity_rows(generated, rows, real, wanted, held, torch.ones_like(held), GROUPS)
     for kind in kinds.unique().tolist():
-        mine = kinds == kind
-        rows = _fidelity_rows(read_t[mine[rows_t]], real_t[mine], wanted[mine], held[mine],
-                              _renumber(rows_t[mine[rows_t]], mine), ("seen", "held_out"))
-        out.update({f"{CAPTION_KINDS[kind]}, {g}": v for g, v in rows.items() if v["count"]})
+        by_group = _fidelity_rows(generated, rows, real, wanted, held, kinds == kind,
+                                  ("seen", "held_out"))
+        out.update({f"{CAPTION_KINDS[kind]}, {g}": v for g, v in by_group.items() if v["count"]})
     return out
 
 
-def _renumber(rows: Tensor, keep: Tensor) -> Tensor:
-    """Caption indices ``rows`` (all in ``keep``) as indices among the kept captions."""
-    return (torch.cumsum(keep.long(), 0) - 1)[rows]
-
-
-def _fidelity_rows(generated: Tensor, real: Tensor, wanted: Tensor, held: Tensor, rows: Tensor,
-                   groups: Sequence[str]) -> dict[str, dict[str, float]]:
-    """generated (R, 8) layouts read from images of captions ``rows`` (R,); real (m, 8) read
-    from the real images; wanted (m, 8); held (m,) → {group: {count, fidelity, ceiling}}."""
-    gen = layout_accuracy(generated, wanted[rows], held[rows])
-    ceiling = layout_accuracy(real, wanted, held)
+def _fidelity_rows(generated: Tensor, rows: Tensor, real: Tensor, wanted: Tensor, held: Tensor,
+                   keep: Tensor, groups: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Fidelity and ceiling over the captions in ``keep`` (m,) bool. generated (R, 8) layouts
+    read from the images of captions ``rows`` (R,); real (m, 8) read from the real images;
+    wanted (m, 8); held (m,) → {group: {count, fidelity, ceiling}}."""
+    mine = keep[rows]  # (R,)
+    gen = layout_accuracy(generated[mine], wanted[rows[mine]], held[rows[mine]])
+    ceiling = layout_accuracy(real[keep], wanted[keep], held[keep])
     return {g: {"count": gen[g]["count"], "fidelity": gen[g]["exact"],
                 "ceiling": ceiling[g]["exact"]} for g in groups}
 

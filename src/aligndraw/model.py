@@ -82,12 +82,16 @@ def lstm_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
+MAX_TEMPERATURE = 10.0
+
+
 def check_temperature(temperature: float) -> float:
     """A sampling temperature τ ≥ 0 (z = μ + τ·σ·ε; 1 is the paper's sampling), as a float."""
     if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-            or not 0.0 <= float(temperature) <= 10.0):
-        raise ValueError(f"temperature must be a number between 0 and 10 (1 samples the learned "
-                         f"prior as trained, 0 takes its mean at every step), got {temperature!r}")
+            or not 0.0 <= float(temperature) <= MAX_TEMPERATURE):
+        raise ValueError(f"temperature must be a number between 0 and {MAX_TEMPERATURE:g} (1 "
+                         "samples the learned prior as trained, 0 takes its mean at every step), "
+                         f"got {temperature!r}")
     return float(temperature)
 
 
@@ -334,10 +338,11 @@ class AlignDraw(nn.Module):
         Returns:
             ``DrawSample`` with images, canvases, alignments and write windows.
         """
+        temperature = check_temperature(temperature)  # before any compute
         cfg = self.config
         b = tokens.shape[0]
         h_lang, keys, mask = self.encode_captions(tokens, lengths)
-        eps = self._noise(noise, b, h_lang, generator) * check_temperature(temperature)
+        eps = self._noise(noise, b, h_lang, generator) * temperature
         proj_fn = self._projection(with_encoder=False)
         dec_in = StepLinear(self.dec_lstm.weight_ih)
         st = self._initial_state(b)

@@ -21,7 +21,7 @@ from PIL import Image
 from aligndraw.baselines import Model
 from aligndraw.checkpoint import load_model_dir, model_card, save_model_dir
 from aligndraw.config import RunConfig
-from aligndraw.model import DrawSample, check_temperature
+from aligndraw.model import DrawSample
 from aligndraw.text import UNK, Vocabulary, encode_batch, tokenize
 
 OutputType = Literal["pil", "np", "pt"]
@@ -150,7 +150,6 @@ class AlignDrawPipeline:
                 sampling; lower: cleaner, less varied images; 0: the prior mean).
         """
         captions = self.check_inputs(prompt, num_images_per_caption, output_type, allow_unknown)
-        temperature = check_temperature(temperature)
         repeated = [c for c in captions for _ in range(num_images_per_caption)]
         tokens, lengths = encode_batch(self.vocab, repeated, self.config.model.max_caption_len)
         tokens, lengths = tokens.to(self.device), lengths.to(self.device)

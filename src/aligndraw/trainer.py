@@ -169,6 +169,8 @@ class Trainer:
         ``restart_lr`` (with ``resume``): a warm restart — the learning rate starts again at
         ``config.train.lr``, and no decay for ``lr_hold_epochs`` epochs; everything else
         resumes exactly."""
+        if restart_lr and not resume:
+            raise ValueError("restart_lr only applies when resuming a run (pass --resume)")
         self.data = data or make_dataset(config.data, source=data_source or mnist_source)
         self.vocab = self.data.vocab
         config = self.config = fit_to_data(config, self.data)
@@ -194,8 +196,6 @@ class Trainer:
         self.noise.manual_seed(config.train.seed * 1000 + self.dist.rank)
         self.progress = Progress(lr=config.train.lr)
         self.progress_bar = progress_bar and self.dist.main
-        if restart_lr and not resume:
-            raise ValueError("restart_lr only applies when resuming a run (pass --resume)")
         if resume:
             self.resume(restart_lr=restart_lr)
         elif config.model.model == "sentvec":

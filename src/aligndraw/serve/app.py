@@ -49,13 +49,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from aligndraw import __version__, visualize
+from aligndraw.model import MAX_TEMPERATURE
 from aligndraw.pipeline import AlignDrawPipeline, AlignDrawPipelineOutput, to_pil
 from aligndraw.serve import DEFAULT_MAX_CONCURRENT
 
 STATIC_DIR = Path(__file__).with_name("static")
 MAX_IMAGES = 8  # per request: a row of thumbnails, and 8 × T steps of PNGs stay < 1 MB of events
 MAX_CAPTION_CHARS = 300  # checked before tokenising; the model's max_caption_len (words) also applies
-MAX_TEMPERATURE = 10.0  # as aligndraw.model.check_temperature allows
 MAX_SEED = 2**63 - 1  # the largest seed torch.Generator.manual_seed takes as a signed int
 MAX_SCALE = 8  # download upscaling: a 60×60 scene becomes at most 480×480
 # Captions that exercise every caption kind; held-out ones are added per model (see examples()).
