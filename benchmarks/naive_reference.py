@@ -46,7 +46,7 @@ class NaiveSample:
     """
 
     images: Tensor
-    canvases: Tensor
+    canvases: Tensor | None
     alignments: Tensor
     write_windows: Tensor
 
@@ -212,7 +212,7 @@ class NaiveAlignDraw(nn.Module):
     # ----------------------------------------------------------------------- generation
     @torch.no_grad()
     def sample(self, tokens: Tensor, lengths: Tensor, generator: torch.Generator | None = None,
-               noise: Tensor | None = None) -> NaiveSample:
+               noise: Tensor | None = None, history: bool = True) -> NaiveSample:
         """Draw from the prior without the encoder; see ``AlignDraw.sample``."""
         cfg = self.config
         b = tokens.shape[0]
@@ -228,11 +228,12 @@ class NaiveAlignDraw(nn.Module):
             h_dec, c_dec = self.dec_cell(torch.cat([z, s], dim=1), (h_dec, c_dec))
             update, box = self.write(h_dec)
             canvas = canvas + update
-            canvases.append(torch.sigmoid(canvas))
+            if history:
+                canvases.append(torch.sigmoid(canvas))
             alphas.append(alpha)
             boxes.append(box)
-        canvases_t = torch.stack(canvases, dim=1)  # (B, T+1, C, H, W)
-        return NaiveSample(images=canvases_t[:, -1], canvases=canvases_t,
+        canvases_t = torch.stack(canvases, dim=1) if history else None  # (B, T+1, C, H, W)
+        return NaiveSample(images=torch.sigmoid(canvas), canvases=canvases_t,
                            alignments=torch.stack(alphas, dim=1), write_windows=torch.stack(boxes, dim=1))
 
 

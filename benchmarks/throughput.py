@@ -134,7 +134,8 @@ class Variant:
 
     def sample_step(self) -> None:
         with torch.no_grad(), autocast(self.precision, self.images.device):
-            self.sampler(self.tokens, self.lengths, noise=self._eps())
+            # Images only, for every variant (the per-step canvases are for pictures).
+            self.sampler(self.tokens, self.lengths, noise=self._eps(), history=False)
 
 
 def round_robin(variants: list[Variant], phase: str, warmup: int, repeats: int,

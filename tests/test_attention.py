@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from aligndraw import attention
@@ -86,3 +87,19 @@ def test_batched_filterbanks_equal_separate_calls():
             ref_x, ref_y = attention.filterbanks(w, height, width, n)
             torch.testing.assert_close(fx, ref_x)
             torch.testing.assert_close(fy, ref_y)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_write_onto_equals_canvas_plus_write(channels):
+    params = _random_window(seed=2)
+    w = attention.window_params(params, 10, 12, 4)
+    fx, fy = attention.filterbanks(w, 10, 12, 4)
+    patch = torch.rand(3, channels, 4, 4, dtype=torch.float64)
+    canvas = torch.randn(3, channels, 10, 12, dtype=torch.float64)
+    out = attention.write_onto(canvas, patch, fx, fy, w.gamma)
+    assert out.shape == canvas.shape
+    torch.testing.assert_close(out, canvas + attention.write(patch, fx, fy, w.gamma))
+    assert not torch.equal(out, canvas)  # the patch was added
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the canvas keeps its precision
+        assert attention.write_onto(canvas.float(), patch.float(), fx.float(), fy.float(),
+                                    w.gamma.float()).dtype == torch.float32

@@ -72,6 +72,8 @@ def test_vae_bound_terms_and_samples_have_the_shared_shapes(kind, size):
     assert s.write_windows.shape == (4, 1, 4) and s.write_windows[0, 0].tolist() == [0, 0, w, h]
     torch.testing.assert_close(s.alignments.sum(-1), torch.ones(4, 1))
     assert (s.alignments[1, 0, lengths[1]:] == 0).all()
+    s2 = model.sample(tokens, lengths, generator=torch.Generator().manual_seed(1), history=False)
+    assert s2.canvases is None and torch.equal(s2.images, s.images)
 
 
 @pytest.mark.parametrize("kind", VAES)

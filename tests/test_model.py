@@ -95,6 +95,10 @@ def test_sample_shapes_ranges_and_seeded_determinism(tiny):
     # Padding positions receive no attention.
     mask = torch.arange(6)[None] < lengths[:, None]
     assert (s1.alignments.permute(1, 0, 2)[:, ~mask] == 0).all()
+    # history=False: the same images and alignments, no per-step canvases.
+    s4 = model.sample(tokens, lengths, generator=torch.Generator().manual_seed(7), history=False)
+    assert s4.canvases is None
+    assert torch.equal(s4.images, s1.images) and torch.equal(s4.alignments, s1.alignments)
 
 
 def test_sample_uses_the_prior_not_the_encoder(tiny):

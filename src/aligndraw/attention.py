@@ -139,6 +139,29 @@ def write(patch: Tensor, f_x: Tensor, f_y: Tensor, gamma: Tensor) -> Tensor:
     return f_y[:, None].transpose(-1, -2) @ (patch @ f_x[:, None])  # (B, C, H, W)
 
 
+def write_onto(canvas: Tensor, patch: Tensor, f_x: Tensor, f_y: Tensor, gamma: Tensor) -> Tensor:
+    """canvas + write(patch, f_x, f_y, gamma), the addition fused into the last product.
+
+    Args:
+        canvas: (B, C, H, W). patch: (B, C, M, M). f_x: (B, M, W). f_y: (B, M, H). gamma: (B,).
+
+    Returns:
+        (B, C, H, W) new canvas. One ``baddbmm`` instead of a product and a full-image add;
+        under torch.compile the canvas also becomes a real buffer each step rather than a
+        chain of additions the compiler may recompute. Under autocast it falls back to
+        ``canvas + write(…)``, so the canvas keeps its own (fp32) precision.
+    """
+    if torch.is_autocast_enabled(canvas.device.type):
+        return canvas + write(patch, f_x, f_y, gamma)
+    b, c, h, w = canvas.shape
+    m = patch.shape[-1]
+    right = (patch / gamma[:, None, None, None]) @ f_x[:, None]  # (B, C, M, W)
+    left = f_y.transpose(1, 2)[:, None].expand(b, c, h, m)  # (B, C, H, M)
+    out = torch.baddbmm(canvas.reshape(b * c, h, w), left.reshape(b * c, h, m),
+                        right.reshape(b * c, m, w))  # (B·C, H, W)
+    return out.view(b, c, h, w)
+
+
 def window_box(window: Window, n: int) -> Tensor:
     """The grid's extent as (x0, y0, x1, y1) in 0-based pixel coordinates, shape (B, 4).
 

@@ -156,9 +156,10 @@ class CaptionVAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, tokens: Tensor, lengths: Tensor, generator: torch.Generator | None = None,
-               noise: Tensor | None = None, temperature: float = 1.0) -> DrawSample:
-        """Images from the conditional prior, z = μ + τ·σ·ε (``temperature`` τ as in
-        ``AlignDraw.sample``); ``DrawSample`` with T = 1 (see the module doc)."""
+               noise: Tensor | None = None, temperature: float = 1.0,
+               history: bool = True) -> DrawSample:
+        """Images from the conditional prior, z = μ + τ·σ·ε (``temperature`` and ``history``
+        as in ``AlignDraw.sample``); ``DrawSample`` with T = 1 (see the module doc)."""
         temperature = check_temperature(temperature)  # before any compute
         cfg = self.config
         y, alpha = self.sentence(tokens, lengths)
@@ -169,7 +170,8 @@ class CaptionVAE(nn.Module):
         images = images.view(-1, cfg.channels, cfg.height, cfg.width)  # (B, C, H, W)
         blank = torch.zeros_like(images)
         box = images.new_tensor([0.0, 0.0, cfg.width, cfg.height]).expand(len(images), 1, 4)
-        return DrawSample(images=images, canvases=torch.stack([blank, images], 1),
+        canvases = torch.stack([blank, images], 1) if history else None  # (B, 2, C, H, W)
+        return DrawSample(images=images, canvases=canvases,
                           alignments=alpha[:, None, :], write_windows=box)
 
 

@@ -369,7 +369,7 @@ def _prior_images(model: Model, scenes: CaptionSplit, vocab: Vocabulary, samples
         r = rows[start:start + batch_size]
         noise = torch.randn(model.noise_shape(len(r)), generator=g)
         out = model.sample(tokens[r].to(device), lengths[r].to(device), noise=noise.to(device),
-                           temperature=temperature)
+                           temperature=temperature, history=False)
         yield r, out.images.float().cpu()
 
 

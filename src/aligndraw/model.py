@@ -61,13 +61,13 @@ class DrawLoss:
 class DrawSample:
     """What the model drew.
 
-    images: (B, C, H, W) σ(c_T). canvases: (B, T+1, C, H, W) σ(c_t) for t = 0..T.
-    alignments: (B, T, L) word weights per step. write_windows: (B, T, 4) write box
-    (x0, y0, x1, y1) in pixels per step.
+    images: (B, C, H, W) σ(c_T). canvases: (B, T+1, C, H, W) σ(c_t) for t = 0..T, or None
+    when sampled with ``history=False``. alignments: (B, T, L) word weights per step.
+    write_windows: (B, T, 4) write box (x0, y0, x1, y1) in pixels per step.
     """
 
     images: Tensor
-    canvases: Tensor
+    canvases: Tensor | None
     alignments: Tensor
     write_windows: Tensor
 
@@ -236,10 +236,10 @@ class AlignDraw(nn.Module):
         atts = {name: _Attention(w, *b) for (name, _), w, b in zip(wanted, windows, banks, strict=True)}
         return atts.get("write"), atts.get("read")
 
-    def _write(self, proj: dict[str, Tensor], att: _Attention) -> Tensor:
+    def _write_onto(self, canvas: Tensor, proj: dict[str, Tensor], att: _Attention) -> Tensor:
         cfg = self.config
         patch = proj["patch"].view(-1, cfg.channels, cfg.write_n, cfg.write_n)  # (B, C, M, M)
-        return attention.write(patch, att.f_x, att.f_y, att.window.gamma)
+        return attention.write_onto(canvas, patch, att.f_x, att.f_y, att.window.gamma)
 
     def _read(self, images: Tensor, canvas_prob: Tensor, att: _Attention) -> Tensor:
         """r_t = [read(x), read(x̂_t)] with x̂_t = x − σ(c_{t−1}); (B, 2C·N·N).
@@ -307,7 +307,7 @@ class AlignDraw(nn.Module):
             proj = proj_fn(st["h_dec"])
             write_att, read_att = self._attention(proj, read=t + 1 < cfg.steps)
             assert write_att is not None
-            st["canvas"] = st["canvas"] + self._write(proj, write_att)
+            st["canvas"] = self._write_onto(st["canvas"], proj, write_att)
         nll = bernoulli_nll(st["canvas"], images)
         kl_steps_t = torch.stack(kl_steps, dim=1)  # (B, T)
         kl = kl_steps_t.sum(1)
@@ -327,13 +327,16 @@ class AlignDraw(nn.Module):
     # ----------------------------------------------------------------------------- generation
     @torch.no_grad()
     def sample(self, tokens: Tensor, lengths: Tensor, generator: torch.Generator | None = None,
-               noise: Tensor | None = None, temperature: float = 1.0) -> DrawSample:
+               noise: Tensor | None = None, temperature: float = 1.0,
+               history: bool = True) -> DrawSample:
         """Draw images from the learned prior, without the inference network.
 
         Args:
             tokens: (B, L) word ids. lengths: (B,). generator: source of z. noise: (B, T, Z).
             temperature: τ scales the prior's standard deviation, z_t = μ_t + τ·σ_t·ε_t
                 (1: the paper's sampling; 0: the prior mean at every step).
+            history: keep σ(c_t) of every step in ``canvases``; False keeps the final images
+                only (``canvases`` is None): a (B, T+1, C, H, W) buffer less to fill.
 
         Returns:
             ``DrawSample`` with images, canvases, alignments and write windows.
@@ -347,7 +350,13 @@ class AlignDraw(nn.Module):
         dec_in = StepLinear(self.dec_lstm.weight_ih)
         st = self._initial_state(b)
         proj = proj_fn(self.h_dec0[None])  # (1, ·): h_dec_0 is the same for every image
-        canvases, alphas, boxes = [torch.sigmoid(st["canvas"])], [], []
+        # Filled in place: a list stacked after the loop costs a second full copy, and under
+        # torch.compile the stack recomputed every prefix sum c_0 + w_1 + … + w_t (O(T²)).
+        canvases = None
+        if history:
+            canvases = st["canvas"].new_empty(b, cfg.steps + 1, *st["canvas"].shape[1:])  # (B, T+1, C, H, W)
+            canvases[:, 0] = torch.sigmoid(st["canvas"])
+        alphas, boxes = [], []
         for t in range(cfg.steps):
             mu_p, log_sigma_p = self._prior(proj, t)
             z = mu_p + log_sigma_p.exp() * eps[:, t]
@@ -355,11 +364,12 @@ class AlignDraw(nn.Module):
             proj = proj_fn(st["h_dec"])
             write_att = self._attention(proj, read=False)[0]
             assert write_att is not None
-            st["canvas"] = st["canvas"] + self._write(proj, write_att)
-            canvases.append(torch.sigmoid(st["canvas"]))
+            st["canvas"] = self._write_onto(st["canvas"], proj, write_att)
+            if canvases is not None:
+                canvases[:, t + 1] = torch.sigmoid(st["canvas"])
             alphas.append(alpha)
             boxes.append(attention.window_box(write_att.window, cfg.write_n))
-        canvases_t = torch.stack(canvases, dim=1)  # (B, T+1, C, H, W)
-        return DrawSample(images=canvases_t[:, -1], canvases=canvases_t,
+        images = canvases[:, -1] if canvases is not None else torch.sigmoid(st["canvas"])
+        return DrawSample(images=images, canvases=canvases,
                           alignments=torch.stack(alphas, dim=1),  # (B, T, L)
                           write_windows=torch.stack(boxes, dim=1))  # (B, T, 4)
