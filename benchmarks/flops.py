@@ -8,7 +8,9 @@ Assumptions (so the figures can be checked by hand):
   per step as the naive reference does. Both models are therefore credited with the same
   useful work, and the naive one's redundant work shows up as a lower share of peak.
 - The caption encoder runs over ``caption_len`` words in both directions; the embedding is a
-  lookup (0 FLOPs).
+  lookup (0 FLOPs). Its input gates W_ih·E[y] are counted as the library computes them: once
+  per vocabulary word per batch (a table, shared by the batch's images) when the vocabulary is
+  no larger than the batch's words, else once per word.
 - Every step computes the prior head, including the first (where it is then unused), as the
   library does.
 - Training ≈ 3 × forward (backward ≈ 2 × forward: one product for the input gradient, one for
@@ -27,10 +29,13 @@ def _linear(n_in: int, n_out: int) -> int:
     return 2 * n_in * n_out
 
 
-def caption_flops(cfg: ModelConfig, caption_len: int) -> dict[str, int]:
-    """Once per caption: bidirectional LSTM and (alignDRAW) the keys U h_lang."""
+def caption_flops(cfg: ModelConfig, caption_len: int, batch: int) -> dict[str, float]:
+    """Per caption: bidirectional LSTM (input gates, recurrence) and (alignDRAW) the keys U h_lang."""
     d, d2 = cfg.lang_hidden, 2 * cfg.lang_hidden
-    out = {"caption_lstm": 2 * caption_len * _linear(cfg.embed_dim + d, 4 * d)}
+    per_word = 2 * caption_len * _linear(cfg.embed_dim, 4 * d)
+    table = 2 * cfg.vocab_size * _linear(cfg.embed_dim, 4 * d) / batch
+    out = {"caption_input_gates": table if cfg.vocab_size <= batch * caption_len else per_word,
+           "caption_recurrence": 2 * caption_len * _linear(d, 4 * d)}
     if cfg.model == "aligndraw":
         out["align_keys"] = caption_len * _linear(d2, cfg.align_dim)
     return out
@@ -69,9 +74,9 @@ def encoder_step_flops(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
-def flops_per_image(cfg: ModelConfig, caption_len: int) -> dict[str, float]:
+def flops_per_image(cfg: ModelConfig, caption_len: int, batch: int) -> dict[str, float]:
     """Matmul FLOPs for one image: ``train`` (forward + backward), ``forward``, ``sample``."""
-    once = sum(caption_flops(cfg, caption_len).values())
+    once = sum(caption_flops(cfg, caption_len, batch).values())
     dec = sum(decoder_step_flops(cfg, caption_len).values())
     enc = sum(encoder_step_flops(cfg).values())
     forward = once + cfg.steps * (dec + enc)

@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(threads)
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     cfg = model_config(args)
-    flops = flops_per_image(cfg, args.caption_len)
+    flops = flops_per_image(cfg, args.caption_len, args.batch)
     load_before = [round(x, 2) for x in os.getloadavg()]
     log(f"measuring matmul peak ({args.peak_size}²) …")
     peak = {p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, args.peak_size, device,

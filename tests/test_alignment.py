@@ -1,7 +1,8 @@
+import pytest
 import torch
 
 from aligndraw.alignment import Alignment, align, mean_context, sigmoid_form_scores, tanh_scores
-from aligndraw.language import CaptionEncoder, padding_mask
+from aligndraw.language import CaptionEncoder, padding_mask, reverse_index
 
 
 def _setup(seed=0):
@@ -83,3 +84,49 @@ def test_sigmoid_form_scores_equal_tanh_scores():
     torch.testing.assert_close(sigmoid_form_scores(x, v), ref)
     torch.testing.assert_close(sigmoid_form_scores(x.float(), v.float()), ref.float(),
                                atol=1e-5, rtol=1e-5)
+
+
+def _packed_reference(enc: CaptionEncoder, lstm: torch.nn.LSTM, tokens: torch.Tensor,
+                      lengths: torch.Tensor) -> torch.Tensor:
+    """h_lang from ``nn.LSTM`` over packed sequences (each caption reversed on its own)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    b, max_len = tokens.shape
+    packed = pack_padded_sequence(enc.embedding(tokens), lengths, batch_first=True, enforce_sorted=False)
+    state = (enc.h0.expand(-1, b, -1).contiguous(), enc.c0.expand(-1, b, -1).contiguous())
+    out, _ = lstm(packed, state)
+    return pad_packed_sequence(out, batch_first=True, total_length=max_len)[0]
+
+
+@pytest.mark.parametrize("vocab", [7, 500])  # input gates by table lookup / per batch word
+def test_encoder_equals_packed_nn_lstm_states_and_gradients(vocab):
+    torch.manual_seed(0)
+    enc = CaptionEncoder(vocab_size=vocab, embed_dim=6, hidden=5).double()
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.normal_(0, 0.5)
+    lengths = torch.tensor([5, 2, 4, 1])
+    tokens = torch.randint(1, vocab, (4, 5)) * padding_mask(lengths, 5)
+    lstm = torch.nn.LSTM(6, 5, batch_first=True, bidirectional=True).double()
+    lstm.load_state_dict(enc.lstm.state_dict())  # same names and shapes as nn.LSTM's
+    out = enc(tokens, lengths)
+    ref = _packed_reference(enc, lstm, tokens, lengths)
+    torch.testing.assert_close(out, ref)
+    assert (out[1, 2:] == 0).all() and (out[3, 1:] == 0).all()
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in enc.named_parameters()}
+    enc.zero_grad()
+    (ref * weights).sum().backward()
+    ref_grads = {n: p.grad for n, p in enc.named_parameters() if p.grad is not None}
+    ref_grads |= {f"lstm.{n}": p.grad for n, p in lstm.named_parameters()}
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_reverse_index_reverses_real_words_only_and_is_an_involution():
+    lengths = torch.tensor([3, 1, 4])
+    idx = reverse_index(lengths, 4)
+    assert idx.tolist() == [[2, 1, 0, 3], [0, 1, 2, 3], [3, 2, 1, 0]]
+    assert torch.equal(idx.gather(1, idx), torch.arange(4).expand(3, 4))

@@ -139,10 +139,16 @@ def test_load_from_library_rejects_other_shapes() -> None:
 
 def test_flop_counts_match_the_issue_estimate() -> None:
     """The issue quotes ≈ 0.43 GFLOP per training image and ≈ 0.08 per sampled image (MNIST)."""
-    flops = flops_per_image(preset("mnist-captions").model, caption_len=12)
+    cfg = preset("mnist-captions").model
+    flops = flops_per_image(cfg, caption_len=12, batch=100)
     assert 0.38e9 < flops["train"] < 0.52e9
     assert 0.06e9 < flops["sample"] < 0.11e9
     assert flops["train"] == pytest.approx(3 * flops["forward"])
+    # Input gates: a 23-word table shared by 100 images beats 12 words per image; with a
+    # vocabulary larger than the batch's words they are computed per word.
+    input_gates = 2 * 12 * 2 * cfg.embed_dim * 4 * cfg.lang_hidden  # per image, per word
+    big = flops_per_image(cfg, caption_len=12, batch=1)  # 23 > 12 words: per word
+    assert big["sample"] - flops["sample"] == pytest.approx(input_gates - input_gates * 23 / 12 / 100)
 
 
 def test_throughput_smoke_prints_json_last() -> None:

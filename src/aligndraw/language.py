@@ -2,17 +2,58 @@
 
     h_lang_j = [h→_j ; h←_j]   (size 2·D_lang)
 
-Each caption is reversed on its own (packed sequences), so padding never changes the states of
-real words — unlike the authors' code, which reversed the whole batch.
+Each caption is reversed on its own, so padding never changes the states of real words —
+unlike the authors' code, which reversed the whole batch. The recurrence is written out
+(both directions advance together, one batched product per word) rather than run through
+packed sequences, which torch.compile cannot trace. The weights keep ``nn.LSTM``'s names and
+layout (``BiLstmWeights``), so checkpoints load either way.
 
-Symbols: B batch, L words (padded), E embedding size, D = D_lang per direction.
+Input gates by lookup: the input part of the gates, W_ih·E[y] + b, depends on the word alone,
+so for a small vocabulary (captioned MNIST: 23 words) it is computed once per word of the
+vocabulary — a (V, 4D) table — and looked up, instead of once per word of the batch.
+
+Symbols: B batch, L words (padded), E embedding size, D = D_lang per direction, V vocabulary.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+
+def lstm_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """LSTM cell update from pre-activations (gate order i, f, g, o as in ``nn.LSTMCell``).
+
+    gates: (…, 4D), c: (…, D) → h, c: (…, D).
+    """
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def reverse_index(lengths: Tensor, max_len: int) -> Tensor:
+    """(B, L) positions that reverse each caption's real words in place; padding stays put.
+
+    ``tokens.gather(1, idx)`` reverses every caption on its own; the map is its own inverse.
+    """
+    j = torch.arange(max_len, device=lengths.device)[None, :]  # (1, L)
+    return torch.where(j < lengths[:, None], lengths[:, None] - 1 - j, j)  # (B, L)
+
+
+class BiLstmWeights(nn.Module):
+    """The parameters of a one-layer bidirectional ``nn.LSTM``, under its names, without its
+    forward (torch.compile breaks the graph at any ``nn.LSTM`` module)."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        bound = hidden_size ** -0.5  # nn.LSTM's initialisation
+        for suffix in ("", "_reverse"):
+            for name, shape in (("weight_ih_l0", (4 * hidden_size, input_size)),
+                                ("weight_hh_l0", (4 * hidden_size, hidden_size)),
+                                ("bias_ih_l0", (4 * hidden_size,)), ("bias_hh_l0", (4 * hidden_size,))):
+                weight = torch.empty(shape).uniform_(-bound, bound)
+                self.register_parameter(name + suffix, nn.Parameter(weight))
 
 
 class CaptionEncoder(nn.Module):
@@ -21,13 +62,31 @@ class CaptionEncoder(nn.Module):
     def __init__(self, vocab_size: int, embed_dim: int, hidden: int) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
-        self.lstm = nn.LSTM(embed_dim, hidden, batch_first=True, bidirectional=True)
+        self.lstm = BiLstmWeights(embed_dim, hidden)
         self.h0 = nn.Parameter(torch.zeros(2, 1, hidden))  # (directions, 1, D), learned
         self.c0 = nn.Parameter(torch.zeros(2, 1, hidden))
 
     @property
     def out_dim(self) -> int:
         return 2 * self.lstm.hidden_size
+
+    def _weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """W_ih (2, 4D, E), W_hh (2, 4D, D), b_ih + b_hh (2, 4D); forward direction first."""
+        lstm = self.lstm
+        w_ih = torch.stack([lstm.weight_ih_l0, lstm.weight_ih_l0_reverse])
+        w_hh = torch.stack([lstm.weight_hh_l0, lstm.weight_hh_l0_reverse])
+        bias = torch.stack([lstm.bias_ih_l0 + lstm.bias_hh_l0,
+                            lstm.bias_ih_l0_reverse + lstm.bias_hh_l0_reverse])
+        return w_ih, w_hh, bias
+
+    def _input_gates(self, words: Tensor, w_ih: Tensor, bias: Tensor) -> Tensor:
+        """words (2, B, L) ids per direction → W_ih·E[y] + b, (2, B, L, 4D)."""
+        vocab = self.embedding.num_embeddings
+        if vocab <= words[0].numel():  # a table of every word is cheaper than the batch's words
+            table = torch.matmul(self.embedding.weight, w_ih.transpose(1, 2)) + bias[:, None]  # (2, V, 4D)
+            return torch.stack([table[d][words[d]] for d in range(2)])
+        embedded = self.embedding(words)  # (2, B, L, E)
+        return torch.matmul(embedded, w_ih[:, None].transpose(2, 3)) + bias[:, None, None]
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """Encode captions.
@@ -39,13 +98,20 @@ class CaptionEncoder(nn.Module):
             h_lang: (B, L, 2D); rows past each caption's length are zero.
         """
         b, max_len = tokens.shape
-        embedded = self.embedding(tokens)  # (B, L, E)
-        packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True,
-                                      enforce_sorted=False)
-        state = (self.h0.expand(-1, b, -1).contiguous(), self.c0.expand(-1, b, -1).contiguous())
-        out, _ = self.lstm(packed, state)
-        h_lang, _ = pad_packed_sequence(out, batch_first=True, total_length=max_len)  # (B, L, 2D)
-        return h_lang
+        rev = reverse_index(lengths, max_len)  # (B, L)
+        words = torch.stack([tokens, tokens.gather(1, rev)])  # (2, B, L): backward reads reversed
+        w_ih, w_hh, bias = self._weights()
+        x_gates = self._input_gates(words, w_ih, bias)  # (2, B, L, 4D)
+        w_hh_t = w_hh.transpose(1, 2)  # (2, D, 4D)
+        h, c = self.h0.expand(-1, b, -1), self.c0.expand(-1, b, -1)  # (2, B, D)
+        states = []
+        for j in range(max_len):  # padding comes after every caption's real words in both
+            h, c = lstm_update(x_gates[:, :, j] + torch.bmm(h, w_hh_t), c)  # (2, B, D)
+            states.append(h)
+        out = torch.stack(states, dim=2)  # (2, B, L, D)
+        backward = out[1].gather(1, rev[..., None].expand(-1, -1, out.shape[-1]))  # un-reversed
+        h_lang = torch.cat([out[0], backward], dim=-1)  # (B, L, 2D)
+        return h_lang * padding_mask(lengths, max_len)[..., None]
 
 
 def padding_mask(lengths: Tensor, max_len: int) -> Tensor:

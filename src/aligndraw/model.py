@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from aligndraw import attention
 from aligndraw.alignment import Alignment, align, mean_context
 from aligndraw.config import ModelConfig
-from aligndraw.language import CaptionEncoder, padding_mask
+from aligndraw.language import CaptionEncoder, lstm_update, padding_mask
 from aligndraw.losses import bernoulli_nll, gaussian_kl, gaussian_log_prob
 from aligndraw.recurrent_linear import StepLinear
 from aligndraw.sentence_vectors import SentenceVectorEncoder
@@ -70,16 +70,6 @@ class DrawSample:
     canvases: Tensor | None
     alignments: Tensor
     write_windows: Tensor
-
-
-def lstm_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """LSTM cell update from pre-activations (gate order i, f, g, o as in ``nn.LSTMCell``).
-
-    gates: (B, 4D), c: (B, D) → h, c: (B, D).
-    """
-    i, f, g, o = gates.chunk(4, dim=-1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
 
 
 MAX_TEMPERATURE = 10.0
