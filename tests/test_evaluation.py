@@ -48,7 +48,7 @@ class RealImages:
     def noise_shape(self, batch):
         return (batch, self.config.steps, self.config.z_dim)
 
-    def sample(self, tokens, lengths, generator=None, noise=None, temperature=1.0):
+    def sample(self, tokens, lengths, generator=None, noise=None, temperature=1.0, history=True):
         images = self.images[self.done:self.done + len(tokens)]
         self.done += len(tokens)
         return SimpleNamespace(images=images)
