@@ -160,8 +160,34 @@ def test_throughput_smoke_prints_json_last() -> None:
                 "flops_per_image", "check", "results", "ratios"):
         assert key in report, key
     assert report["check"]["equal"] is True
+    assert set(report["targets"]) == {"library_fp32"}  # no compiled variant in this run
+    assert report["targets"]["library_fp32"]["fp32_equal"] is True
     assert set(report["results"]) == {"library_fp32", "naive_fp32"}
     for phase in ("train", "sample"):
         stats = report["results"]["library_fp32"][phase]
         assert stats["images_per_s"] > 0 and 0 < stats["share_of_peak"]
     assert set(report["ratios"]["library_fp32/naive_fp32"]) >= {"train", "sample"}
+
+
+def test_alignment_scores_benchmark_forms_agree() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "alignment_scores.py"), "--batch", "4",
+                           "--words", "3", "--align", "16", "--min-time", "0.01"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("tanh", "sigmoid"):
+        for mode in ("eager", "compiled"):
+            assert report[f"{name}_{mode}_ms"] > 0
+            assert report[f"{name}_{mode}_max_diff"] < 1e-5
+
+
+def test_fp32_targets_are_judged_per_variant() -> None:
+    from benchmarks.throughput import fp32_targets
+
+    ratios = {"library_fp32/naive_fp32": {"train": 1.4, "sample": 3.2},
+              "library_compiled_fp32/naive_fp32": {"train": 3.0, "sample": 2.9},
+              "library_bf16/naive_fp32": {"train": 5.0, "sample": 5.0}}
+    assert fp32_targets(ratios, {"equal": True, "compiled_equal": False}) == {
+        "library_fp32": {"train_3x": False, "sample_3x": True, "fp32_equal": True},
+        "library_compiled_fp32": {"train_3x": True, "sample_3x": False, "fp32_equal": False}}
+    assert set(fp32_targets(ratios, {"equal": True})) == {"library_fp32"}  # compiled not checked

@@ -85,8 +85,10 @@ class CaptionEncoder(nn.Module):
         if vocab <= words[0].numel():  # a table of every word is cheaper than the batch's words
             table = torch.matmul(self.embedding.weight, w_ih.transpose(1, 2)) + bias[:, None]  # (2, V, 4D)
             return torch.stack([table[d][words[d]] for d in range(2)])
-        embedded = self.embedding(words)  # (2, B, L, E)
-        return torch.matmul(embedded, w_ih[:, None].transpose(2, 3)) + bias[:, None, None]
+        _, b, max_len = words.shape
+        embedded = self.embedding(words).flatten(1, 2)  # (2, B·L, E)
+        gates = torch.baddbmm(bias[:, None], embedded, w_ih.transpose(1, 2))  # (2, B·L, 4D)
+        return gates.view(2, b, max_len, -1)  # (2, B, L, 4D)
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """Encode captions.

@@ -1,0 +1,64 @@
+"""Alignment scores vᵀtanh(x) two ways, eager and under torch.compile.
+
+    python benchmarks/alignment_scores.py [--batch 100] [--words 12] [--align 512] [--threads 1]
+
+Times ``torch.tanh(x) @ v`` and the equal 2·vᵀσ(2x) − Σv (``aligndraw.alignment``) on one
+step's (B, L, A) tensor x = keys + query, each eagerly and compiled, and prints the medians
+(ms) and the largest difference from the tanh form; one JSON line last. The library uses the
+sigmoid form only under the compiler, where it measured faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.benchmark import Timer
+
+if __package__ in (None, ""):  # run as a script: make ``aligndraw`` importable from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from aligndraw.alignment import sigmoid_form_scores  # noqa: E402
+
+
+def tanh_form(keys: torch.Tensor, query: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(keys + query[:, None, :]) @ v  # (B, L)
+
+
+def sigmoid_form(keys: torch.Tensor, query: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return sigmoid_form_scores(keys + query[:, None, :], v)  # (B, L)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--words", type=int, default=12)
+    p.add_argument("--align", type=int, default=512, help="alignment size A")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(args.batch, args.words, args.align, generator=g)
+    query = torch.randn(args.batch, args.align, generator=g)
+    v = torch.randn(args.align, generator=g) / args.align ** 0.5
+    reference = tanh_form(keys, query, v)
+    result: dict = {"shape": [args.batch, args.words, args.align], "threads": args.threads}
+    for name, fn in (("tanh", tanh_form), ("sigmoid", sigmoid_form)):
+        for mode, f in (("eager", fn), ("compiled", torch.compile(fn))):
+            out = f(keys, query, v)  # compiles on the first call
+            ms = Timer("f(k, q, v)", globals={"f": f, "k": keys, "q": query, "v": v}) \
+                .blocked_autorange(min_run_time=args.min_time).median * 1e3
+            diff = float((out - reference).abs().max())
+            result[f"{name}_{mode}_ms"] = ms
+            print(f"{name:>8} {mode:>9}: {ms:7.3f} ms   max |difference| {diff:.1e}")
+            result[f"{name}_{mode}_max_diff"] = diff
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
