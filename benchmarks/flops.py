@@ -38,25 +38,29 @@ def caption_flops(cfg: ModelConfig, caption_len: int, batch: int) -> dict[str, f
            "caption_recurrence": 2 * caption_len * _linear(d, 4 * d)}
     if cfg.model == "aligndraw":
         out["align_keys"] = caption_len * _linear(d2, cfg.align_dim)
+    # W_s h_lang_j: the caption's share of the generative gates, once per word
+    out["context_gates"] = caption_len * _linear(d2, 4 * cfg.dec_hidden)
     return out
 
 
 def decoder_step_flops(cfg: ModelConfig, caption_len: int) -> dict[str, int]:
     """Per step, shared by training and sampling: generative LSTM, prior, alignment, write."""
     c, h, w, m = cfg.channels, cfg.height, cfg.width, cfg.write_n
-    d2, dd, a = 2 * cfg.lang_hidden, cfg.dec_hidden, cfg.align_dim
+    dd, a = cfg.dec_hidden, cfg.align_dim
     out = {
-        "dec_lstm": _linear(cfg.z_dim + d2 + dd, 4 * dd),
+        # z_t and h_dec; s_t enters as Σ_j α_j (W_s h_lang_j), mixed below
+        "dec_lstm": _linear(cfg.z_dim + dd, 4 * dd),
         "prior": _linear(dd, 2 * cfg.z_dim),
         "write_heads": _linear(dd, 5 + c * m * m),
         # F̂_yᵀ (H×M) · w (M×M), then · F̂_x (M×W), per channel
         "write_filter": c * (2 * h * m * m + 2 * h * m * w),
     }
+    mix = 2 * caption_len * 4 * dd  # Σ_j α_j (W_s h_lang_j)
     if cfg.model == "aligndraw":
-        # query W h_dec, scores vᵀ tanh(·) over L words, context Σ α h_lang
-        out["alignment"] = _linear(dd, a) + 2 * caption_len * a + 2 * caption_len * d2
+        # query W h_dec, scores vᵀ tanh(·) over L words, the gates' context mix
+        out["alignment"] = _linear(dd, a) + 2 * caption_len * a + mix
     else:
-        out["alignment"] = 2 * caption_len * d2
+        out["alignment"] = mix
     return out
 
 

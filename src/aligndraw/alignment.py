@@ -33,6 +33,18 @@ def sigmoid_form_scores(x: Tensor, v: Tensor) -> Tensor:
     return (torch.sigmoid(2 * x) @ v) * 2 - v.sum()
 
 
+def align_weights(keys: Tensor, query: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """α_t: (B, L) weights summing to 1 over real words; arguments as in ``align``."""
+    scores = tanh_scores(keys + query[:, None, :], v)  # (B, L)
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+
+
+def uniform_weights(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, L) equal weights on the real words (noalignDRAW's "alignment")."""
+    alpha = mask.to(dtype)
+    return alpha / alpha.sum(-1, keepdim=True)
+
+
 def align(keys: Tensor, query: Tensor, v: Tensor, h_lang: Tensor,
           mask: Tensor) -> tuple[Tensor, Tensor]:
     """One alignment step.
@@ -44,9 +56,7 @@ def align(keys: Tensor, query: Tensor, v: Tensor, h_lang: Tensor,
     Returns:
         alpha: (B, L) weights summing to 1 over real words. s: (B, D2) sentence context.
     """
-    scores = tanh_scores(keys + query[:, None, :], v)  # (B, L)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    alpha = torch.softmax(scores, dim=-1)  # (B, L)
+    alpha = align_weights(keys, query, v, mask)  # (B, L)
     s = (alpha[:, None, :] @ h_lang).squeeze(1)  # (B, 1, L) @ (B, L, D2) → (B, D2)
     return alpha, s
 
@@ -56,8 +66,7 @@ def mean_context(h_lang: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
     Returns alpha (B, L) and s (B, D2), like ``align``.
     """
-    alpha = mask.to(h_lang.dtype)
-    alpha = alpha / alpha.sum(-1, keepdim=True)  # (B, L)
+    alpha = uniform_weights(mask, h_lang.dtype)  # (B, L)
     return alpha, (alpha[:, None, :] @ h_lang).squeeze(1)
 
 

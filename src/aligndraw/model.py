@@ -12,9 +12,10 @@ One drawing step (PAPER.md), t = 1..T:
 
 Speed: every linear map of h_dec (its share of both LSTMs' gates, the read and write heads,
 the write patch, the alignment query and the prior) is one fused matmul per step; the
-alignment keys U h_lang are computed once per caption. The parameters stay in the usual
-modules (``nn.LSTMCell``, ``nn.Linear``) so they read like the paper and a naive per-module
-reference can share them.
+alignment keys U h_lang and the caption's share of the generative gates, W_s h_lang (mixed
+by α_t each step: W_s s_t = Σ_j α_j W_s h_lang_j), are computed once per caption. The
+parameters stay in the usual modules (``nn.LSTMCell``, ``nn.Linear``) so they read like the
+paper and a naive per-module reference can share them.
 
 Symbols: B batch, L words, T steps, C/H/W image, N read grid, M write grid, Z latent,
 De/Dd inference/generative LSTM size, A alignment size, D2 = 2·D_lang.
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from aligndraw import attention
-from aligndraw.alignment import Alignment, align, mean_context
+from aligndraw.alignment import Alignment, align_weights, uniform_weights
 from aligndraw.config import ModelConfig
 from aligndraw.language import CaptionEncoder, lstm_update, padding_mask
 from aligndraw.losses import bernoulli_nll, gaussian_kl, gaussian_log_prob
@@ -204,11 +205,20 @@ class AlignDraw(nn.Module):
         keys = self.alignment.keys(h_lang) if self.alignment is not None else h_lang[..., :0]
         return h_lang, keys, mask
 
-    def _context(self, keys: Tensor, query: Tensor | None, h_lang: Tensor,
-                 mask: Tensor) -> tuple[Tensor, Tensor]:
+    def context_gates(self, h_lang: Tensor) -> Tensor:
+        """(B, L, D2) → (B, L, 4·Dd): W_s h_lang_j, every word's share of the generative gates.
+
+        The generative LSTM sees s_t only through W_s s_t = Σ_j α_j (W_s h_lang_j), so this is
+        computed once per caption (like the alignment keys) and each step mixes it with α_t:
+        L·D2 products per caption instead of D2 per step and image (T = 32 > L).
+        """
+        return h_lang @ self.dec_lstm.weight_ih[:, self.config.z_dim:].T  # (B, L, 4Dd)
+
+    def _weights(self, keys: Tensor, query: Tensor | None, mask: Tensor) -> Tensor:
+        """α_t (B, L): the alignment, or equal weights for noalignDRAW and sentvec."""
         if self.alignment is None:
-            return mean_context(h_lang, mask)
-        return align(keys, query, self.alignment.v.weight[0], h_lang, mask)
+            return uniform_weights(mask, keys.dtype)
+        return align_weights(keys, query, self.alignment.v.weight[0], mask)
 
     def _attention(self, proj: dict[str, Tensor], write: bool = True,
                    read: bool = True) -> tuple[_Attention | None, _Attention | None]:
@@ -277,7 +287,8 @@ class AlignDraw(nn.Module):
         # [r_t, h_enc] → encoder gates; the h_dec part of the gates is in the projection.
         enc_in = StepLinear(torch.cat([enc.weight_ih[:, : self.read_size], enc.weight_hh], dim=1))
         posterior = StepLinear(self.posterior.weight, self.posterior.bias)
-        dec_in = StepLinear(self.dec_lstm.weight_ih)  # [z_t, s_t] → decoder gates
+        dec_in = StepLinear(self.dec_lstm.weight_ih[:, :self.config.z_dim])  # z_t → decoder gates
+        ctx = self.context_gates(h_lang)  # (B, L, 4Dd): s_t's share, per word
         st = self._initial_state(b)
         proj = proj_fn(self.h_dec0[None])  # (1, ·): h_dec_0 is the same for every image
         cfg = self.config
@@ -293,7 +304,7 @@ class AlignDraw(nn.Module):
             kl_steps.append(gaussian_kl(mu_q, log_sigma_q, *prior))
             if log_weight:  # log p(z_t | ·) − log q(z_t | ·); the 2π terms cancel
                 log_ratios.append(gaussian_log_prob(z, *prior) - gaussian_log_prob(z, mu_q, log_sigma_q))
-            st = self._decode(st, proj, z, keys, h_lang, mask, dec_in)[0]
+            st = self._decode(st, proj, z, keys, ctx, mask, dec_in)[0]
             proj = proj_fn(st["h_dec"])
             write_att, read_att = self._attention(proj, read=t + 1 < cfg.steps)
             assert write_att is not None
@@ -306,10 +317,11 @@ class AlignDraw(nn.Module):
                         log_weight=weight)
 
     def _decode(self, st: dict[str, Tensor], proj: dict[str, Tensor], z: Tensor, keys: Tensor,
-                h_lang: Tensor, mask: Tensor, dec_in: StepLinear) -> tuple[dict[str, Tensor], Tensor]:
+                ctx: Tensor, mask: Tensor, dec_in: StepLinear) -> tuple[dict[str, Tensor], Tensor]:
         """Alignment and generative LSTM update; returns the new state and α_t (B, L)."""
-        alpha, s = self._context(keys, proj.get("query"), h_lang, mask)
-        gates = proj["dec"] + dec_in(torch.cat([z, s], dim=1))
+        alpha = self._weights(keys, proj.get("query"), mask)  # (B, L)
+        context = (alpha[:, None, :].to(ctx.dtype) @ ctx).squeeze(1)  # (B, 1, L) @ (B, L, 4Dd) → (B, 4Dd)
+        gates = proj["dec"] + dec_in(z) + context  # W_z z_t + W_s s_t + W_hh h_dec + b
         st = dict(st)
         st["h_dec"], st["c_dec"] = lstm_update(gates, st["c_dec"])
         return st, alpha
@@ -337,7 +349,8 @@ class AlignDraw(nn.Module):
         h_lang, keys, mask = self.encode_captions(tokens, lengths)
         eps = self._noise(noise, b, h_lang, generator) * temperature
         proj_fn = self._projection(with_encoder=False)
-        dec_in = StepLinear(self.dec_lstm.weight_ih)
+        dec_in = StepLinear(self.dec_lstm.weight_ih[:, :cfg.z_dim])
+        ctx = self.context_gates(h_lang)  # (B, L, 4Dd)
         st = self._initial_state(b)
         proj = proj_fn(self.h_dec0[None])  # (1, ·): h_dec_0 is the same for every image
         # Filled in place: a list stacked after the loop costs a second full copy, and under
@@ -350,7 +363,7 @@ class AlignDraw(nn.Module):
         for t in range(cfg.steps):
             mu_p, log_sigma_p = self._prior(proj, t)
             z = mu_p + log_sigma_p.exp() * eps[:, t]
-            st, alpha = self._decode(st, proj, z, keys, h_lang, mask, dec_in)
+            st, alpha = self._decode(st, proj, z, keys, ctx, mask, dec_in)
             proj = proj_fn(st["h_dec"])
             write_att = self._attention(proj, read=False)[0]
             assert write_att is not None
