@@ -326,7 +326,8 @@ class Trainer:
         captions = self.data.preview_captions()
         tokens, lengths = encode_batch(self.vocab, captions)
         g = torch.Generator(device=self.device).manual_seed(self.config.train.seed)
-        sample = self.model.sample(tokens.to(self.device), lengths.to(self.device), generator=g)
+        sample = self.model.sample(tokens.to(self.device), lengths.to(self.device), generator=g,
+                                   history=False)
         scale = max(3, 96 // self.config.model.width)  # room for the caption under small tiles
         visualize.save_image(visualize.image_grid(sample.images, nrow=4, scale=scale,
                                                   captions=captions), path)
