@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 from torch.utils.benchmark import Timer
 
-if __package__ in (None, ""):  # run as a script: make ``aligndraw`` importable from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from aligndraw.alignment import sigmoid_form_scores  # noqa: E402
+from aligndraw.alignment import sigmoid_form_scores
 
 
 def tanh_form(keys: torch.Tensor, query: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

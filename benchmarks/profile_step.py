@@ -1,12 +1,14 @@
 """Where the library model's time goes: torch.profiler on one training step and one sampling batch.
 
-    python benchmarks/profile_step.py --preset mnist-captions [--precision bf16] [--top 25]
+    python benchmarks/profile_step.py --preset mnist-captions [--precision bf16] [--compile] [--top 25]
 
 Prints, for each phase, the top ops by self CPU time and how many ops ran: all recorded aten
 ops, and the leaf ones (ops that call no other op — on CPU each is one kernel; on CUDA the
 device kernel launches are counted too), in total and per drawing step. The step is the
 trainer's (zero_grad, forward, backward, per-tensor clip, PaperRMSprop), on random inputs,
-after one untimed warm-up step. Optionally writes Chrome traces (--trace-dir).
+after one untimed warm-up step (with ``--compile``, the warm-up compiles; the compiled
+kernels are then profiled one by one through inductor's ``cpp.enable_kernel_profile``).
+Optionally writes Chrome traces (--trace-dir).
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--top", type=int, default=25, help="rows of the op table")
     p.add_argument("--naive", action="store_true", help="profile the naive reference instead")
+    p.add_argument("--compile", action="store_true", help="profile the library under torch.compile")
     p.add_argument("--trace-dir", type=Path, default=None, help="write Chrome traces here")
     p.add_argument("--smoke", action="store_true", help="tiny config and batch (for CI)")
     args = p.parse_args(argv)
+    if args.compile and args.naive:
+        p.error("--compile profiles the library model; drop --naive")
     if args.smoke:
         args.batch, args.caption_len, args.top = 8, 6, 10
     return args
@@ -91,7 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model, name = AlignDraw(cfg).to(device), "library"
     inputs = random_inputs(cfg, args.batch, args.caption_len, device, seed=0)
-    variant = Variant(f"{name}_{args.precision}", model, args.precision, inputs, seed=0)
+    if args.compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True  # each compiled kernel is a profiler row
+        name += "_compiled"
+    variant = Variant(f"{name}_{args.precision}", model, args.precision, inputs, seed=0,
+                      compiled=args.compile)
     print(f"preset {'smoke' if args.smoke else args.preset}, threads {torch.get_num_threads()}, "
           f"device {device}, torch {torch.__version__}")
     for phase in ("train", "sample"):

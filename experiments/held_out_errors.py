@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from aligndraw.data import make_dataset
-from aligndraw.data.mnist_captions import CAPTION_KINDS, PLACES, parse_caption
+from aligndraw.data.mnist_captions import CAPTION_KINDS, PLACES, caption_texts, parse_caption
 from aligndraw.pipeline import AlignDrawPipeline
 from aligndraw.reader import load_reader, read_layouts
 
@@ -31,10 +31,12 @@ TWO_DIGIT_KINDS = {k for k, name in enumerate(CAPTION_KINDS) if name.endswith("-
 
 def corner_report(pipe: AlignDrawPipeline, reader, samples: int, seed: int) -> None:
     """Per corner: seen digits drawn right (%), and what the held-out digit comes out as."""
-    held = dict((place, int(digit)) for place, digit in pipe.held_out)
+    held = {place: int(digit) for place, digit in pipe.held_out}
     for place in PLACES[:4]:  # the one-digit kinds
         where = PLACES.index(place)
-        captions = [f"the digit {d} is at the {place.replace('-', ' ')} of the image ." for d in range(10)]
+        layouts = np.full((10, len(PLACES)), -1)
+        layouts[:, where] = np.arange(10)  # digit d alone at this corner
+        captions = caption_texts(np.full(10, CAPTION_KINDS.index(place)), layouts)
         images = pipe(captions, num_images_per_caption=samples, output_type="pt",
                       generator=torch.Generator().manual_seed(seed)).images
         got = read_layouts(reader, images).numpy()[:, where].reshape(10, samples)  # (digit, sample)

@@ -5,7 +5,8 @@
     s_t   = Σ_j α_j^t h_lang_j
 
 U h_lang_j + b does not depend on t, so ``Alignment.keys`` computes it once per caption and
-each step only adds the query W h_dec_{t−1}.
+each step only adds the query W h_dec_{t−1} (which the model computes in its fused per-step
+projection of h_dec, ``align_weights`` taking it as given).
 
 Symbols: B batch, L words, A alignment size, D2 = 2·D_lang.
 """
@@ -34,7 +35,12 @@ def sigmoid_form_scores(x: Tensor, v: Tensor) -> Tensor:
 
 
 def align_weights(keys: Tensor, query: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """α_t: (B, L) weights summing to 1 over real words; arguments as in ``align``."""
+    """α_t: (B, L) weights summing to 1 over real words.
+
+    Args: keys (B, L, A) = U h_lang + b. query (B, A) = W h_dec_{t−1}. v (A,). mask (B, L)
+    True on real words. (s_t = Σ_j α_j h_lang_j is never formed: the model mixes the words'
+    gate contributions instead, ``AlignDraw.context_gates``.)
+    """
     scores = tanh_scores(keys + query[:, None, :], v)  # (B, L)
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
 
@@ -45,27 +51,9 @@ def uniform_weights(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return alpha / alpha.sum(-1, keepdim=True)
 
 
-def align(keys: Tensor, query: Tensor, v: Tensor, h_lang: Tensor,
-          mask: Tensor) -> tuple[Tensor, Tensor]:
-    """One alignment step.
-
-    Args:
-        keys: (B, L, A) = U h_lang + b. query: (B, A) = W h_dec_{t−1}. v: (A,).
-        h_lang: (B, L, D2). mask: (B, L) True on real words.
-
-    Returns:
-        alpha: (B, L) weights summing to 1 over real words. s: (B, D2) sentence context.
-    """
-    alpha = align_weights(keys, query, v, mask)  # (B, L)
-    s = (alpha[:, None, :] @ h_lang).squeeze(1)  # (B, 1, L) @ (B, L, D2) → (B, D2)
-    return alpha, s
-
-
 def mean_context(h_lang: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """The noalignDRAW baseline: uniform weights over real words, s = mean of h_lang.
-
-    Returns alpha (B, L) and s (B, D2), like ``align``.
-    """
+    """Uniform weights over real words and s = mean of h_lang (the one-shot VAE baselines'
+    sentence representation): alpha (B, L), s (B, D2)."""
     alpha = uniform_weights(mask, h_lang.dtype)  # (B, L)
     return alpha, (alpha[:, None, :] @ h_lang).squeeze(1)
 
@@ -82,8 +70,3 @@ class Alignment(nn.Module):
     def keys(self, h_lang: Tensor) -> Tensor:
         """(B, L, D2) → (B, L, A): U h_lang + b, once per caption."""
         return self.U(h_lang)
-
-    def forward(self, keys: Tensor, h_dec: Tensor, h_lang: Tensor,
-                mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Weights and context for one step from h_dec_{t−1} (B, D_dec); see ``align``."""
-        return align(keys, self.W(h_dec), self.v.weight[0], h_lang, mask)

@@ -84,7 +84,8 @@ class CaptionEncoder(nn.Module):
         vocab = self.embedding.num_embeddings
         if vocab <= words[0].numel():  # a table of every word is cheaper than the batch's words
             table = torch.matmul(self.embedding.weight, w_ih.transpose(1, 2)) + bias[:, None]  # (2, V, 4D)
-            return torch.stack([table[d][words[d]] for d in range(2)])
+            direction = torch.arange(2, device=words.device)[:, None, None]  # (2, 1, 1)
+            return table[direction, words]  # (2, B, L, 4D)
         _, b, max_len = words.shape
         embedded = self.embedding(words).flatten(1, 2)  # (2, B·L, E)
         gates = torch.baddbmm(bias[:, None], embedded, w_ih.transpose(1, 2))  # (2, B·L, 4D)

@@ -23,6 +23,7 @@ De/Dd inference/generative LSTM size, A alignment size, D2 = 2·D_lang.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,8 @@ class DrawSample:
 
 
 MAX_TEMPERATURE = 10.0
+# query (B, A) or None → (α_t (B, L), W_s s_t (B, 4·Dd)); see ``AlignDraw._context_step``
+ContextStep = Callable[[Tensor | None], tuple[Tensor, Tensor]]
 
 
 def check_temperature(temperature: float) -> float:
@@ -205,6 +208,21 @@ class AlignDraw(nn.Module):
         keys = self.alignment.keys(h_lang) if self.alignment is not None else h_lang[..., :0]
         return h_lang, keys, mask
 
+    def _context_step(self, keys: Tensor, ctx: Tensor, mask: Tensor) -> ContextStep:
+        """A function query (B, A) or None → (α_t (B, L), W_s s_t (B, 4Dd)) for one step.
+
+        ``ctx``: ``context_gates``. Without an alignment (noalignDRAW, sentvec) the weights are
+        uniform and the result is the same at every step, so it is computed here, once.
+        """
+        def mix(alpha: Tensor) -> tuple[Tensor, Tensor]:
+            return alpha, (alpha[:, None, :] @ ctx).squeeze(1)  # (B, 1, L) @ (B, L, 4Dd) → (B, 4Dd)
+
+        if self.alignment is None:
+            fixed = mix(uniform_weights(mask, ctx.dtype))
+            return lambda query: fixed
+        v = self.alignment.v.weight[0]
+        return lambda query: mix(align_weights(keys, query, v, mask))
+
     def context_gates(self, h_lang: Tensor) -> Tensor:
         """(B, L, D2) → (B, L, 4·Dd): W_s h_lang_j, every word's share of the generative gates.
 
@@ -213,12 +231,6 @@ class AlignDraw(nn.Module):
         L·D2 products per caption instead of D2 per step and image (T = 32 > L).
         """
         return h_lang @ self.dec_lstm.weight_ih[:, self.config.z_dim:].T  # (B, L, 4Dd)
-
-    def _weights(self, keys: Tensor, query: Tensor | None, mask: Tensor) -> Tensor:
-        """α_t (B, L): the alignment, or equal weights for noalignDRAW and sentvec."""
-        if self.alignment is None:
-            return uniform_weights(mask, keys.dtype)
-        return align_weights(keys, query, self.alignment.v.weight[0], mask)
 
     def _attention(self, proj: dict[str, Tensor], write: bool = True,
                    read: bool = True) -> tuple[_Attention | None, _Attention | None]:
@@ -288,7 +300,7 @@ class AlignDraw(nn.Module):
         enc_in = StepLinear(torch.cat([enc.weight_ih[:, : self.read_size], enc.weight_hh], dim=1))
         posterior = StepLinear(self.posterior.weight, self.posterior.bias)
         dec_in = StepLinear(self.dec_lstm.weight_ih[:, :self.config.z_dim])  # z_t → decoder gates
-        ctx = self.context_gates(h_lang)  # (B, L, 4Dd): s_t's share, per word
+        context = self._context_step(keys, self.context_gates(h_lang), mask)
         st = self._initial_state(b)
         proj = proj_fn(self.h_dec0[None])  # (1, ·): h_dec_0 is the same for every image
         cfg = self.config
@@ -304,7 +316,7 @@ class AlignDraw(nn.Module):
             kl_steps.append(gaussian_kl(mu_q, log_sigma_q, *prior))
             if log_weight:  # log p(z_t | ·) − log q(z_t | ·); the 2π terms cancel
                 log_ratios.append(gaussian_log_prob(z, *prior) - gaussian_log_prob(z, mu_q, log_sigma_q))
-            st = self._decode(st, proj, z, keys, ctx, mask, dec_in)[0]
+            st = self._decode(st, proj, z, context, dec_in)[0]
             proj = proj_fn(st["h_dec"])
             write_att, read_att = self._attention(proj, read=t + 1 < cfg.steps)
             assert write_att is not None
@@ -316,12 +328,13 @@ class AlignDraw(nn.Module):
         return DrawLoss(loss=(nll + kl).mean(), nll=nll, kl=kl, kl_steps=kl_steps_t,
                         log_weight=weight)
 
-    def _decode(self, st: dict[str, Tensor], proj: dict[str, Tensor], z: Tensor, keys: Tensor,
-                ctx: Tensor, mask: Tensor, dec_in: StepLinear) -> tuple[dict[str, Tensor], Tensor]:
-        """Alignment and generative LSTM update; returns the new state and α_t (B, L)."""
-        alpha = self._weights(keys, proj.get("query"), mask)  # (B, L)
-        context = (alpha[:, None, :].to(ctx.dtype) @ ctx).squeeze(1)  # (B, 1, L) @ (B, L, 4Dd) → (B, 4Dd)
-        gates = proj["dec"] + dec_in(z) + context  # W_z z_t + W_s s_t + W_hh h_dec + b
+    def _decode(self, st: dict[str, Tensor], proj: dict[str, Tensor], z: Tensor, context: ContextStep,
+                dec_in: StepLinear) -> tuple[dict[str, Tensor], Tensor]:
+        """Alignment and generative LSTM update; returns the new state and α_t (B, L).
+
+        ``context``: from ``_context_step``."""
+        alpha, w_s = context(proj.get("query"))
+        gates = proj["dec"] + dec_in(z) + w_s  # W_z z_t + W_s s_t + W_hh h_dec + b
         st = dict(st)
         st["h_dec"], st["c_dec"] = lstm_update(gates, st["c_dec"])
         return st, alpha
@@ -350,7 +363,7 @@ class AlignDraw(nn.Module):
         eps = self._noise(noise, b, h_lang, generator) * temperature
         proj_fn = self._projection(with_encoder=False)
         dec_in = StepLinear(self.dec_lstm.weight_ih[:, :cfg.z_dim])
-        ctx = self.context_gates(h_lang)  # (B, L, 4Dd)
+        context = self._context_step(keys, self.context_gates(h_lang), mask)
         st = self._initial_state(b)
         proj = proj_fn(self.h_dec0[None])  # (1, ·): h_dec_0 is the same for every image
         # Filled in place: a list stacked after the loop costs a second full copy, and under
@@ -363,7 +376,7 @@ class AlignDraw(nn.Module):
         for t in range(cfg.steps):
             mu_p, log_sigma_p = self._prior(proj, t)
             z = mu_p + log_sigma_p.exp() * eps[:, t]
-            st, alpha = self._decode(st, proj, z, keys, ctx, mask, dec_in)
+            st, alpha = self._decode(st, proj, z, context, dec_in)
             proj = proj_fn(st["h_dec"])
             write_att = self._attention(proj, read=False)[0]
             assert write_att is not None

@@ -344,7 +344,8 @@ def _render(digits: np.ndarray, sources: np.ndarray, positions: np.ndarray) -> n
     return (canvas.astype(np.float32) / np.float32(255.0))[:, None]  # (n, 1, 60, 60)
 
 
-def _caption_texts(kinds: np.ndarray, layouts: np.ndarray) -> list[str]:
+def caption_texts(kinds: np.ndarray, layouts: np.ndarray) -> list[str]:
+    """The caption of each scene: kinds (n,) into :data:`CAPTION_KINDS`, layouts (n, 8)."""
     slots = np.take_along_axis(layouts, np.maximum(_KIND_PLACES[kinds], 0), axis=1)  # (n, 2)
     pairs = zip(kinds.tolist(), slots.tolist(), strict=True)
     return [_TEMPLATES[k].format(a, b) for k, (a, b) in pairs]
@@ -352,7 +353,7 @@ def _caption_texts(kinds: np.ndarray, layouts: np.ndarray) -> list[str]:
 
 def _realise(plan: dict[str, np.ndarray], digits: np.ndarray) -> Scenes:
     images = _render(digits, plan["sources"], plan["positions"])
-    return Scenes(images=images, captions=_caption_texts(plan["kinds"], plan["layouts"]), **plan)
+    return Scenes(images=images, captions=caption_texts(plan["kinds"], plan["layouts"]), **plan)
 
 
 def make_scenes(
