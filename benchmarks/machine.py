@@ -39,18 +39,37 @@ def _busy_cpu_seconds() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def _process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux /proc), 0 where unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 class OtherLoad:
-    """Average number of cores that *other* processes kept busy while this block ran."""
+    """Average number of cores that *other* processes kept busy while this block ran.
+
+    ``own_pids``: processes that work for this one (data-parallel workers), not counted.
+    """
+
+    def __init__(self, own_pids: list[int] | tuple[int, ...] = ()) -> None:
+        self.own_pids = tuple(own_pids)
+
+    def _own(self) -> float:
+        return time.process_time() + sum(_process_cpu_seconds(pid) for pid in self.own_pids)
 
     def __enter__(self) -> OtherLoad:
-        self.busy, self.own, self.wall = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
+        self.busy, self.own, self.wall = _busy_cpu_seconds(), self._own(), time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         busy = _busy_cpu_seconds()
         wall = time.perf_counter() - self.wall
         self.cores = (None if busy is None or self.busy is None
-                      else max(0.0, (busy - self.busy - (time.process_time() - self.own)) / wall))
+                      else max(0.0, (busy - self.busy - (self._own() - self.own)) / wall))
 
 
 def matmul_peak(dtype: torch.dtype, size: int, device: torch.device, repeats: int = 7) -> float:

@@ -32,7 +32,8 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 
 from aligndraw.config import ModelConfig, preset  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
-from aligndraw.trainer import PaperRMSprop, clip_grad_norm_per_tensor  # noqa: E402
+from aligndraw.trainer import PaperRMSprop, average_gradients, clip_grad_norm_per_tensor  # noqa: E402
+from benchmarks.data_parallel import DataParallelVariant, WorkerSpec  # noqa: E402
 from benchmarks.flops import flops_per_image  # noqa: E402
 from benchmarks.machine import OtherLoad, matmul_peak, timed, timed_cpu  # noqa: E402
 from benchmarks.naive_reference import (  # noqa: E402
@@ -67,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="also time a torch.compile'd library model and report its compile time")
     p.add_argument("--skip-naive", action="store_true", help="time the library model only")
+    p.add_argument("--processes", type=int, default=1,
+                   help="N > 1: also time library and naive models data-parallel in N worker "
+                        "processes × 1 thread, each on batch/N images (as `torchrun "
+                        "--nproc-per-node N aligndraw train --num-threads 1`)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--peak-size", type=int, default=2048, help="side of the square peak matmul")
     p.add_argument("--seed", type=int, default=0)
@@ -76,9 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.batch, args.repeats, args.warmup, args.peak_size = 8, 1, 1, 256
         args.threads = args.threads or 1
         args.caption_len = min(args.caption_len, 6)
-    for name in ("batch", "repeats", "caption_len", "peak_size"):
+    for name in ("batch", "repeats", "caption_len", "peak_size", "processes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    if args.processes > 1 and (args.batch % args.processes or args.device != "cpu"):
+        p.error(f"--processes {args.processes} needs the CPU and a batch it divides "
+                f"(--batch {args.batch})")
     return args
 
 
@@ -108,13 +116,16 @@ class Variant:
     """One model (library or naive, maybe compiled) at one precision, with its own optimiser."""
 
     def __init__(self, name: str, model: torch.nn.Module, precision: str, inputs, seed: int,
-                 compiled: bool = False) -> None:
+                 compiled: bool = False, world_size: int = 1) -> None:
         self.name, self.model, self.precision = name, model, precision
         self.images, self.tokens, self.lengths = inputs
         self.optimizer = PaperRMSprop(model.parameters(), lr=1e-3)
         self.noise = torch.Generator(device=self.images.device).manual_seed(seed)
         cfg = model.config
         self.noise_shape = (self.images.shape[0], cfg.steps, cfg.z_dim)
+        # ``world_size`` > 1: one replica in a process group (benchmarks/data_parallel.py);
+        # its gradients are averaged over the processes after backward, as the trainer does.
+        self.world_size = world_size
         # The compiled variant compiles forward (through the module) and sample separately.
         self.forward = torch.compile(model) if compiled else model
         self.sampler = torch.compile(model.sample) if compiled else model.sample
@@ -129,6 +140,8 @@ class Variant:
         with autocast(self.precision, self.images.device):
             out = self.forward(self.images, self.tokens, self.lengths, noise=self._eps())
         out.loss.backward()
+        if self.world_size > 1:
+            average_gradients(self.model.parameters(), self.world_size)
         clip_grad_norm_per_tensor(self.model.parameters(), CLIP_NORM)
         self.optimizer.step()
 
@@ -136,6 +149,12 @@ class Variant:
         with torch.no_grad(), autocast(self.precision, self.images.device):
             # Images only, for every variant (the per-step canvases are for pictures).
             self.sampler(self.tokens, self.lengths, noise=self._eps(), history=False)
+
+
+def _timed_variant(variant, phase: str, device: torch.device) -> tuple[float, float]:
+    """(wall, CPU) seconds of one step; a data-parallel variant's CPU time is its workers'."""
+    wall, cpu = timed_cpu(getattr(variant, f"{phase}_step"), device)
+    return wall, cpu + getattr(variant, "worker_cpu_s", 0.0)
 
 
 def round_robin(variants: list[Variant], phase: str, warmup: int, repeats: int,
@@ -148,7 +167,7 @@ def round_robin(variants: list[Variant], phase: str, warmup: int, repeats: int,
     walls: dict[str, list[float]] = {v.name: [] for v in variants}
     cpus: dict[str, list[float]] = {v.name: [] for v in variants}
     for r in range(warmup + repeats):
-        this_round = {v.name: timed_cpu(getattr(v, f"{phase}_step"), device) for v in variants}
+        this_round = {v.name: _timed_variant(v, phase, device) for v in variants}
         if r >= warmup:
             for name, (wall, cpu) in this_round.items():
                 walls[name].append(wall)
@@ -175,12 +194,15 @@ def summarise(times: list[float], cpu_times: list[float], batch: int, flops: flo
             "cpu_utilisation": cpu / (median * threads), "runs": len(times)}
 
 
-def equality_check(reference: AlignDraw, inputs, seed: int, compiled: bool = False) -> dict[str, float]:
+def equality_check(reference: AlignDraw, inputs, seed: int, compiled: bool = False,
+                   data_parallel: tuple[DataParallelVariant, ...] = ()) -> dict[str, float]:
     """fp32, same weights and noise: loss, kl_steps and gradient differences, and sample images.
 
     The weights are a perturbed copy of ``reference`` (see ``perturb_parameters_``): at the tiny
     init some gradients are pure rounding noise and would make the comparison meaningless.
     ``compiled``: the library model under torch.compile is compared too (keys ``compiled_*``).
+    ``data_parallel``: library variants whose workers each take their share of the batch and
+    average gradients (keys ``dp2_*``, ``dp2_compiled_*``: the name between library_ and _fp32).
     """
     images, tokens, lengths = inputs
     cfg = reference.config
@@ -210,7 +232,16 @@ def equality_check(reference: AlignDraw, inputs, seed: int, compiled: bool = Fal
         sample = torch.compile(lib.sample)(tokens, lengths, noise=noise, history=False).images
         diffs = _differences(out, grad, sample, outs[1], grads[1], s_naive, naive, lib_params)
         result |= {f"compiled_{k}": v for k, v in diffs.items() if k != "loss_naive"}
+    for variant in data_parallel:
+        got = variant.check(lib.state_dict(), noise)
+        diffs = _differences(got, got.grads, got.sample, outs[1], grads[1], s_naive, naive, lib_params)
+        result |= {f"{_arrangement(variant.name)}_{k}": v for k, v in diffs.items() if k != "loss_naive"}
     return result
+
+
+def _arrangement(name: str) -> str:
+    """"dp2_compiled" for library_dp2_compiled_fp32, "" for library_fp32."""
+    return name.removeprefix("library").rsplit("_", 1)[0].strip("_")
 
 
 def _differences(out, grads, sample, ref_out, ref_grads, ref_sample, naive, lib_params) -> dict:
@@ -253,7 +284,28 @@ def build_variants(args, cfg: ModelConfig, inputs, device: torch.device, precisi
             except Exception as exc:  # report the failure, keep benchmarking the rest
                 compile_s[variant.name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
                 log(f"torch.compile failed for {variant.name}: {exc}")
+        if args.processes > 1:
+            variants += data_parallel_variants(args, cfg, reference, inputs, precision, compile_s)
     return reference, variants, compile_s
+
+
+def data_parallel_variants(args, cfg: ModelConfig, reference: AlignDraw, inputs, precision: str,
+                           compile_s: dict) -> list[DataParallelVariant]:
+    """Library (eager and, with --compile, compiled) and naive models in ``--processes`` worker
+    processes of one thread each, every one on its share of the batch."""
+    n = args.processes
+    kinds = [("library", False)] + [("library", True)] * args.compile
+    kinds += [("naive", False)] * (not args.skip_naive)
+    out = []
+    for kind, compiled in kinds:
+        name = f"{kind}_dp{n}{'_compiled' if compiled else ''}_{precision}"
+        log(f"starting {n} worker processes for {name} …")
+        spec = WorkerSpec(kind, cfg, reference.state_dict(), inputs, precision, args.seed, compiled)
+        variant = DataParallelVariant(name, spec, n)
+        if compiled:
+            compile_s[name] = compile_variant(variant, torch.device("cpu"))
+        out.append(variant)
+    return out
 
 
 def compile_variant(variant: Variant, device: torch.device) -> dict[str, float]:
@@ -266,6 +318,8 @@ def compile_variant(variant: Variant, device: torch.device) -> dict[str, float]:
     log(f"  train compiled in {train_s:.1f}s; compiling sample …")
     sample_s = timed(variant.sample_step, device)
     log(f"  sample compiled in {sample_s:.1f}s")
+    if isinstance(variant, DataParallelVariant):  # the workers compile; their counters stay there
+        return {"train_first_call_s": train_s, "sample_first_call_s": sample_s}
     return {"train_first_call_s": train_s, "sample_first_call_s": sample_s,
             "unique_graphs": int(counters["stats"]["unique_graphs"]),
             "graph_breaks": int(sum(counters["graph_break"].values())),
@@ -280,14 +334,19 @@ def _short_reason(reason: str) -> str:
 
 
 def ratios(results: dict, times: dict) -> dict:
-    """Library variants vs naive: ratio of median wall times, median of per-round (paired)
-    ratios, and ratio of median CPU times."""
+    """Every variant vs the naive reference (same precision, and fp32), and a data-parallel
+    library variant also vs the naive model in the same arrangement: ratio of median wall
+    times, median of per-round (paired) ratios, and ratio of median CPU times."""
     out = {}
     for name in results:
-        if name.startswith("naive"):
-            continue
         precision = name.rsplit("_", 1)[1]
-        for base in dict.fromkeys((f"naive_{precision}", "naive_fp32")):
+        if name == f"naive_{precision}":
+            continue
+        bases = [f"naive_{precision}", "naive_fp32"]
+        arrangement = name.split("_")[1]  # "dp2" in library_dp2_compiled_fp32
+        if name.startswith("library_dp"):
+            bases.append(f"naive_{arrangement}_{precision}")
+        for base in dict.fromkeys(bases):
             if base not in results:
                 continue
             key = f"{name}/{base}"
@@ -328,9 +387,10 @@ def print_table(report: dict) -> None:
         if "error" in s:
             print(f"compile {name}: FAILED {s['error']}")
             continue
+        graphs = (f", {s['unique_graphs']} graphs, {s['graph_breaks']} graph breaks: "
+                  f"{'; '.join(s['graph_break_reasons'])}" if "unique_graphs" in s else " (in workers)")
         print(f"compile {name}: first train step {s['train_first_call_s']:.1f}s, first sample "
-              f"{s['sample_first_call_s']:.1f}s, {s['unique_graphs']} graphs, {s['graph_breaks']} graph "
-              f"breaks: {'; '.join(s['graph_break_reasons'])}")
+              f"{s['sample_first_call_s']:.1f}s{graphs}")
     print(f"\n{'phase':<7}{'variant':<26}{'median ms':>10}{'min..max ms':>18}{'img/s':>9}"
           f"{'img/s min..max':>17}{'GFLOP/s':>9}{'%peak':>7}{'cpu ms':>9}{'cpu use':>8}")
     for phase in ("train", "sample"):
@@ -354,7 +414,9 @@ def print_table(report: dict) -> None:
 def fp32_targets(all_ratios: dict, check: dict) -> dict:
     """The issue's targets per fp32 variant: ≥ 3× the naive fp32 reference, results equal."""
     targets = {}
-    for variant, key in (("library_fp32", "equal"), ("library_compiled_fp32", "compiled_equal")):
+    names = dict.fromkeys(key.split("/")[0] for key in all_ratios)
+    for variant in (n for n in names if n.startswith("library") and n.endswith("_fp32")):
+        key = f"{_arrangement(variant)}_equal".lstrip("_")
         r = all_ratios.get(f"{variant}/naive_fp32")
         if r and key in check:
             targets[variant] = {"train_3x": r["train"] >= 3.0, "sample_3x": r["sample"] >= 3.0,
@@ -378,17 +440,26 @@ def main(argv: list[str] | None = None) -> dict:
                            repeats=2 if args.smoke else 7) for p in ("fp32", "bf16")}
     inputs = random_inputs(cfg, args.batch, args.caption_len, device, args.seed)
     reference, variants, compile_s = build_variants(args, cfg, inputs, device, precisions)
-    check = None
-    if not args.skip_naive:
-        log("checking fp32 equality of library and naive …")
-        check = equality_check(reference, inputs, args.seed, compiled=args.compile)
-    times, cpu_times = {}, {}
-    with OtherLoad() as others:
-        for phase in ("train", "sample"):
-            log(f"timing {phase}: {len(variants)} variants × ({args.warmup} warm-up + {args.repeats}) runs")
-            times[phase], cpu_times[phase] = round_robin(variants, phase, args.warmup, args.repeats, device)
+    workers = [v for v in variants if isinstance(v, DataParallelVariant)]
+    try:
+        check = None
+        if not args.skip_naive:
+            log("checking fp32 equality of library and naive …")
+            checked = tuple(v for v in workers if v.name.startswith("library") and v.precision == "fp32")
+            check = equality_check(reference, inputs, args.seed, compiled=args.compile,
+                                   data_parallel=checked)
+        times, cpu_times = {}, {}
+        with OtherLoad(own_pids=[pid for v in workers for pid in v.pids]) as others:
+            for phase in ("train", "sample"):
+                log(f"timing {phase}: {len(variants)} variants × ({args.warmup} warm-up + "
+                    f"{args.repeats}) runs")
+                times[phase], cpu_times[phase] = round_robin(variants, phase, args.warmup, args.repeats,
+                                                             device)
+    finally:
+        for v in workers:
+            v.close()
     results = {v.name: {phase: summarise(times[phase][v.name], cpu_times[phase][v.name], args.batch,
-                                         flops[phase], peak[v.precision], threads)
+                                         flops[phase], peak[v.precision], getattr(v, "processes", threads))
                         for phase in ("train", "sample")} for v in variants}
     load_after = [round(x, 2) for x in os.getloadavg()]
     # Busy: other processes kept on average more than a quarter of a core busy while we timed.

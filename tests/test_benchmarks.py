@@ -169,6 +169,30 @@ def test_throughput_smoke_prints_json_last() -> None:
     assert set(report["ratios"]["library_fp32/naive_fp32"]) >= {"train", "sample"}
 
 
+def test_throughput_data_parallel_workers_match_the_reference() -> None:
+    """--processes 2: library and naive models in two worker processes each, on half the batch
+    apiece; the library's averaged gradients are checked against the naive reference."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke",
+                           "--processes", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(report["results"]) == {"library_fp32", "naive_fp32", "library_dp2_fp32", "naive_dp2_fp32"}
+    assert report["check"]["dp2_equal"] is True
+    assert report["check"]["dp2_grad_max_rel_diff"] < 1e-3
+    assert set(report["targets"]) == {"library_fp32", "library_dp2_fp32"}
+    assert report["targets"]["library_dp2_fp32"]["fp32_equal"] is True
+    assert {"library_dp2_fp32/naive_fp32", "library_dp2_fp32/naive_dp2_fp32",
+            "naive_dp2_fp32/naive_fp32"} <= set(report["ratios"])
+    for phase in ("train", "sample"):
+        assert report["results"]["library_dp2_fp32"][phase]["cpu_median_s"] > 0  # workers' CPU
+
+
+def test_throughput_rejects_a_batch_the_processes_do_not_divide() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke",
+                           "--processes", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--processes 3" in proc.stderr and "--batch 8" in proc.stderr
+
+
 def test_alignment_scores_benchmark_forms_agree() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "alignment_scores.py"), "--batch", "4",
                            "--words", "3", "--align", "16", "--min-time", "0.01"],

@@ -5,15 +5,18 @@ import torch
 from safetensors.torch import load_file
 
 from aligndraw.config import TrainConfig
+from aligndraw.model import AlignDraw
 from aligndraw.trainer import (
     PaperRMSprop,
     Progress,
     Trainer,
+    average_gradients,
+    broadcast_parameters,
     clip_grad_norm_per_tensor,
     update_schedule,
 )
 
-from conftest import tiny_run_config
+from conftest import random_batch, tiny_config, tiny_run_config
 
 
 def test_paper_rmsprop_matches_the_update_rule():
@@ -179,3 +182,47 @@ def test_validation_is_deterministic(tmp_path, synthetic_data):
     config = tiny_run_config()
     trainer = Trainer(config, tmp_path, data=synthetic_data(config), progress_bar=False)
     assert trainer.validate() == trainer.validate()
+
+
+def _half_batch_worker(rank: int, port: int, out: str) -> None:
+    """One of two processes: rank 1 starts from other weights; broadcast, half the batch each,
+    average the gradients; both save what they hold."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # different weights on each rank until the broadcast
+    model = AlignDraw(tiny_config()).double()
+    broadcast_parameters(model)
+    images, tokens, lengths = random_batch(tiny_config(), batch=6, seed=1)
+    noise = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    part = slice(3 * rank, 3 * rank + 3)
+    model(images[part].double(), tokens[part], lengths[part], noise=noise[part]).loss.backward()
+    average_gradients(model.parameters(), 2)
+    torch.save({"params": {n: p.detach() for n, p in model.named_parameters()},
+                "grads": {n: p.grad for n, p in model.named_parameters()}}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_processes_average_to_the_full_batch_gradient(tmp_path):
+    """Data parallel = the single-process step: rank 0's weights everywhere, and the averaged
+    half-batch gradients equal the gradient of the mean loss over the whole batch."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_half_batch_worker, args=(port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.manual_seed(0)
+    model = AlignDraw(tiny_config()).double()
+    images, tokens, lengths = random_batch(tiny_config(), batch=6, seed=1)
+    noise = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    model(images.double(), tokens, lengths, noise=noise).loss.backward()
+    for name, p in model.named_parameters():
+        for rank in ranks:
+            torch.testing.assert_close(rank["params"][name], p.detach(), rtol=0, atol=0)
+            torch.testing.assert_close(rank["grads"][name], p.grad, rtol=1e-10, atol=1e-14)
+    assert float(model.canvas0.grad.abs().max()) > 0  # the comparison is not between zeros
