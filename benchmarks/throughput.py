@@ -407,8 +407,27 @@ def print_table(report: dict) -> None:
         for key, r in report["ratios"].items():
             print(f"{key:<52}" + "".join(f"{r[k]:>7.2f}×" for k in (
                 "train", "train_paired", "train_cpu", "sample", "sample_paired", "sample_cpu")))
+    ceiling = report.get("ceiling")
+    if ceiling and ceiling["train"]["x_naive"]:
+        print("fp32 ceiling (matrix products alone at the measured peak): " + ", ".join(
+            f"{phase} {c['images_per_s']:.0f} img/s = {c['x_naive']:.2f}× naive, 3× needs the whole "
+            f"step at {100 * c['share_of_peak_for_3x']:.0f}% of peak" for phase, c in ceiling.items()))
     if report.get("targets"):
         print(f"targets: {report['targets']}")
+
+
+def fp32_ceiling(results: dict, flops: dict, peak: dict, target: float = 3.0) -> dict:
+    """What the matmul peak allows in fp32: images/s if a step were nothing but its matrix
+    products at the measured peak, that as a multiple of the naive reference, and the share of
+    peak the *whole* step must average to reach ``target``× the naive reference."""
+    out = {}
+    for phase in ("train", "sample"):
+        ceiling = peak["fp32"] * 1e9 / flops[phase]
+        naive = results.get("naive_fp32", {}).get(phase, {}).get("images_per_s")
+        out[phase] = {"images_per_s": ceiling,
+                      "x_naive": ceiling / naive if naive else None,
+                      f"share_of_peak_for_{target:g}x": target * naive / ceiling if naive else None}
+    return out
 
 
 def fp32_targets(all_ratios: dict, check: dict) -> dict:
@@ -474,6 +493,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_gflops": peak, "flops_per_image": flops, "check": check, "compile_s": compile_s,
         "results": results, "ratios": ratios(results, times),
     }
+    report["ceiling"] = fp32_ceiling(results, flops, peak)
     if check:
         report["targets"] = fp32_targets(report["ratios"], check)
     print_table(report)

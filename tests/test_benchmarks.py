@@ -215,3 +215,26 @@ def test_fp32_targets_are_judged_per_variant() -> None:
         "library_fp32": {"train_3x": False, "sample_3x": True, "fp32_equal": True},
         "library_compiled_fp32": {"train_3x": True, "sample_3x": False, "fp32_equal": False}}
     assert set(fp32_targets(ratios, {"equal": True})) == {"library_fp32"}  # compiled not checked
+
+
+def test_data_parallel_variants_are_judged_with_their_own_check() -> None:
+    from benchmarks.throughput import fp32_targets
+
+    ratios = {"library_dp2_compiled_fp32/naive_fp32": {"train": 3.1, "sample": 3.3},
+              "library_dp2_compiled_fp32/naive_dp2_fp32": {"train": 1.0, "sample": 1.0},
+              "naive_dp2_fp32/naive_fp32": {"train": 3.1, "sample": 3.1}}
+    assert fp32_targets(ratios, {"dp2_compiled_equal": False}) == {
+        "library_dp2_compiled_fp32": {"train_3x": True, "sample_3x": True, "fp32_equal": False}}
+    assert fp32_targets(ratios, {"equal": True}) == {}  # no check of its own: not judged
+
+
+def test_fp32_ceiling_from_peak_and_flops() -> None:
+    from benchmarks.throughput import fp32_ceiling
+
+    results = {"naive_fp32": {"train": {"images_per_s": 100.0}, "sample": {"images_per_s": 400.0}}}
+    ceiling = fp32_ceiling(results, {"train": 0.4e9, "sample": 0.08e9}, {"fp32": 200.0})
+    assert ceiling["train"]["images_per_s"] == pytest.approx(500.0)
+    assert ceiling["train"]["x_naive"] == pytest.approx(5.0)
+    assert ceiling["train"]["share_of_peak_for_3x"] == pytest.approx(0.6)
+    assert ceiling["sample"]["x_naive"] == pytest.approx(2500.0 / 400.0)
+    assert fp32_ceiling({}, {"train": 1.0, "sample": 1.0}, {"fp32": 1.0})["train"]["x_naive"] is None
