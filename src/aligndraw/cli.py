@@ -87,7 +87,7 @@ def _add_train(sub) -> None:
         description="Train alignDRAW. Checkpoints go to OUT/last (every --checkpoint-every "
                     "steps and at the end), the best validation model to OUT/best, metrics to "
                     "OUT/metrics.jsonl, sample grids to OUT/samples. Launch with "
-                    "`torchrun --nproc_per_node=N -m aligndraw train ...` for DDP.")
+                    "`torchrun --nproc_per_node=N -m aligndraw train ...` for data-parallel training.")
     train.add_argument("--preset", default="mnist-captions", choices=sorted(PRESETS),
                        help="configuration to start from (default: %(default)s, the paper's)")
     train.add_argument("--out", required=True, help="run directory")

@@ -83,7 +83,7 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation and bookkeeping. Defaults: the authors' RMSProp recipe (PAPER.md)."""
 
-    batch_size: int = 100  # global batch; split across DDP ranks
+    batch_size: int = 100  # global batch; split across data-parallel ranks
     lr: float = 1e-3
     optimizer: OptimizerKind = "rmsprop"  # RMSProp converged faster than Adam (authors)
     rmsprop_decay: float = 0.9

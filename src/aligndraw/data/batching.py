@@ -104,7 +104,7 @@ def length_grouped_order(lengths: np.ndarray, batch_size: int, *, shuffle: bool,
         shuffle: shuffle within each length group and the order of the batches.
         drop_last: drop the one short batch that may remain at the end of the leftovers, so
             that every batch has ``batch_size`` captions and the count is ``n // batch_size``
-            (equal on every DDP rank whose shard has the same size).
+            (equal on every data-parallel rank whose shard has the same size).
 
     Returns:
         index arrays, one per batch.

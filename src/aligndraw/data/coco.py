@@ -89,7 +89,7 @@ class CocoConfig:
     min_word_count: int | None = None  # None: as prepared (meta.json); an int must match it
     val_images: int = 1000  # 5,000 captions: the trainer validates on all of them every epoch
     test_images: int = 5000  # 25,000 captions; the rest of val2014 (~34.5k images) is unused
-    seed: int = 2016  # the val2014 split hash and the order of DDP shards
+    seed: int = 2016  # the val2014 split hash and the order of data-parallel shards
 
     def __post_init__(self) -> None:
         if self.dataset != DATASET:
@@ -292,7 +292,7 @@ class CocoCaptions:
 
     # ------------------------------------------------------------------ splits
     def train_epoch(self, epoch: int, *, rank: int = 0, world_size: int = 1) -> CocoSplit:
-        """Every training caption, or this DDP rank's shard of them for ``epoch``.
+        """Every training caption, or this data-parallel rank's shard of them for ``epoch``.
 
         Shards: a permutation seeded by (seed, epoch), rank r taking r, r + world_size, ...;
         every rank gets n // world_size captions so that ranks run the same number of steps.

@@ -423,7 +423,7 @@ class CaptionedMnist:
 
         The epoch is the same for any world size; rank r gets scenes r, r + world_size, ...,
         and every rank the same number (n // world_size; the < world_size leftover scenes
-        are dropped) so that DDP ranks run the same number of steps.
+        are dropped) so that data-parallel ranks run the same number of steps.
         """
         if epoch < 0 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need epoch >= 0 and 0 <= rank < world_size, got epoch={epoch}, "
