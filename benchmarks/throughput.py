@@ -1,12 +1,14 @@
 """Training and sampling throughput of ``AlignDraw`` against the naive per-step reference.
 
     python benchmarks/throughput.py --preset mnist-captions [--precision both] [--compile]
+                                    [--processes 2]
 
 Both models get the preset's ``ModelConfig``, the same weights and the same batch of random
 inputs (no data loading is timed). A training step is what the trainer does: zero_grad,
 forward, backward, per-tensor gradient clipping at 10, ``PaperRMSprop`` step. A sampling batch
 is ``model.sample`` under no_grad. Timed runs of every variant (library / naive, fp32 / bf16,
-compiled) alternate round-robin inside ONE process, so the ratios hold on a noisy machine;
+compiled, data-parallel) alternate round-robin within ONE run, so the ratios hold on a noisy
+machine (with ``--processes N`` a variant's N workers run one step each while the rest wait);
 medians and min/max are reported. Achieved GFLOP/s use the analytic FLOP counts of
 ``benchmarks/flops.py`` and are given as a share of the machine's measured matmul peak.
 
@@ -343,9 +345,8 @@ def ratios(results: dict, times: dict) -> dict:
         if name == f"naive_{precision}":
             continue
         bases = [f"naive_{precision}", "naive_fp32"]
-        arrangement = name.split("_")[1]  # "dp2" in library_dp2_compiled_fp32
-        if name.startswith("library_dp"):
-            bases.append(f"naive_{arrangement}_{precision}")
+        if name.startswith("library_dp"):  # and the naive model as data-parallel as itself
+            bases.append(f"naive_{name.split('_')[1]}_{precision}")  # naive_dp2_fp32
         for base in dict.fromkeys(bases):
             if base not in results:
                 continue
