@@ -5,8 +5,9 @@ Scripts (run from the repository root):
     python benchmarks/profile_step.py --preset mnist-captions  top ops and op counts per step
 
 ``data_parallel`` runs a variant in N worker processes of one thread each (``throughput.py
---processes N``), as the trainer runs under ``torchrun``. ``naive_reference`` holds the plain per-step implementation that the throughput ratios and the
-equivalence tests (``tests/test_benchmarks.py``) compare the library model with; ``flops``
-counts matmul FLOPs per image from a config; ``machine`` times calls, measures the matmul peak
-and how busy other processes kept the machine.
+--processes N``), as the trainer runs under ``torchrun``. ``naive_reference`` holds the plain
+per-step implementation that the throughput ratios and the equivalence tests
+(``tests/test_benchmarks.py``) compare the library model with; ``flops`` counts matmul FLOPs
+per image from a config; ``machine`` times calls, measures the matmul peak and how busy other
+processes kept the machine.
 """
