@@ -153,8 +153,8 @@ def test_list_words(run_dir):
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_torchrun_ddp_two_processes(tmp_path, mnist_dir):
-    out = tmp_path / "ddp"
+def test_torchrun_data_parallel_two_processes(tmp_path, mnist_dir):
+    out = tmp_path / "data_parallel"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "aligndraw", "train", "--out", str(out), "--max-steps", "4", "--log-every", "2",
            *TINY]
