@@ -131,7 +131,7 @@ class DataParallelVariant:
 
     def __init__(self, name: str, spec: WorkerSpec, processes: int) -> None:
         shard(spec.inputs[0].shape[0], 0, processes)  # fail early on an uneven split
-        self.name, self.precision, self.processes = name, spec.precision, processes
+        self.name, self.precision = name, spec.precision
         self.worker_cpu_s = 0.0
         ctx = mp.get_context("spawn")
         port = _free_port()

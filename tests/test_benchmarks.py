@@ -151,11 +151,19 @@ def test_flop_counts_match_the_issue_estimate() -> None:
     assert big["sample"] - flops["sample"] == pytest.approx(input_gates - input_gates * 23 / 12 / 100)
 
 
-def test_throughput_smoke_prints_json_last() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+def run_throughput(*args: str) -> subprocess.CompletedProcess:
+    """``benchmarks/throughput.py --smoke ARGS`` as a real process."""
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_throughput_smoke_prints_json_last() -> None:
+    report = last_json(run_throughput())
     for key in ("preset", "batch", "threads", "busy", "other_processes_cores", "peak_gflops",
                 "flops_per_image", "check", "results", "ratios"):
         assert key in report, key
@@ -172,10 +180,7 @@ def test_throughput_smoke_prints_json_last() -> None:
 def test_throughput_data_parallel_workers_match_the_reference() -> None:
     """--processes 2: library and naive models in two worker processes each, on half the batch
     apiece; the library's averaged gradients are checked against the naive reference."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke",
-                           "--processes", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = last_json(run_throughput("--processes", "2"))
     assert set(report["results"]) == {"library_fp32", "naive_fp32", "library_dp2_fp32", "naive_dp2_fp32"}
     assert report["check"]["dp2_equal"] is True
     assert report["check"]["dp2_grad_max_rel_diff"] < 1e-3
@@ -183,13 +188,13 @@ def test_throughput_data_parallel_workers_match_the_reference() -> None:
     assert report["targets"]["library_dp2_fp32"]["fp32_equal"] is True
     assert {"library_dp2_fp32/naive_fp32", "library_dp2_fp32/naive_dp2_fp32",
             "naive_dp2_fp32/naive_fp32"} <= set(report["ratios"])
-    for phase in ("train", "sample"):
-        assert report["results"]["library_dp2_fp32"][phase]["cpu_median_s"] > 0  # workers' CPU
+    for phase in ("train", "sample"):  # the workers' CPU is counted (the main process only waits)
+        stats = report["results"]["library_dp2_fp32"][phase]
+        assert stats["cpu_median_s"] > 0.5 * stats["median_s"]
 
 
 def test_throughput_rejects_a_batch_the_processes_do_not_divide() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke",
-                           "--processes", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_throughput("--processes", "3")
     assert proc.returncode == 2 and "--processes 3" in proc.stderr and "--batch 8" in proc.stderr
 
 

@@ -184,6 +184,15 @@ def test_validation_is_deterministic(tmp_path, synthetic_data):
     assert trainer.validate() == trainer.validate()
 
 
+def _six_image_problem(seed: int):
+    """A float64 tiny model (weights from ``seed``) and a batch of 6: images, tokens, lengths, ε."""
+    torch.manual_seed(seed)
+    model = AlignDraw(tiny_config()).double()
+    images, tokens, lengths = random_batch(tiny_config(), batch=6, seed=1)
+    noise = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    return model, (images.double(), tokens, lengths, noise)
+
+
 def _half_batch_worker(rank: int, port: int, out: str) -> None:
     """One of two processes: rank 1 starts from other weights; broadcast, half the batch each,
     average the gradients; both save what they hold."""
@@ -191,13 +200,10 @@ def _half_batch_worker(rank: int, port: int, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    torch.manual_seed(rank)  # different weights on each rank until the broadcast
-    model = AlignDraw(tiny_config()).double()
+    model, batch = _six_image_problem(seed=rank)  # other weights on rank 1 until the broadcast
     broadcast_parameters(model)
-    images, tokens, lengths = random_batch(tiny_config(), batch=6, seed=1)
-    noise = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    part = slice(3 * rank, 3 * rank + 3)
-    model(images[part].double(), tokens[part], lengths[part], noise=noise[part]).loss.backward()
+    images, tokens, lengths, noise = (x[3 * rank: 3 * rank + 3] for x in batch)
+    model(images, tokens, lengths, noise=noise).loss.backward()
     average_gradients(model.parameters(), 2)
     torch.save({"params": {n: p.detach() for n, p in model.named_parameters()},
                 "grads": {n: p.grad for n, p in model.named_parameters()}}, f"{out}/rank{rank}.pt")
@@ -216,11 +222,8 @@ def test_two_processes_average_to_the_full_batch_gradient(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_half_batch_worker, args=(port, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    torch.manual_seed(0)
-    model = AlignDraw(tiny_config()).double()
-    images, tokens, lengths = random_batch(tiny_config(), batch=6, seed=1)
-    noise = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    model(images.double(), tokens, lengths, noise=noise).loss.backward()
+    model, (images, tokens, lengths, noise) = _six_image_problem(seed=0)
+    model(images, tokens, lengths, noise=noise).loss.backward()
     for name, p in model.named_parameters():
         for rank in ranks:
             torch.testing.assert_close(rank["params"][name], p.detach(), rtol=0, atol=0)

@@ -103,15 +103,9 @@ def average_gradients(params, world_size: int) -> None:
 
 @torch.no_grad()
 def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
-    """Give every process rank ``src``'s parameters and buffers (one broadcast; float64 holds
-    fp32 weights and integer counters exactly)."""
-    tensors = [*module.parameters(), *module.buffers()]
-    if not tensors:
-        return
-    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])  # (Σ numel,)
-    dist.broadcast(flat, src)
-    for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True):
-        t.copy_(part.view_as(t))
+    """Give every process rank ``src``'s parameters and buffers, in place (once per run)."""
+    for t in (*module.parameters(), *module.buffers()):
+        dist.broadcast(t, src)
 
 
 def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
