@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from aligndraw.alignment import Alignment, align_weights, mean_context, sigmoid_form_scores, tanh_scores
+from aligndraw.alignment import (
+    Alignment,
+    align_weights,
+    doubled_align_weights,
+    doubled_scores,
+    mean_context,
+    tanh_scores,
+)
 from aligndraw.language import CaptionEncoder, padding_mask, reverse_index
 
 
@@ -74,16 +81,26 @@ def test_encoder_padding_does_not_change_real_word_states():
     torch.testing.assert_close(alone[0, :, 5:], out[0].flip(0))
 
 
-def test_sigmoid_form_scores_equal_tanh_scores():
+def test_doubled_scores_equal_tanh_scores():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 7, 16, generator=g, dtype=torch.float64) * 3
     v = torch.randn(16, generator=g, dtype=torch.float64)
     ref = torch.stack([torch.stack([sum(v[a] * torch.tanh(x[b, j, a]) for a in range(16))
                                     for j in range(7)]) for b in range(4)])  # (4, 7)
     torch.testing.assert_close(tanh_scores(x, v), ref)
-    torch.testing.assert_close(sigmoid_form_scores(x, v), ref)
-    torch.testing.assert_close(sigmoid_form_scores(x.float(), v.float()), ref.float(),
+    torch.testing.assert_close(doubled_scores(2 * x, v), ref)
+    torch.testing.assert_close(doubled_scores(2 * x.float(), v.float()), ref.float(),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_doubled_align_weights_equal_the_tanh_form():
+    al, h_lang, mask = _setup(3)
+    al.double()
+    h_dec = torch.randn(3, 5, dtype=torch.float64)
+    keys, query, v = al.keys(h_lang.double()), al.W(h_dec), al.v.weight[0]
+    alpha = doubled_align_weights(2 * keys, 2 * query, v, mask)
+    torch.testing.assert_close(alpha, align_weights(keys, query, v, mask))
+    assert (alpha[~mask] == 0).all()
 
 
 def _packed_reference(enc: CaptionEncoder, lstm: torch.nn.LSTM, tokens: torch.Tensor,

@@ -139,3 +139,22 @@ def test_given_caption_states_replace_the_encoder(tiny):
     ones = torch.ones(4, dtype=torch.long)
     c = model(images, tokens[:, :1], ones, noise=noise, h_lang=mean_state)
     assert not torch.allclose(a.nll, c.nll)
+
+
+@pytest.mark.parametrize("kind", ["aligndraw", "noalign"])
+def test_bf16_autocast_bound_and_gradients_follow_fp32(kind):
+    config = tiny_config(model=kind)
+    model = _model(config, scale=0.1).float()
+    images, tokens, lengths = random_batch(config)
+    noise = torch.randn(4, config.steps, config.z_dim)
+    params = list(model.parameters())
+    ref = model(images, tokens, lengths, noise=noise)
+    ref_grads = torch.autograd.grad(ref.loss, params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, tokens, lengths, noise=noise)
+    grads = torch.autograd.grad(out.loss, params)
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-3, atol=0)
+    flat, ref_flat = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in ref_grads])
+    assert all(g.dtype == torch.float32 for g in grads) and torch.isfinite(flat).all()
+    assert torch.nn.functional.cosine_similarity(flat, ref_flat, dim=0) > 0.9999

@@ -18,30 +18,42 @@ from torch import Tensor, nn
 
 
 def tanh_scores(x: Tensor, v: Tensor) -> Tensor:
-    """vᵀ tanh(x) over the last axis: (…, A), (A,) → (…).
-
-    Eagerly: ``tanh(x) @ v``. Under torch.compile the same value as 2·σ(2x)ᵀv − Σv
-    (tanh(x) = 2σ(2x) − 1), because the compiler's CPU sigmoid is about 3× faster than its
-    tanh on the (B, L, A) tensor of every step (benchmarks/alignment_scores.py).
-    """
-    if torch.compiler.is_compiling():
-        return sigmoid_form_scores(x, v)
+    """vᵀ tanh(x) over the last axis: (…, A), (A,) → (…). The paper's form, for reference."""
     return torch.tanh(x) @ v
 
 
-def sigmoid_form_scores(x: Tensor, v: Tensor) -> Tensor:
-    """vᵀ tanh(x) written as 2·vᵀσ(2x) − Σv: (…, A), (A,) → (…)."""
-    return (torch.sigmoid(2 * x) @ v) * 2 - v.sum()
+def doubled_scores(x2: Tensor, v: Tensor) -> Tensor:
+    """vᵀ tanh(x) from x2 = 2x, as 2·vᵀσ(x2) − Σv: (…, A), (A,) → (…).
+
+    The same value as ``tanh_scores(x, v)`` (tanh(x) = 2σ(2x) − 1). CPU sigmoid is several
+    times faster than tanh on the (B, L, A) tensor of every step, eagerly and compiled
+    (``benchmarks/alignment_scores.py``); taking 2x as given keeps it one pass over that tensor.
+    """
+    return (torch.sigmoid(x2) @ v) * 2 - v.sum()
 
 
 def align_weights(keys: Tensor, query: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """α_t: (B, L) weights summing to 1 over real words.
+    """α_t: (B, L) weights summing to 1 over real words (the paper's equations as written).
 
     Args: keys (B, L, A) = U h_lang + b. query (B, A) = W h_dec_{t−1}. v (A,). mask (B, L)
     True on real words. (s_t = Σ_j α_j h_lang_j is never formed: the model mixes the words'
     gate contributions instead, ``AlignDraw.context_gates``.)
     """
-    scores = tanh_scores(keys + query[:, None, :], v)  # (B, L)
+    return masked_softmax(tanh_scores(keys + query[:, None, :], v), mask)
+
+
+def doubled_align_weights(keys2: Tensor, query2: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """``align_weights(keys, query, v, mask)`` from keys2 = 2·keys and query2 = 2·query.
+
+    What the model runs at every step: keys2 is doubled once per caption, query2 comes doubled
+    out of the fused projection, so a step does one add, one sigmoid and one product over
+    (B, L, A), as the tanh form would.
+    """
+    return masked_softmax(doubled_scores(keys2 + query2[:, None, :], v), mask)
+
+
+def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
+    """softmax over the last axis of (B, L) scores, 0 where ``mask`` is False (padding)."""
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
 
 

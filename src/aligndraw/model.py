@@ -30,11 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from aligndraw import attention
-from aligndraw.alignment import Alignment, align_weights, uniform_weights
+from aligndraw.alignment import Alignment, doubled_align_weights, uniform_weights
 from aligndraw.config import ModelConfig
 from aligndraw.language import CaptionEncoder, lstm_update, padding_mask
 from aligndraw.losses import bernoulli_nll, gaussian_kl, gaussian_log_prob
-from aligndraw.recurrent_linear import StepLinear
+from aligndraw.recurrent_linear import StepLinear, StepMix
 from aligndraw.sentence_vectors import SentenceVectorEncoder
 
 
@@ -75,7 +75,7 @@ class DrawSample:
 
 
 MAX_TEMPERATURE = 10.0
-# query (B, A) or None → (α_t (B, L), W_s s_t (B, 4·Dd)); see ``AlignDraw._context_step``
+# query2 = 2·W h_dec (B, A) or None → (α_t (B, L), W_s s_t (B, 4·Dd)); see ``AlignDraw._context_step``
 ContextStep = Callable[[Tensor | None], tuple[Tensor, Tensor]]
 
 
@@ -178,7 +178,8 @@ class AlignDraw(nn.Module):
             ("prior", self.prior.weight, self.prior.bias),
         ]
         if self.alignment is not None:
-            parts.append(("query", self.alignment.W.weight, None))
+            # 2·W: the alignment takes its query doubled (``doubled_align_weights``); exact.
+            parts.append(("query2", 2 * self.alignment.W.weight, None))
         if with_encoder:
             enc = self.enc_lstm
             parts += [("read", self.read_head.weight, self.read_head.bias),
@@ -209,19 +210,27 @@ class AlignDraw(nn.Module):
         return h_lang, keys, mask
 
     def _context_step(self, keys: Tensor, ctx: Tensor, mask: Tensor) -> ContextStep:
-        """A function query (B, A) or None → (α_t (B, L), W_s s_t (B, 4Dd)) for one step.
+        """A function query2 = 2·W h_dec (B, A) or None → (α_t (B, L), W_s s_t (B, 4Dd)) for one step.
 
         ``ctx``: ``context_gates``. Without an alignment (noalignDRAW, sentvec) the weights are
         uniform and the result is the same at every step, so it is computed here, once.
         """
+        # The mix runs in at least fp32, also under autocast: a bf16 batched product with one
+        # row per image is about 2.5× slower on CPU than fp32, and the L-word sum keeps its
+        # precision. α_t leaves the softmax in fp32 anyway.
+        ctx = ctx.to(torch.promote_types(ctx.dtype, torch.float32))
+        mixer = StepMix(ctx)  # ctx's gradient as one product over all steps
+
         def mix(alpha: Tensor) -> tuple[Tensor, Tensor]:
-            return alpha, (alpha[:, None, :] @ ctx).squeeze(1)  # (B, 1, L) @ (B, L, 4Dd) → (B, 4Dd)
+            with torch.autocast(ctx.device.type, enabled=False):
+                return alpha, mixer(alpha.to(ctx.dtype))  # (B, L) → (B, 4Dd)
 
         if self.alignment is None:
             fixed = mix(uniform_weights(mask, ctx.dtype))
             return lambda query: fixed
         v = self.alignment.v.weight[0]
-        return lambda query: mix(align_weights(keys, query, v, mask))
+        keys2 = 2 * keys  # (B, L, A), once per caption
+        return lambda query2: mix(doubled_align_weights(keys2, query2, v, mask))
 
     def context_gates(self, h_lang: Tensor) -> Tensor:
         """(B, L, D2) → (B, L, 4·Dd): W_s h_lang_j, every word's share of the generative gates.
@@ -333,7 +342,7 @@ class AlignDraw(nn.Module):
         """Alignment and generative LSTM update; returns the new state and α_t (B, L).
 
         ``context``: from ``_context_step``."""
-        alpha, w_s = context(proj.get("query"))
+        alpha, w_s = context(proj.get("query2"))
         gates = proj["dec"] + dec_in(z) + w_s  # W_z z_t + W_s s_t + W_hh h_dec + b
         st = dict(st)
         st["h_dec"], st["c_dec"] = lstm_update(gates, st["c_dec"])
