@@ -210,6 +210,19 @@ def test_alignment_scores_benchmark_forms_agree() -> None:
             assert report[f"{name}_{mode}_max_diff"] < 1e-5
 
 
+def test_filterbank_exp_benchmark_forms_agree() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "filterbank_exp.py"), "--batch", "4",
+                           "--n", "3", "--size", "12", "--min-time", "0.01"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["shape"] == [16, 3, 12]
+    for name in ("exp", "exp2"):
+        for mode in ("eager", "compiled"):
+            assert report[f"{name}_{mode}_ms"] > 0
+            assert report[f"{name}_{mode}_max_rel_diff"] < 1e-4
+
+
 def test_fp32_targets_are_judged_per_variant() -> None:
     from benchmarks.throughput import fp32_targets
 

@@ -13,10 +13,13 @@ middle of the image.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+LOG2_E = 1 / math.log(2)  # log₂ e
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,9 @@ def filterbank(g: Tensor, delta: Tensor, sigma2: Tensor, size: int, n: int,
     mu = grid_centres(g, delta, n)  # (B, N)
     a = torch.arange(1, size + 1, device=g.device, dtype=g.dtype)  # (size,)
     d = a[None, None, :] - mu[:, :, None]  # (B, N, size)
-    # Scale by −1/2σ² on the (B,) vector, not on the (B, N, size) tensor: fewer large operations.
-    f = torch.exp(d * d * (-0.5 / sigma2)[:, None, None])
+    # exp(u) as 2^(u·log₂e), the factor folded into −1/2σ² on the (B,) vector rather than the
+    # (B, N, size) tensor: CPU exp2 is about 4× faster than exp (benchmarks/filterbank_exp.py).
+    f = torch.exp2(d * d * (-0.5 * LOG2_E / sigma2)[:, None, None])
     return f / (f.sum(-1, keepdim=True) + eps)  # (B, N, size)
 
 

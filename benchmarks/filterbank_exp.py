@@ -1,0 +1,61 @@
+"""The filterbank's Gaussian exp(−(a − μ)²/2σ²) two ways, eager and under torch.compile.
+
+    python benchmarks/filterbank_exp.py [--batch 100] [--n 8] [--size 60] [--threads 1]
+
+Times ``torch.exp(d² · (−1/2σ²))`` and the equal ``torch.exp2(d² · (−log₂e/2σ²))`` (what
+``aligndraw.attention.filterbank`` computes; the factor sits on the (B,) vector) on one step's
+four filterbanks, d = a − μ of shape (4B, N, size), each eagerly and compiled, and prints the
+medians (ms) and the largest relative difference from the exp form; one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from torch.utils.benchmark import Timer
+
+from aligndraw.attention import LOG2_E
+
+
+def exp_form(d: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    return torch.exp(d * d * (-0.5 / sigma2)[:, None, None])  # (4B, N, size)
+
+
+def exp2_form(d: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    return torch.exp2(d * d * (-0.5 * LOG2_E / sigma2)[:, None, None])  # (4B, N, size)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--n", type=int, default=8, help="grid size N")
+    p.add_argument("--size", type=int, default=60, help="image side")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    banks = 4 * args.batch  # read and write, x and y
+    a = torch.arange(1, args.size + 1, dtype=torch.float32)
+    mu = torch.rand(banks, args.n, 1, generator=g) * args.size
+    d = a - mu  # (4B, N, size)
+    sigma2 = torch.rand(banks, generator=g) * 4 + 0.25
+    reference = exp_form(d, sigma2)
+    result: dict = {"shape": list(d.shape), "threads": args.threads}
+    for name, fn in (("exp", exp_form), ("exp2", exp2_form)):
+        for mode, f in (("eager", fn), ("compiled", torch.compile(fn))):
+            out = f(d, sigma2)  # compiles on the first call
+            ms = Timer("f(d, s)", globals={"f": f, "d": d, "s": sigma2}) \
+                .blocked_autorange(min_run_time=args.min_time).median * 1e3
+            diff = float(((out - reference).abs() / reference.clamp_min(1e-30)).max())
+            result[f"{name}_{mode}_ms"] = ms
+            result[f"{name}_{mode}_max_rel_diff"] = diff
+            print(f"{name:>5} {mode:>9}: {ms:7.3f} ms   max relative difference {diff:.1e}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
