@@ -73,9 +73,14 @@ def filterbank(g: Tensor, delta: Tensor, sigma2: Tensor, size: int, n: int,
     mu = grid_centres(g, delta, n)  # (B, N)
     a = torch.arange(1, size + 1, device=g.device, dtype=g.dtype)  # (size,)
     d = a[None, None, :] - mu[:, :, None]  # (B, N, size)
-    # exp(u) as 2^(u·log₂e), the factor folded into −1/2σ² on the (B,) vector rather than the
-    # (B, N, size) tensor: CPU exp2 is about 4× faster than exp (benchmarks/filterbank_exp.py).
-    f = torch.exp2(d * d * (-0.5 * LOG2_E / sigma2)[:, None, None])
+    # Scale on the (B,) vector, not on the (B, N, size) tensor: fewer large operations. Eagerly
+    # exp(u) is computed as 2^(u·log₂e), the factor folded into that vector: CPU exp2 is several
+    # times faster than exp (benchmarks/filterbank_exp.py). Compiled, exp2 made the fused
+    # sampling graph slower, so the compiler gets exp.
+    if torch.compiler.is_compiling():
+        f = torch.exp(d * d * (-0.5 / sigma2)[:, None, None])
+    else:
+        f = torch.exp2(d * d * (-0.5 * LOG2_E / sigma2)[:, None, None])
     return f / (f.sum(-1, keepdim=True) + eps)  # (B, N, size)
 
 
