@@ -151,10 +151,15 @@ def test_flop_counts_match_the_issue_estimate() -> None:
     assert big["sample"] - flops["sample"] == pytest.approx(input_gates - input_gates * 23 / 12 / 100)
 
 
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``benchmarks/SCRIPT ARGS`` as a real process."""
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 def run_throughput(*args: str) -> subprocess.CompletedProcess:
     """``benchmarks/throughput.py --smoke ARGS`` as a real process."""
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_benchmark("throughput.py", "--smoke", *args)
 
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
@@ -199,11 +204,8 @@ def test_throughput_rejects_a_batch_the_processes_do_not_divide() -> None:
 
 
 def test_alignment_scores_benchmark_forms_agree() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "alignment_scores.py"), "--batch", "4",
-                           "--words", "3", "--align", "16", "--min-time", "0.01"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = last_json(run_benchmark("alignment_scores.py", "--batch", "4", "--words", "3", "--align", "16",
+                                     "--min-time", "0.01"))
     for name in ("tanh", "sigmoid"):
         for mode in ("eager", "compiled"):
             assert report[f"{name}_{mode}_ms"] > 0
@@ -211,11 +213,8 @@ def test_alignment_scores_benchmark_forms_agree() -> None:
 
 
 def test_filterbank_exp_benchmark_forms_agree() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "filterbank_exp.py"), "--batch", "4",
-                           "--n", "3", "--size", "12", "--min-time", "0.01"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = last_json(run_benchmark("filterbank_exp.py", "--batch", "4", "--n", "3", "--size", "12",
+                                     "--min-time", "0.01"))
     assert report["shape"] == [16, 3, 12]
     for name in ("exp", "exp2"):
         for mode in ("eager", "compiled"):
