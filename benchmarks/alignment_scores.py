@@ -6,18 +6,23 @@ Times ``torch.tanh(keys + query) @ v`` and the equal 2·vᵀσ(keys2 + query2) �
 keys2 = 2·keys and query2 = 2·query (``aligndraw.alignment.doubled_scores``, what the model
 runs: it doubles the keys once per caption and gets the query doubled from its fused
 projection) on one step's (B, L, A) tensors, each eagerly and compiled, and prints the medians
-(ms) and the largest difference from the tanh form; one JSON line last.
+(ms) and the largest absolute difference from the tanh form; one JSON line last.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
 
-from aligndraw.alignment import doubled_scores
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aligndraw.alignment import doubled_scores  # noqa: E402
+from benchmarks.forms import compare_forms  # noqa: E402
 
 
 def tanh_form(keys: torch.Tensor, query: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -43,15 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     v = torch.randn(args.align, generator=g) / args.align ** 0.5
     reference = tanh_form(keys, query, v)
     result: dict = {"shape": [args.batch, args.words, args.align], "threads": args.threads}
-    for name, fn, k, q in (("tanh", tanh_form, keys, query), ("sigmoid", sigmoid_form, 2 * keys, 2 * query)):
-        for mode, f in (("eager", fn), ("compiled", torch.compile(fn))):
-            out = f(k, q, v)  # compiles on the first call
-            ms = Timer("f(k, q, v)", globals={"f": f, "k": k, "q": q, "v": v}) \
-                .blocked_autorange(min_run_time=args.min_time).median * 1e3
-            diff = float((out - reference).abs().max())
-            result[f"{name}_{mode}_ms"] = ms
-            print(f"{name:>8} {mode:>9}: {ms:7.3f} ms   max |difference| {diff:.1e}")
-            result[f"{name}_{mode}_max_diff"] = diff
+    result |= compare_forms([("tanh", tanh_form, (keys, query, v)),
+                             ("sigmoid", sigmoid_form, (2 * keys, 2 * query, v))],
+                            reference, lambda out, ref: float((out - ref).abs().max()), args.min_time)
     print(json.dumps(result))
     return result
 

@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
 
-from aligndraw.attention import LOG2_E
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aligndraw.attention import LOG2_E  # noqa: E402
+from benchmarks.forms import compare_forms  # noqa: E402
 
 
 def exp_form(d: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
@@ -45,15 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
     sigma2 = torch.rand(banks, generator=g) * 4 + 0.25
     reference = exp_form(d, sigma2)
     result: dict = {"shape": list(d.shape), "threads": args.threads}
-    for name, fn in (("exp", exp_form), ("exp2", exp2_form)):
-        for mode, f in (("eager", fn), ("compiled", torch.compile(fn))):
-            out = f(d, sigma2)  # compiles on the first call
-            ms = Timer("f(d, s)", globals={"f": f, "d": d, "s": sigma2}) \
-                .blocked_autorange(min_run_time=args.min_time).median * 1e3
-            diff = float(((out - reference).abs() / reference.clamp_min(1e-30)).max())
-            result[f"{name}_{mode}_ms"] = ms
-            result[f"{name}_{mode}_max_rel_diff"] = diff
-            print(f"{name:>5} {mode:>9}: {ms:7.3f} ms   max relative difference {diff:.1e}")
+    result |= compare_forms([("exp", exp_form, (d, sigma2)), ("exp2", exp2_form, (d, sigma2))], reference,
+                            lambda out, ref: float(((out - ref).abs() / ref.clamp_min(1e-30)).max()),
+                            args.min_time)
     print(json.dumps(result))
     return result
 

@@ -209,7 +209,7 @@ def test_alignment_scores_benchmark_forms_agree() -> None:
     for name in ("tanh", "sigmoid"):
         for mode in ("eager", "compiled"):
             assert report[f"{name}_{mode}_ms"] > 0
-            assert report[f"{name}_{mode}_max_diff"] < 1e-5
+            assert report[f"{name}_{mode}_diff"] < 1e-5
 
 
 def test_filterbank_exp_benchmark_forms_agree() -> None:
@@ -219,7 +219,15 @@ def test_filterbank_exp_benchmark_forms_agree() -> None:
     for name in ("exp", "exp2"):
         for mode in ("eager", "compiled"):
             assert report[f"{name}_{mode}_ms"] > 0
-            assert report[f"{name}_{mode}_max_rel_diff"] < 1e-4
+            assert report[f"{name}_{mode}_diff"] < 1e-4
+
+
+def test_context_mix_benchmark_times_both_precisions() -> None:
+    report = last_json(run_benchmark("context_mix.py", "--batch", "3", "--words", "4", "--width", "8",
+                                     "--min-time", "0.01"))
+    assert report["shape"] == [3, 4, 8]
+    assert report["fp32_eager_diff"] == 0 and 0 < report["bf16_eager_diff"] < 2e-2
+    assert report["fp32_eager_ms"] > 0 and report["bf16_eager_ms"] > 0
 
 
 def test_fp32_targets_are_judged_per_variant() -> None:

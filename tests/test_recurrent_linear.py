@@ -99,3 +99,13 @@ def test_step_mix_and_step_linear_are_plain_products_without_gradients():
         w = torch.softmax(torch.randn(3, 5, dtype=torch.float64), -1)
         torch.testing.assert_close(mix(w), torch.einsum("bl,bld->bd", w, values))
         torch.testing.assert_close(linear(h0), h0 @ weight.T + bias)
+
+
+def test_step_mix_keeps_the_values_dtype_under_autocast():
+    values, query = (t.detach().float().requires_grad_() for t in _mix_problem())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mix = StepMix(values)
+        out = mix(torch.softmax(torch.randn(3, 5), -1))
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert values.grad is not None and values.grad.dtype == torch.float32

@@ -6,7 +6,8 @@
 
 U h_lang_j + b does not depend on t, so ``Alignment.keys`` computes it once per caption and
 each step only adds the query W h_dec_{t−1} (which the model computes in its fused per-step
-projection of h_dec, ``align_weights`` taking it as given).
+projection of h_dec). Both come doubled, for the sigmoid form of the scores
+(``doubled_align_weights``).
 
 Symbols: B batch, L words, A alignment size, D2 = 2·D_lang.
 """
@@ -17,37 +18,24 @@ import torch
 from torch import Tensor, nn
 
 
-def tanh_scores(x: Tensor, v: Tensor) -> Tensor:
-    """vᵀ tanh(x) over the last axis: (…, A), (A,) → (…). The paper's form, for reference."""
-    return torch.tanh(x) @ v
-
-
 def doubled_scores(x2: Tensor, v: Tensor) -> Tensor:
     """vᵀ tanh(x) from x2 = 2x, as 2·vᵀσ(x2) − Σv: (…, A), (A,) → (…).
 
-    The same value as ``tanh_scores(x, v)`` (tanh(x) = 2σ(2x) − 1). CPU sigmoid is several
-    times faster than tanh on the (B, L, A) tensor of every step, eagerly and compiled
-    (``benchmarks/alignment_scores.py``); taking 2x as given keeps it one pass over that tensor.
+    The same value as ``torch.tanh(x) @ v`` (tanh(x) = 2σ(2x) − 1). CPU sigmoid is faster
+    than tanh on the (B, L, A) tensor of every step (``benchmarks/alignment_scores.py``;
+    compiled about 4×); taking 2x as given keeps it one pass over that tensor.
     """
     return (torch.sigmoid(x2) @ v) * 2 - v.sum()
 
 
-def align_weights(keys: Tensor, query: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """α_t: (B, L) weights summing to 1 over real words (the paper's equations as written).
-
-    Args: keys (B, L, A) = U h_lang + b. query (B, A) = W h_dec_{t−1}. v (A,). mask (B, L)
-    True on real words. (s_t = Σ_j α_j h_lang_j is never formed: the model mixes the words'
-    gate contributions instead, ``AlignDraw.context_gates``.)
-    """
-    return masked_softmax(tanh_scores(keys + query[:, None, :], v), mask)
-
-
 def doubled_align_weights(keys2: Tensor, query2: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """``align_weights(keys, query, v, mask)`` from keys2 = 2·keys and query2 = 2·query.
+    """α_t: (B, L) weights summing to 1 over real words, from doubled keys and query.
 
-    What the model runs at every step: keys2 is doubled once per caption, query2 comes doubled
-    out of the fused projection, so a step does one add, one sigmoid and one product over
-    (B, L, A), as the tanh form would.
+    Args: keys2 (B, L, A) = 2·(U h_lang + b), doubled once per caption. query2 (B, A) =
+    2·W h_dec_{t−1}, doubled inside the model's fused projection. v (A,). mask (B, L) True on
+    real words. A step does one add, one sigmoid and one product over (B, L, A), as the
+    paper's tanh form would. (s_t = Σ_j α_j h_lang_j is never formed: the model mixes the
+    words' gate contributions instead, ``AlignDraw.context_gates``.)
     """
     return masked_softmax(doubled_scores(keys2 + query2[:, None, :], v), mask)
 

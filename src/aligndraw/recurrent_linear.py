@@ -14,17 +14,24 @@ inputs (the weight gradient in the parameter's own dtype).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
 class _Record:
-    """Inputs x_t (B, in) and output gradients g_t (B, out) of every step, in backward order."""
+    """Per-step inputs and output gradients, in backward order, and how to sum them.
 
-    def __init__(self) -> None:
+    ``reduce(inputs, grads)`` turns the recorded steps into the gradients of the shared
+    tensors (one product over all steps).
+    """
+
+    def __init__(self, reduce: Callable[[list[Tensor], list[Tensor]], tuple[Tensor, ...]]) -> None:
         self.inputs: list[Tensor] = []
         self.grads: list[Tensor] = []
+        self.reduce = reduce
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -34,25 +41,38 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _deferred(*tensors: Tensor) -> bool:
+    """Whether to record the steps: gradients wanted, and not under torch.compile (the
+    recording, a Python side effect, would break the graph; the compiler schedules these
+    gradients itself)."""
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and not torch.compiler.is_compiling())
+
+
 class _Share(torch.autograd.Function):
-    """Identity on (weight, bias) whose backward sums the recorded steps' gradients."""
+    """Identity on the shared tensors whose backward returns the recorded steps' summed gradients."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, bias: Tensor, record: _Record):
-        ctx.record, ctx.dtypes = record, (weight.dtype, bias.dtype)
-        ctx.set_materialize_grads(False)  # the steps return no weight gradient themselves
-        return weight.view_as(weight), bias.view_as(bias)
+    def forward(ctx, record: _Record, *shared: Tensor):
+        ctx.record, ctx.dtypes = record, [t.dtype for t in shared]
+        ctx.set_materialize_grads(False)  # the steps return no gradient for them themselves
+        return tuple(t.view_as(t) for t in shared)
 
     @staticmethod
-    def backward(ctx, grad_weight, grad_bias):
+    def backward(ctx, *unused):
         record = ctx.record
         if not record.inputs:
-            return None, None, None
-        x = torch.cat(record.inputs)  # (T·B, in)
-        g = torch.cat(record.grads)  # (T·B, out)
+            return (None,) * (1 + len(ctx.dtypes))
+        grads = record.reduce(record.inputs, record.grads)
         record.inputs.clear()
         record.grads.clear()
-        return (g.t() @ x).to(ctx.dtypes[0]), g.sum(0).to(ctx.dtypes[1]), None
+        return (None, *(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)))
+
+
+def _linear_grads(inputs: list[Tensor], grads: list[Tensor]) -> tuple[Tensor, Tensor]:
+    x = torch.cat(inputs)  # (T·B, in)
+    g = torch.cat(grads)  # (T·B, out)
+    return g.t() @ x, g.sum(0)  # weight (out, in), bias (out,)
 
 
 class _Step(torch.autograd.Function):
@@ -87,13 +107,10 @@ class StepLinear:
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         if bias is None:
             bias = weight.new_zeros(weight.shape[0])
-        # Under torch.compile the recording (a Python side effect) would break the graph, and the
-        # compiler schedules the weight gradients itself: use the plain linear there.
-        self.deferred = (torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)
-                         and not torch.compiler.is_compiling())
+        self.deferred = _deferred(weight, bias)
         if self.deferred:
-            self.record = _Record()
-            weight, bias = _Share.apply(weight, bias, self.record)
+            self.record = _Record(_linear_grads)
+            weight, bias = _Share.apply(self.record, weight, bias)
         # Under autocast, cast the shared weight once here rather than at every step: autocast
         # caches casts of leaf parameters only, and this weight is usually assembled (torch.cat).
         dtype = _compute_dtype(weight)
@@ -105,25 +122,14 @@ class StepLinear:
         return _Step.apply(x, self.weight, self.bias, self.record)
 
 
-class _ShareValues(torch.autograd.Function):
-    """Identity on per-image values (B, L, D) whose backward sums the recorded steps' gradients."""
+def _mix(weights: Tensor, values: Tensor) -> Tensor:
+    return (weights[:, None, :] @ values).squeeze(1)  # (B, 1, L) @ (B, L, D) → (B, D)
 
-    @staticmethod
-    def forward(ctx, values: Tensor, record: _Record):
-        ctx.record = record
-        ctx.set_materialize_grads(False)  # the steps return no gradient for the values themselves
-        return values.view_as(values)
 
-    @staticmethod
-    def backward(ctx, grad_values):
-        record = ctx.record
-        if not record.inputs:
-            return None, None
-        weights = torch.stack(record.inputs, dim=1)  # (B, T, L)
-        grads = torch.stack(record.grads, dim=1)  # (B, T, D)
-        record.inputs.clear()
-        record.grads.clear()
-        return weights.transpose(1, 2) @ grads, None  # (B, L, T) @ (B, T, D) → (B, L, D)
+def _mix_grads(inputs: list[Tensor], grads: list[Tensor]) -> tuple[Tensor]:
+    weights = torch.stack(inputs, dim=1)  # (B, T, L)
+    g = torch.stack(grads, dim=1)  # (B, T, D)
+    return (weights.transpose(1, 2) @ g,)  # (B, L, T) @ (B, T, D) → (B, L, D)
 
 
 class _MixStep(torch.autograd.Function):
@@ -133,7 +139,7 @@ class _MixStep(torch.autograd.Function):
     def forward(ctx, weights: Tensor, values: Tensor, record: _Record):
         ctx.save_for_backward(weights, values)
         ctx.record = record
-        return (weights[:, None, :] @ values).squeeze(1)  # (B, 1, L) @ (B, L, D) → (B, D)
+        return _mix(weights, values)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -152,17 +158,28 @@ class StepMix:
     values' gradient as T outer products w_tᵀ g_t of shape (B, L, D) and add them up, a pass
     over B·L·D values per step; ``StepMix`` records every step's w_t and g_t and computes the
     gradient once as one batched product with K = T. Without gradients it is a plain product.
+
+    The mix computes in the values' dtype also under autocast (a bf16 batched product with
+    one row per image is slower on CPU than fp32, ``benchmarks/context_mix.py``); the weights
+    are cast to it.
     """
 
     def __init__(self, values: Tensor) -> None:
-        self.deferred = (torch.is_grad_enabled() and values.requires_grad
-                         and not torch.compiler.is_compiling())
+        self.deferred = _deferred(values)
         if self.deferred:
-            self.record = _Record()
-            values = _ShareValues.apply(values, self.record)
+            self.record = _Record(_mix_grads)
+            (values,) = _Share.apply(self.record, values)
         self.values = values
+        self.autocast = torch.is_autocast_enabled(values.device.type)
 
     def __call__(self, weights: Tensor) -> Tensor:
+        weights = weights.to(self.values.dtype)
+        if self.autocast:  # checked once: entering the context at every step costs time
+            with torch.autocast(self.values.device.type, enabled=False):
+                return self._apply(weights)
+        return self._apply(weights)
+
+    def _apply(self, weights: Tensor) -> Tensor:
         if not self.deferred:
-            return (weights[:, None, :] @ self.values).squeeze(1)  # (B, 1, L) @ (B, L, D) → (B, D)
+            return _mix(weights, self.values)
         return _MixStep.apply(weights, self.values, self.record)

@@ -1,0 +1,31 @@
+"""Time equal ways of computing one thing, eagerly and under torch.compile (shared by the
+small "which form is faster" benchmarks)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils.benchmark import Timer
+
+Form = tuple[str, Callable[..., torch.Tensor], Sequence[torch.Tensor]]
+
+
+def compare_forms(forms: Sequence[Form], reference: torch.Tensor,
+                  difference: Callable[[torch.Tensor, torch.Tensor], float], min_time: float,
+                  modes: Sequence[str] = ("eager", "compiled")) -> dict:
+    """Median ms of every form in every mode and its ``difference(out, reference)``.
+
+    Prints one line per form and mode; returns ``{NAME_MODE_ms, NAME_MODE_diff}``.
+    """
+    result: dict = {}
+    for name, fn, args in forms:
+        for mode in modes:
+            f = torch.compile(fn) if mode == "compiled" else fn
+            out = f(*args)  # compiles on the first call
+            ms = Timer("f(*args)", globals={"f": f, "args": tuple(args)}) \
+                .blocked_autorange(min_run_time=min_time).median * 1e3
+            diff = difference(out, reference)
+            result[f"{name}_{mode}_ms"], result[f"{name}_{mode}_diff"] = ms, diff
+            print(f"{name:>8} {mode:>9}: {ms:7.3f} ms   difference {diff:.1e}")
+    return result
