@@ -203,23 +203,18 @@ def test_throughput_rejects_a_batch_the_processes_do_not_divide() -> None:
     assert proc.returncode == 2 and "--processes 3" in proc.stderr and "--batch 8" in proc.stderr
 
 
-def test_alignment_scores_benchmark_forms_agree() -> None:
-    report = last_json(run_benchmark("alignment_scores.py", "--batch", "4", "--words", "3", "--align", "16",
-                                     "--min-time", "0.01"))
-    for name in ("tanh", "sigmoid"):
+@pytest.mark.parametrize("script, args, shape, forms, tolerance", [
+    ("alignment_scores.py", ("--batch", "4", "--words", "3", "--align", "16"), [4, 3, 16],
+     ("tanh", "sigmoid"), 1e-5),
+    ("filterbank_exp.py", ("--batch", "4", "--n", "3", "--size", "12"), [16, 3, 12], ("exp", "exp2"), 1e-4),
+])
+def test_forms_benchmarks_agree_eager_and_compiled(script, args, shape, forms, tolerance) -> None:
+    report = last_json(run_benchmark(script, *args, "--min-time", "0.01"))
+    assert report["shape"] == shape
+    for name in forms:
         for mode in ("eager", "compiled"):
             assert report[f"{name}_{mode}_ms"] > 0
-            assert report[f"{name}_{mode}_diff"] < 1e-5
-
-
-def test_filterbank_exp_benchmark_forms_agree() -> None:
-    report = last_json(run_benchmark("filterbank_exp.py", "--batch", "4", "--n", "3", "--size", "12",
-                                     "--min-time", "0.01"))
-    assert report["shape"] == [16, 3, 12]
-    for name in ("exp", "exp2"):
-        for mode in ("eager", "compiled"):
-            assert report[f"{name}_{mode}_ms"] > 0
-            assert report[f"{name}_{mode}_diff"] < 1e-4
+            assert report[f"{name}_{mode}_diff"] < tolerance
 
 
 def test_context_mix_benchmark_times_both_precisions() -> None:
