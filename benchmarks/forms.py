@@ -16,14 +16,17 @@ def compare_forms(forms: Sequence[Form], reference: torch.Tensor,
                   modes: Sequence[str] = ("eager", "compiled")) -> dict:
     """Median ms of every form in every mode and its ``difference(out, reference)``.
 
-    Prints one line per form and mode; returns ``{NAME_MODE_ms, NAME_MODE_diff}``.
+    Timed at ``torch.get_num_threads()`` threads. Prints one line per form and mode; returns
+    ``{NAME_MODE_ms, NAME_MODE_diff}``.
     """
     result: dict = {}
     for name, fn, args in forms:
         for mode in modes:
             f = torch.compile(fn) if mode == "compiled" else fn
             out = f(*args)  # compiles on the first call
-            ms = Timer("f(*args)", globals={"f": f, "args": tuple(args)}) \
+            # Timer runs at one thread unless told: use the caller's torch thread count
+            ms = Timer("f(*args)", globals={"f": f, "args": tuple(args)},
+                       num_threads=torch.get_num_threads()) \
                 .blocked_autorange(min_run_time=min_time).median * 1e3
             diff = difference(out, reference)
             result[f"{name}_{mode}_ms"], result[f"{name}_{mode}_diff"] = ms, diff

@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from aligndraw import gemm
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -72,13 +74,25 @@ class OtherLoad:
                       else max(0.0, (busy - self.busy - (self._own() - self.own)) / wall))
 
 
-def matmul_peak(dtype: torch.dtype, size: int, device: torch.device, repeats: int = 7) -> float:
-    """Median GFLOP/s of a square (size × size) @ (size × size) product."""
+def matmul_peak(dtype: torch.dtype, size: int, device: torch.device, repeats: int = 7,
+                gemm_backend: str | None = None) -> float:
+    """Median GFLOP/s of a square (size × size) @ (size × size) product.
+
+    ``gemm_backend``: None for PyTorch's ``@``, else the product of ``aligndraw.gemm`` with that
+    backend (``"onednn"``: the kernels the library uses for CPU fp32)."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
+
+    def product() -> None:
+        if gemm_backend is None:
+            a @ b
+        else:
+            with gemm.using(gemm_backend):
+                gemm.addmm_t(a, b)
+
     for _ in range(2):
-        a @ b
-    times = [timed(lambda: a @ b, device) for _ in range(repeats)]
+        product()
+    times = [timed(product, device) for _ in range(repeats)]
     return 2 * size**3 / statistics.median(times) / 1e9
 
 

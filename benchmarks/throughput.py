@@ -32,6 +32,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from aligndraw import gemm  # noqa: E402
 from aligndraw.config import ModelConfig, preset  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
 from aligndraw.trainer import PaperRMSprop, average_gradients, clip_grad_norm_per_tensor  # noqa: E402
@@ -70,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="also time a torch.compile'd library model and report its compile time")
     p.add_argument("--skip-naive", action="store_true", help="time the library model only")
+    p.add_argument("--gemm-baseline", action="store_true",
+                   help="also time the eager fp32 library with PyTorch's default BLAS for its "
+                        "products (variant library_aten_fp32) instead of oneDNN (aligndraw.gemm)")
     p.add_argument("--processes", type=int, default=1,
                    help="N > 1: also time library and naive models data-parallel in N worker "
                         "processes × 1 thread, each on batch/N images (as `torchrun "
@@ -123,8 +127,9 @@ class Variant:
     worker_cpu_s = 0.0
 
     def __init__(self, name: str, model: torch.nn.Module, precision: str, inputs, seed: int,
-                 compiled: bool = False, world_size: int = 1) -> None:
+                 compiled: bool = False, world_size: int = 1, gemm_backend: str | None = None) -> None:
         self.name, self.model, self.precision = name, model, precision
+        self.gemm_backend = gemm_backend  # None: the process's (aligndraw.gemm's default)
         self.images, self.tokens, self.lengths = inputs
         self.optimizer = PaperRMSprop(model.parameters(), lr=1e-3)
         self.noise = torch.Generator(device=self.images.device).manual_seed(seed)
@@ -142,18 +147,22 @@ class Variant:
         # graphs need not capture a torch.Generator.
         return torch.randn(self.noise_shape, generator=self.noise, device=self.images.device)
 
+    def _gemm(self):
+        return gemm.using(self.gemm_backend) if self.gemm_backend else nullcontext()
+
     def train_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.precision, self.images.device):
+        with autocast(self.precision, self.images.device), self._gemm():
             out = self.forward(self.images, self.tokens, self.lengths, noise=self._eps())
-        out.loss.backward()
+        with self._gemm():
+            out.loss.backward()
         if self.world_size > 1:
             average_gradients(self.model.parameters(), self.world_size)
         clip_grad_norm_per_tensor(self.model.parameters(), CLIP_NORM)
         self.optimizer.step()
 
     def sample_step(self) -> None:
-        with torch.no_grad(), autocast(self.precision, self.images.device):
+        with torch.no_grad(), autocast(self.precision, self.images.device), self._gemm():
             # Images only, for every variant (the per-step canvases are for pictures).
             self.sampler(self.tokens, self.lengths, noise=self._eps(), history=False)
 
@@ -277,6 +286,11 @@ def build_variants(args, cfg: ModelConfig, inputs, device: torch.device, precisi
         lib = AlignDraw(cfg).to(device)
         lib.load_state_dict(reference.state_dict())
         variants.append(Variant(f"library_{precision}", lib, precision, inputs, args.seed))
+        if args.gemm_baseline and precision == "fp32" and device.type == "cpu":
+            lib = AlignDraw(cfg).to(device)
+            lib.load_state_dict(reference.state_dict())
+            variants.append(Variant(f"library_aten_{precision}", lib, precision, inputs, args.seed,
+                                    gemm_backend="aten"))
         if not args.skip_naive:
             naive = load_from_library(NaiveAlignDraw(cfg).to(device), reference)
             variants.append(Variant(f"naive_{precision}", naive, precision, inputs, args.seed))
@@ -423,6 +437,19 @@ def print_table(report: dict) -> None:
         print(f"targets: {report['targets']}")
 
 
+def matmul_peaks(size: int, device: torch.device, repeats: int) -> dict[str, float]:
+    """GFLOP/s of a square product: bf16, and fp32 through PyTorch's ``@`` (``fp32_aten``) and,
+    on a CPU with oneDNN, through ``aligndraw.gemm``'s oneDNN path (``fp32_onednn``); ``fp32``
+    is the faster of the two fp32 figures: the machine's fp32 peak, which shares of peak and
+    the ceiling are measured against."""
+    peak = {"fp32_aten": matmul_peak(torch.float32, size, device, repeats)}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        peak["fp32_onednn"] = matmul_peak(torch.float32, size, device, repeats, gemm_backend="onednn")
+    peak["fp32"] = max(peak.values())
+    peak["bf16"] = matmul_peak(torch.bfloat16, size, device, repeats)
+    return peak
+
+
 def fp32_ceiling(results: dict, flops: dict, peak: dict) -> dict:
     """What the matmul peak allows in fp32: images/s if a step were nothing but its matrix
     products at the measured peak, that as a multiple of the naive reference, and the share of
@@ -462,8 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
     flops = flops_per_image(cfg, args.caption_len, args.batch)
     load_before = [round(x, 2) for x in os.getloadavg()]
     log(f"measuring matmul peak ({args.peak_size}²) …")
-    peak = {p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, args.peak_size, device,
-                           repeats=2 if args.smoke else 7) for p in ("fp32", "bf16")}
+    peak = matmul_peaks(args.peak_size, device, repeats=2 if args.smoke else 7)
     inputs = random_inputs(cfg, args.batch, args.caption_len, device, args.seed)
     reference, variants, compile_s = build_variants(args, cfg, inputs, device, precisions)
     workers = [v for v in variants if v.pids]

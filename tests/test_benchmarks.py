@@ -182,6 +182,28 @@ def test_throughput_smoke_prints_json_last() -> None:
     assert set(report["ratios"]["library_fp32/naive_fp32"]) >= {"train", "sample"}
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN")
+def test_throughput_gemm_baseline_and_both_fp32_peaks() -> None:
+    report = last_json(run_throughput("--gemm-baseline", "--skip-naive"))
+    assert set(report["results"]) == {"library_fp32", "library_aten_fp32"}
+    peak = report["peak_gflops"]
+    assert peak["fp32"] == max(peak["fp32_aten"], peak["fp32_onednn"]) > 0 and peak["bf16"] > 0
+    assert report["results"]["library_aten_fp32"]["train"]["images_per_s"] > 0
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN")
+def test_gemm_benchmark_times_both_backends_on_the_models_products() -> None:
+    report = last_json(run_benchmark("gemm.py", "--batch", "4", "--square", "64", "--steps", "2",
+                                     "--threads", "1", "--min-time", "0.01"))
+    assert report["steps"] == 2
+    for shape in ("projection", "encoder_input", "square"):
+        for case in ("forward", "input_grad", "weight_grad"):
+            for backend in ("onednn", "aten"):
+                assert report[f"{shape}_{case}_{backend}_ms"] > 0
+                assert report[f"{shape}_{case}_{backend}_diff"] < 1e-5
+        assert report[f"{shape}_weight_grad_onednn_direct_diff"] < 1e-5
+
+
 def test_throughput_data_parallel_workers_match_the_reference() -> None:
     """--processes 2: library and naive models in two worker processes each, on half the batch
     apiece; the library's averaged gradients are checked against the naive reference."""

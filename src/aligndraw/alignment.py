@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from aligndraw import gemm
+
 
 def doubled_scores(x2: Tensor, v: Tensor) -> Tensor:
     """vᵀ tanh(x) from x2 = 2x, as 2·vᵀσ(x2) − Σv: (…, A), (A,) → (…).
@@ -69,4 +71,4 @@ class Alignment(nn.Module):
 
     def keys(self, h_lang: Tensor) -> Tensor:
         """(B, L, D2) → (B, L, A): U h_lang + b, once per caption."""
-        return self.U(h_lang)
+        return gemm.linear(h_lang, self.U.weight, self.U.bias)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from aligndraw import attention
+from aligndraw import attention, gemm
 from aligndraw.alignment import Alignment, doubled_align_weights, uniform_weights
 from aligndraw.config import ModelConfig
 from aligndraw.language import CaptionEncoder, lstm_update, padding_mask
@@ -236,7 +236,7 @@ class AlignDraw(nn.Module):
         computed once per caption (like the alignment keys) and each step mixes it with α_t:
         L·D2 products per caption instead of D2 per step and image (T = 32 > L).
         """
-        return h_lang @ self.dec_lstm.weight_ih[:, self.config.z_dim:].T  # (B, L, 4Dd)
+        return gemm.linear(h_lang, self.dec_lstm.weight_ih[:, self.config.z_dim:])  # (B, L, 4Dd)
 
     def _attention(self, proj: dict[str, Tensor], write: bool = True,
                    read: bool = True) -> tuple[_Attention | None, _Attention | None]:

@@ -1,0 +1,164 @@
+"""fp32 matrix products on the CPU through oneDNN where it beats PyTorch's default BLAS.
+
+PyTorch's CPU build multiplies fp32 matrices with MKL. On AMD processors MKL runs its AVX2
+kernels, half the width of the AVX-512 units the machine has, while oneDNN (also inside every
+PyTorch CPU build, and what PyTorch already uses for bf16) picks its kernels by instruction set:
+on this project's AMD EPYC (Zen 5) it multiplies fp32 matrices about 2.2× faster
+(``python benchmarks/gemm.py``). Same fp32 arithmetic, another summation order: results agree
+with ``F.linear`` to fp32 rounding (tests check 1e-5 relative).
+
+The backend is chosen once per process: ``ALIGNDRAW_CPU_GEMM=onednn|aten`` in the environment,
+or ``set_backend``; the default is oneDNN where PyTorch has it. Only CPU fp32 products with
+both sides of the weight at least ``MIN_SIZE`` go through oneDNN (on small outputs its call
+costs more than MKL's); everything else (GPU, bf16 and autocast, small heads) is plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BACKENDS = ("onednn", "aten")
+MIN_SIZE = 64  # weights with a side smaller than this stay with the default BLAS
+
+
+def _default_backend() -> str:
+    name = os.environ.get("ALIGNDRAW_CPU_GEMM", "").strip().lower()
+    if name:
+        return _checked(name)
+    return "onednn" if torch.backends.mkldnn.is_available() else "aten"
+
+
+def _checked(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"CPU GEMM backend must be one of {', '.join(BACKENDS)} (from "
+                         f"set_backend or ALIGNDRAW_CPU_GEMM), got {name!r}")
+    if name == "onednn" and not torch.backends.mkldnn.is_available():
+        raise ValueError("CPU GEMM backend 'onednn' asked for, but this PyTorch build has no "
+                         "oneDNN (torch.backends.mkldnn.is_available() is False); use 'aten'")
+    return name
+
+
+_backend = _default_backend()
+
+
+def backend() -> str:
+    """The CPU fp32 GEMM backend in use: ``"onednn"`` or ``"aten"`` (PyTorch's default BLAS)."""
+    return _backend
+
+
+def set_backend(name: str) -> str:
+    """Use ``name`` (one of ``BACKENDS``) for CPU fp32 products from now on; returns the old one."""
+    global _backend
+    old, _backend = _backend, _checked(name)
+    return old
+
+
+@contextmanager
+def using(name: str) -> Iterator[None]:
+    """Within the block, CPU fp32 products use backend ``name``; the previous one after."""
+    old = set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(old)
+
+
+def uses_onednn(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``x @ weight.T`` goes through oneDNN: CPU, fp32, no autocast, a large weight."""
+    return (_backend == "onednn" and x.device.type == "cpu" and weight.device.type == "cpu"
+            and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.dim() == 2 and min(weight.shape) >= MIN_SIZE
+            and not torch.is_autocast_enabled("cpu"))
+
+
+@torch.library.custom_op("aligndraw::onednn_linear", mutates_args=())
+def _onednn_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@_onednn_linear_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t`` if its elements are packed row- or column-major (oneDNN reads either in place),
+    else a packed copy: oneDNN multiplies any other layout (a column slice of a weight) with
+    its reference kernel, about a thousand times slower."""
+    if t.is_contiguous() or (t.dim() == 2 and t.t().is_contiguous()):
+        return t
+    return t.contiguous()
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    # (..., K) · (N, K)ᵀ + (N,) → (..., N)
+    x, weight = _dense(x), _dense(weight)
+    # Under torch.compile an opaque custom op: inductor's own lowering of the oneDNN op
+    # expects a prepacked weight. Eagerly the op is called directly (a custom op's
+    # dispatch costs microseconds at every one of a step's products).
+    if torch.compiler.is_compiling():
+        return _onednn_linear_op(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def addmm_t(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T (+ bias), no autograd: (..., K), (N, K), (N,) → (..., N)."""
+    if uses_onednn(x, weight):
+        return _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def mm(grad: Tensor, weight: Tensor) -> Tensor:
+    """grad @ weight, no autograd: (..., N), (N, K) → (..., K) (a linear map's input gradient)."""
+    if uses_onednn(grad, weight):
+        return _onednn_linear(grad, weight.t(), None)
+    return grad @ weight
+
+
+def weight_grad(grad: Tensor, x: Tensor) -> Tensor:
+    """gradᵀ @ x, no autograd: (R, N), (R, K) → (N, K) (a linear map's weight gradient).
+
+    Through oneDNN it is formed as (xᵀ gradᵀ-as-weight)ᵀ, K-major: the fastest of the
+    layouts measured for R = T·B rows (``benchmarks/gemm.py``)."""
+    if uses_onednn(x, grad.t()):
+        return _onednn_linear(x.t(), grad.t(), None).t()  # (K, N) → (N, K)
+    return grad.t() @ x
+
+
+class _Linear(torch.autograd.Function):
+    """y = x Wᵀ + b through oneDNN, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = mm(grad, weight)
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``, differentiable: (..., K), (N, K), (N,) → (..., N).
+
+    CPU fp32 products with a large weight run through oneDNN (forward and both gradients);
+    everything else is ``F.linear``. Traceable by ``torch.compile``.
+    """
+    if not uses_onednn(x, weight):
+        return F.linear(x, weight, bias)
+    return _Linear.apply(x, weight, bias)

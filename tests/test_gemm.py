@@ -1,0 +1,141 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aligndraw import gemm
+from aligndraw.recurrent_linear import StepLinear
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                  reason="this PyTorch build has no oneDNN")
+
+
+@pytest.fixture(params=gemm.BACKENDS)
+def backend(request):
+    if request.param == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    with gemm.using(request.param):
+        yield request.param
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _close(got, want):
+    # fp32 products in another summation order: rounding-level differences only
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_products_equal_float64_references(backend):
+    x, w, b = _rand(100, 96), _rand(130, 96, seed=1), _rand(130, seed=2)
+    g, xs = _rand(300, 130, seed=3), _rand(300, 96, seed=4)
+    d = torch.float64
+    _close(gemm.addmm_t(x, w, b), (x.to(d) @ w.to(d).T + b.to(d)).float())
+    _close(gemm.addmm_t(x, w), (x.to(d) @ w.to(d).T).float())
+    _close(gemm.mm(g[:100], w), (g[:100].to(d) @ w.to(d)).float())
+    _close(gemm.weight_grad(g, xs), (g.to(d).T @ xs.to(d)).float())
+
+
+def test_strided_operands_give_the_same_products(backend):
+    # a column slice (an LSTM's W_ih[:, :Z]), a transposed weight and a 3-D input
+    full, x3 = _rand(128, 200), _rand(4, 7, 72, seed=1)
+    sliced = full[:, 128:]  # (128, 72), rows 200 apart
+    _close(gemm.addmm_t(x3, sliced), x3 @ sliced.contiguous().T)
+    transposed = _rand(72, 128, seed=3).T  # (128, 72), column-major
+    _close(gemm.addmm_t(x3, transposed), x3 @ transposed.contiguous().T)
+    _close(gemm.mm(_rand(5, 72, seed=2), sliced.T), _rand(5, 72, seed=2) @ sliced.T.contiguous())
+
+
+@needs_onednn
+def test_non_dense_layouts_are_packed_before_onednn():
+    full = _rand(128, 200)
+    assert gemm._dense(full) is full
+    assert gemm._dense(full.T).data_ptr() == full.data_ptr()  # column-major: read in place
+    packed = gemm._dense(full[:, 128:])
+    assert packed.is_contiguous() and torch.equal(packed, full[:, 128:])
+
+
+def test_linear_gradients_equal_f_linear(backend):
+    x = _rand(6, 10, 80).requires_grad_()  # (B, L, K): like the caption's per-word products
+    w, b = _rand(96, 80, seed=1).requires_grad_(), _rand(96, seed=2).requires_grad_()
+    y = gemm.linear(x, w, b)
+    weights = _rand(*y.shape, seed=3)
+    got = torch.autograd.grad((y * weights).sum(), (x, w, b))
+    want = torch.autograd.grad((F.linear(x, w, b) * weights).sum(), (x, w, b))
+    _close(y, F.linear(x, w, b))
+    for a, e in zip(got, want, strict=True):
+        _close(a, e)
+
+
+@needs_onednn
+def test_onednn_is_used_only_for_large_cpu_fp32_products():
+    with gemm.using("onednn"):
+        x, w = _rand(4, 64), _rand(64, 64)
+        assert gemm.uses_onednn(x, w)
+        assert not gemm.uses_onednn(x, _rand(gemm.MIN_SIZE - 1, 64))  # a small head: default BLAS
+        assert not gemm.uses_onednn(x.double(), w.double())
+        assert not gemm.uses_onednn(x.bfloat16(), w.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not gemm.uses_onednn(x, w)  # autocast decides the dtype: plain F.linear
+            assert gemm.linear(x, w).dtype == torch.bfloat16
+    with gemm.using("aten"):
+        assert not gemm.uses_onednn(x, w)
+
+
+@needs_onednn
+def test_same_inputs_same_bits():
+    with gemm.using("onednn"):
+        x, w = _rand(100, 300), _rand(1200, 300, seed=1)
+        assert torch.equal(gemm.addmm_t(x, w), gemm.addmm_t(x.clone(), w.clone()))
+
+
+def test_backend_names_are_checked(monkeypatch):
+    with pytest.raises(ValueError, match="one of onednn, aten.*got 'mkl'"):
+        gemm.set_backend("mkl")
+    monkeypatch.setenv("ALIGNDRAW_CPU_GEMM", "blas")
+    with pytest.raises(ValueError, match="ALIGNDRAW_CPU_GEMM"):
+        gemm._default_backend()
+    monkeypatch.setenv("ALIGNDRAW_CPU_GEMM", " ATen ")
+    assert gemm._default_backend() == "aten"
+    before = gemm.backend()
+    with gemm.using("aten"):
+        assert gemm.backend() == "aten"
+    assert gemm.backend() == before
+
+
+def test_step_linear_in_fp32_equals_float64_autograd(backend):
+    # the fp32 products of a recurrence with a column-sliced weight, as the model builds them
+    g = torch.Generator().manual_seed(0)
+    full = (0.1 * torch.randn(96, 160, generator=g, dtype=torch.float64)).requires_grad_()
+    bias = torch.randn(96, generator=g, dtype=torch.float64).requires_grad_()
+    h0 = torch.randn(8, 96, generator=g, dtype=torch.float64).requires_grad_()
+
+    def loss(step, h):
+        total = 0.0
+        for t in range(4):
+            h = torch.tanh(step(h))
+            total = total + (t + 1) * h.double().pow(2).sum()
+        return total
+
+    leaves = (full, bias, h0)
+    want = torch.autograd.grad(loss(lambda h: F.linear(h, full[:, 64:], bias), h0), leaves)
+    f32 = [t.detach().float().requires_grad_() for t in leaves]
+    step = StepLinear(f32[0][:, 64:], f32[1])
+    got = torch.autograd.grad(loss(step, f32[2]), f32)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5 * float(e.abs().max()))
+
+
+@needs_onednn
+def test_compiled_linear_equals_eager():
+    x = _rand(16, 96).requires_grad_()
+    w, b = _rand(128, 96, seed=1).requires_grad_(), _rand(128, seed=2).requires_grad_()
+
+    def f(x, w, b):
+        return torch.tanh(gemm.linear(x, w, b)).pow(2).sum()
+
+    with gemm.using("onednn"):
+        want = torch.autograd.grad(f(x, w, b), (x, w, b))
+        got = torch.autograd.grad(torch.compile(f, fullgraph=True)(x, w, b), (x, w, b))
+    for a, e in zip(got, want, strict=True):
+        _close(a, e)
