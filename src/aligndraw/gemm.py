@@ -161,4 +161,6 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """
     if not uses_onednn(x, weight):
         return F.linear(x, weight, bias)
-    return _Linear.apply(x, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _Linear.apply(x, weight, bias)
+    return _onednn_linear(x, weight, bias)  # sampling: no autograd node to build
