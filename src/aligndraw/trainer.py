@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from aligndraw import visualize
+from aligndraw import gemm, visualize
 from aligndraw.baselines import build_model
 from aligndraw.checkpoint import fill_model_dir, model_card, save_model_dir, write_dir_atomically
 from aligndraw.config import RunConfig, TrainConfig
@@ -448,3 +448,6 @@ class Trainer:
             params = sum(p.numel() for p in self.model.parameters())
             log.info("training %s (%.2fM parameters) on %s × %d into %s", self.config.preset,
                      params / 1e6, self.device, self.dist.world_size, self.out)
+            if self.device.type == "cpu":
+                log.info("CPU fp32 products: %s (aligndraw.gemm; ALIGNDRAW_CPU_GEMM=onednn|aten)",
+                         gemm.backend())
