@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from aligndraw import allocator
 from aligndraw.config import ModelConfig
 from aligndraw.model import AlignDraw
 from aligndraw.trainer import average_gradients
@@ -78,7 +77,6 @@ def _worker(rank: int, world: int, port: int, conn, spec: WorkerSpec) -> None:
     from benchmarks.throughput import Variant  # spawn: imported in the child
 
     torch.set_num_threads(1)
-    allocator.keep_freed_memory()  # as the main process does
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world)

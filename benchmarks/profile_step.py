@@ -23,7 +23,6 @@ from torch.profiler import ProfilerActivity, profile
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aligndraw import allocator  # noqa: E402
 from aligndraw.config import ModelConfig, preset  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
 from benchmarks.throughput import PRESETS, SMOKE_CONFIG, Variant, random_inputs  # noqa: E402
@@ -84,7 +83,6 @@ def profile_phase(variant: Variant, phase: str, device: torch.device, args) -> N
 
 
 def main(argv: list[str] | None = None) -> None:
-    allocator.keep_freed_memory()  # as the command line does
     args = parse_args(argv)
     device = torch.device(args.device)
     if args.threads and device.type == "cpu":

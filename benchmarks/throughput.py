@@ -32,7 +32,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aligndraw import allocator, gemm  # noqa: E402
+from aligndraw import gemm  # noqa: E402
 from aligndraw.config import ModelConfig, preset  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
 from aligndraw.trainer import PaperRMSprop, average_gradients, clip_grad_norm_per_tensor  # noqa: E402
@@ -479,8 +479,6 @@ def fp32_targets(all_ratios: dict, check: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    # As the command line does; the naive reference shares this process and the allocator.
-    malloc_kept = allocator.keep_freed_memory()
     device = torch.device(args.device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = args.threads or cores
@@ -525,8 +523,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "repeats": args.repeats, "warmup": args.warmup, "loadavg_before": load_before,
         "loadavg_after": load_after, "peak_size": args.peak_size,
-        "malloc_keeps_freed_memory": malloc_kept, "peak_gflops": peak, "flops_per_image": flops,
-        "check": check, "compile_s": compile_s,
+        "peak_gflops": peak, "flops_per_image": flops, "check": check, "compile_s": compile_s,
         "results": results, "ratios": ratios(results, times),
     }
     report["ceiling"] = fp32_ceiling(results, flops, peak)

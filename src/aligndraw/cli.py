@@ -16,7 +16,6 @@ import os
 import sys
 from pathlib import Path
 
-from aligndraw import allocator
 from aligndraw.config import MODEL_KINDS, PRESETS, TrainConfig
 from aligndraw.serve.cli import add_serve_parser
 
@@ -506,7 +505,6 @@ def _print_reader_accuracy(metrics: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    allocator.keep_freed_memory()  # no page faults on memory each step frees and takes again
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
