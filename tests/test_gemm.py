@@ -82,6 +82,13 @@ def test_onednn_is_used_only_for_large_cpu_fp32_products():
         assert not gemm.uses_onednn(x, w)
 
 
+def test_a_single_vector_and_an_empty_batch(backend):
+    w, b = _rand(96, 80, seed=1), _rand(96, seed=2)
+    _close(gemm.linear(_rand(80), w, b), F.linear(_rand(80), w, b))
+    assert gemm.linear(torch.zeros(0, 80), w, b).shape == (0, 96)
+    assert gemm.addmm_t(torch.zeros(0, 7, 80), w).shape == (0, 7, 96)
+
+
 @needs_onednn
 def test_same_inputs_same_bits():
     with gemm.using("onednn"):

@@ -74,6 +74,7 @@ def uses_onednn(x: Tensor, weight: Tensor) -> bool:
     return (_backend == "onednn" and x.device.type == "cpu" and weight.device.type == "cpu"
             and x.dtype == torch.float32 and weight.dtype == torch.float32
             and weight.dim() == 2 and min(weight.shape) >= MIN_SIZE
+            and x.dim() >= 2 and x.numel() > 0  # a single vector or an empty batch: plain
             and not torch.is_autocast_enabled("cpu"))
 
 
