@@ -152,9 +152,9 @@ class Variant:
 
     def train_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.precision, self.images.device), self._gemm():
-            out = self.forward(self.images, self.tokens, self.lengths, noise=self._eps())
         with self._gemm():
+            with autocast(self.precision, self.images.device):
+                out = self.forward(self.images, self.tokens, self.lengths, noise=self._eps())
             out.loss.backward()
         if self.world_size > 1:
             average_gradients(self.model.parameters(), self.world_size)

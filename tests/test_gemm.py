@@ -1,9 +1,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from aligndraw import gemm
+from aligndraw.model import AlignDraw
 from aligndraw.recurrent_linear import StepLinear
+
+from conftest import random_batch, tiny_config
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                   reason="this PyTorch build has no oneDNN")
@@ -146,3 +150,37 @@ def test_compiled_linear_equals_eager():
         got = torch.autograd.grad(torch.compile(f, fullgraph=True)(x, w, b), (x, w, b))
     for a, e in zip(got, want, strict=True):
         _close(a, e)
+
+
+class _OneDnnCalls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.mkldnn._linear_pointwise.default
+        return func(*args, **(kwargs or {}))
+
+
+@needs_onednn
+def test_the_model_runs_its_products_through_the_chosen_backend():
+    config = tiny_config(lang_hidden=32, align_dim=64, enc_hidden=64, dec_hidden=64, z_dim=64)
+    model = AlignDraw(config)
+    images, tokens, lengths = random_batch(config)
+    noise = torch.randn(4, config.steps, config.z_dim, generator=torch.Generator().manual_seed(0))
+    losses, grads, counts = {}, {}, {}
+    for name in gemm.BACKENDS:
+        with gemm.using(name), _OneDnnCalls() as calls:
+            losses[name] = model(images, tokens, lengths, noise=noise).loss
+            grads[name] = torch.autograd.grad(losses[name], list(model.parameters()))
+            model.sample(tokens, lengths, noise=noise, history=False)
+        counts[name] = calls.count
+    # per drawing step at least the projection, the encoder input, the posterior and z's gates
+    # forward, and their input gradients, in training; the projection and z's gates sampling
+    assert counts["onednn"] >= (4 + 4 + 2) * config.steps and counts["aten"] == 0
+    _close(losses["onednn"], losses["aten"])
+    flat = {name: torch.cat([g.flatten() for g in grads[name]]) for name in gemm.BACKENDS}
+    # all gradients as one vector (at this init some are rounding noise on their own; the
+    # per-parameter check against the naive model, perturbed weights, is the "wide" config of
+    # tests/test_benchmarks.py)
+    assert (flat["onednn"] - flat["aten"]).norm() <= 1e-5 * flat["aten"].norm()

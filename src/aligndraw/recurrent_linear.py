@@ -82,11 +82,11 @@ class _Step(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, record: _Record):
-        dtype = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            xc, wc = x.to(dtype), weight.to(dtype)
-            out = gemm.addmm_t(xc, wc, bias.to(dtype))
-        ctx.save_for_backward(xc, wc)
+        # ``StepLinear`` gave weight and bias the compute dtype once; a step only casts x (under
+        # autocast the product then finds its operands in autocast's dtype and casts nothing).
+        xc = x.to(weight.dtype)
+        out = gemm.addmm_t(xc, weight, bias)
+        ctx.save_for_backward(xc, weight)
         ctx.record, ctx.x_dtype = record, x.dtype
         return out
 
