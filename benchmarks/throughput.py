@@ -32,7 +32,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aligndraw import gemm  # noqa: E402
+from aligndraw import compiler, gemm  # noqa: E402
 from aligndraw.config import ModelConfig, preset  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
 from aligndraw.trainer import PaperRMSprop, average_gradients, clip_grad_norm_per_tensor  # noqa: E402
@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gemm-baseline", action="store_true",
                    help="also time the eager fp32 library with PyTorch's default BLAS for its "
                         "products (variant library_aten_fp32) instead of oneDNN (aligndraw.gemm)")
+    p.add_argument("--compile-baseline", action="store_true",
+                   help="with --compile, also time the fp32 library under plain torch.compile "
+                        "(variant library_plaincompiled_fp32), without aligndraw.compiler's graph pass")
     p.add_argument("--processes", type=int, default=1,
                    help="N > 1: also time library and naive models data-parallel in N worker "
                         "processes × 1 thread, each on batch/N images (as `torchrun "
@@ -127,7 +130,8 @@ class Variant:
     worker_cpu_s = 0.0
 
     def __init__(self, name: str, model: torch.nn.Module, precision: str, inputs, seed: int,
-                 compiled: bool = False, world_size: int = 1, gemm_backend: str | None = None) -> None:
+                 compiled: bool = False, world_size: int = 1, gemm_backend: str | None = None,
+                 stack_products: bool = True) -> None:
         self.name, self.model, self.precision = name, model, precision
         self.gemm_backend = gemm_backend  # None: the process's (aligndraw.gemm's default)
         self.images, self.tokens, self.lengths = inputs
@@ -138,9 +142,12 @@ class Variant:
         # ``world_size`` > 1: one replica in a process group (benchmarks/data_parallel.py);
         # its gradients are averaged over the processes after backward, as the trainer does.
         self.world_size = world_size
-        # The compiled variant compiles forward (through the module) and sample separately.
-        self.forward = torch.compile(model) if compiled else model
-        self.sampler = torch.compile(model.sample) if compiled else model.sample
+        # The compiled variant compiles forward (through the module) and sample separately,
+        # as the library does (aligndraw.compiler: its graph pass stacks the per-step weight
+        # gradients) or, with ``stack_products=False``, with plain torch.compile.
+        compile_fn = compiler.compile if stack_products else torch.compile
+        self.forward = compile_fn(model) if compiled else model
+        self.sampler = compile_fn(model.sample) if compiled else model.sample
 
     def _eps(self) -> torch.Tensor:
         # ε is drawn outside the model call (identically for every variant) so that compiled
@@ -242,10 +249,10 @@ def equality_check(reference: AlignDraw, inputs, seed: int, compiled: bool = Fal
     result = _differences(outs[0], grads[0], s_lib, outs[1], grads[1], s_naive, naive, lib_params)
     if compiled:  # the same weights through the compiler: forward, backward and sampling
         lib.zero_grad(set_to_none=True)
-        out = torch.compile(lib)(images, tokens, lengths, noise=noise)
+        out = compiler.compile(lib)(images, tokens, lengths, noise=noise)
         out.loss.backward()
         grad = {n: p.grad.clone() for n, p in lib.named_parameters() if p.grad is not None}
-        sample = torch.compile(lib.sample)(tokens, lengths, noise=noise, history=False).images
+        sample = compiler.compile(lib.sample)(tokens, lengths, noise=noise, history=False).images
         diffs = _differences(out, grad, sample, outs[1], grads[1], s_naive, naive, lib_params)
         result |= {f"compiled_{k}": v for k, v in diffs.items() if k != "loss_naive"}
     for variant in data_parallel:
@@ -299,12 +306,19 @@ def build_variants(args, cfg: ModelConfig, inputs, device: torch.device, precisi
             compiled.load_state_dict(reference.state_dict())
             variant = Variant(f"library_compiled_{precision}", compiled, precision, inputs, args.seed,
                               compiled=True)
-            try:
-                compile_s[variant.name] = compile_variant(variant, device)
-                variants.append(variant)
-            except Exception as exc:  # report the failure, keep benchmarking the rest
-                compile_s[variant.name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
-                log(f"torch.compile failed for {variant.name}: {exc}")
+            compiled_variants = [variant]
+            if args.compile_baseline and precision == "fp32":
+                plain = AlignDraw(cfg).to(device)
+                plain.load_state_dict(reference.state_dict())
+                compiled_variants.append(Variant(f"library_plaincompiled_{precision}", plain, precision,
+                                                 inputs, args.seed, compiled=True, stack_products=False))
+            for variant in compiled_variants:
+                try:
+                    compile_s[variant.name] = compile_variant(variant, device)
+                    variants.append(variant)
+                except Exception as exc:  # report the failure, keep benchmarking the rest
+                    compile_s[variant.name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+                    log(f"torch.compile failed for {variant.name}: {exc}")
         if args.processes > 1:
             variants += data_parallel_variants(args, cfg, reference, inputs, precision, compile_s)
     return reference, variants, compile_s

@@ -69,13 +69,15 @@ def using(name: str) -> Iterator[None]:
         set_backend(old)
 
 
+def _cpu_fp32(*tensors: Tensor) -> bool:
+    return (_backend == "onednn" and not torch.is_autocast_enabled("cpu")
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
+
+
 def uses_onednn(x: Tensor, weight: Tensor) -> bool:
     """Whether ``x @ weight.T`` goes through oneDNN: CPU, fp32, no autocast, a large weight."""
-    return (_backend == "onednn" and x.device.type == "cpu" and weight.device.type == "cpu"
-            and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and weight.dim() == 2 and min(weight.shape) >= MIN_SIZE
-            and x.dim() >= 2 and x.numel() > 0  # a single vector or an empty batch: plain
-            and not torch.is_autocast_enabled("cpu"))
+    return (_cpu_fp32(x, weight) and weight.dim() == 2 and min(weight.shape) >= MIN_SIZE
+            and x.dim() >= 2 and x.numel() > 0)  # a single vector or an empty batch: plain
 
 
 @torch.library.custom_op("aligndraw::onednn_linear", mutates_args=())
@@ -86,6 +88,18 @@ def _onednn_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 @_onednn_linear_op.register_fake
 def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("aligndraw::onednn_weight_grad", mutates_args=())
+def _onednn_weight_grad_op(grad: Tensor, x: Tensor) -> Tensor:
+    # (R, N), (R, K) → (N, K) as (xᵀ gradᵀ-as-weight)ᵀ; its own op so that
+    # ``aligndraw.compiler`` can find a weight's per-step gradients and stack them
+    return torch.ops.mkldnn._linear_pointwise(x.t(), grad.t(), None, "none", [], "").t()
+
+
+@_onednn_weight_grad_op.register_fake
+def _(grad: Tensor, x: Tensor) -> Tensor:
+    return x.new_empty((x.shape[1], grad.shape[1])).t()
 
 
 def _dense(t: Tensor) -> Tensor:
@@ -126,8 +140,14 @@ def weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     """gradᵀ @ x, no autograd: (R, N), (R, K) → (N, K) (a linear map's weight gradient).
 
     Through oneDNN it is formed as (xᵀ gradᵀ-as-weight)ᵀ, K-major: the fastest of the
-    layouts measured for R = T·B rows (``benchmarks/gemm.py``)."""
-    if uses_onednn(x, grad.t()):
+    layouts measured for R = T·B rows (``benchmarks/gemm.py``). Under torch.compile every
+    such gradient (any R) is one ``aligndraw::onednn_weight_grad`` op, so that
+    ``aligndraw.compiler`` can stack a shared weight's per-step gradients into one product."""
+    if torch.compiler.is_compiling():
+        # the weight's sides decide, as for its forward product; any number of rows
+        if _cpu_fp32(grad, x) and min(grad.shape[-1], x.shape[-1]) >= MIN_SIZE and grad.numel() > 0:
+            return _onednn_weight_grad_op(_dense(grad), _dense(x))
+    elif uses_onednn(x, grad.t()):
         return _onednn_linear(x.t(), grad.t(), None).t()  # (K, N) → (N, K)
     return grad.t() @ x
 

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from aligndraw import gemm, visualize
+from aligndraw import compiler, gemm, visualize
 from aligndraw.baselines import build_model
 from aligndraw.checkpoint import fill_model_dir, model_card, save_model_dir, write_dir_atomically
 from aligndraw.config import RunConfig, TrainConfig
@@ -219,7 +219,7 @@ class Trainer:
         self.net = self.model
         self._compile_logged = False
         if config.train.compile:  # graphs are built on the first steps (logged as "compile")
-            self.net = torch.compile(self.net)
+            self.net = compiler.compile(self.net)
         self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad],
                                         config.train)
         self.noise = torch.Generator(device=self.device)

@@ -1,0 +1,167 @@
+"""``torch.compile`` for the library's models, with one graph pass of its own.
+
+A weight shared by the T steps of a recurrence gets T gradient products, one per step, which
+autograd adds up: Σ_t g_tᵀ x_t, each product with only B rows (K = B). Eagerly
+``aligndraw.recurrent_linear.StepLinear`` records the steps and forms the sum as one product
+over T·B rows; that recording is a Python side effect the compiler cannot trace. Here the
+same rewrite is done on the compiled backward graph instead: every sum of products that
+share their output shape,
+
+    Σ_i A_i B_i  =  [A_1 … A_n] · [B_1; …; B_n],
+
+becomes one product of concatenated operands (``stack_products``). It applies to
+``aten.mm``, ``aten.bmm`` (the context mix's per-step outer products, summed into the
+words' gate contributions) and oneDNN weight gradients (``aligndraw.gemm``). Same sum, other
+rounding order (fp32 results agree to rounding, as the eager path's do).
+
+Symbols: R rows of one step's product (B, or 1 for the shared initial state), N/K a weight's
+output/input size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.utils import _pytree as pytree
+
+from aligndraw import gemm
+
+aten = torch.ops.aten
+# product op → (dim of the first operand, dim of the second) along which summed products'
+# operands are concatenated: A (M, K) @ B (K, N) → cat A on dim 1, B on dim 0.
+CONCAT_DIMS: dict[Any, tuple[int, int]] = {
+    aten.mm.default: (1, 0),  # (M, K) @ (K, N)
+    aten.bmm.default: (2, 1),  # (b, M, K) @ (b, K, N)
+    torch.ops.aligndraw.onednn_weight_grad.default: (0, 0),  # g (R, N), x (R, K) → gᵀx
+}
+_ADD = aten.add.Tensor
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _is_sum(node: fx.Node) -> bool:
+    """A plain a + b of two graph tensors of the same shape (no alpha, no broadcasting)."""
+    if node.op != "call_function" or node.target is not _ADD or node.kwargs or len(node.args) != 2:
+        return False
+    vals = [_val(a) for a in (node, *node.args)]
+    return (all(isinstance(v, torch.Tensor) for v in vals)
+            and len({(tuple(v.shape), v.dtype) for v in vals}) == 1)
+
+
+def _terms(root: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """The addends of the sum tree under ``root`` and its inner sum nodes (used only in it)."""
+    terms, inner, stack = [], [], list(root.args)
+    while stack:
+        node = stack.pop(0)
+        if isinstance(node, fx.Node) and _is_sum(node) and len(node.users) == 1:
+            inner.append(node)
+            stack[:0] = list(node.args)  # depth first, in the graph's order of addends
+        else:
+            terms.append(node)
+    return terms, inner
+
+
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def _product(term: fx.Node) -> tuple[fx.Node, fx.Node | None]:
+    """(product, the view of it that is the addend, or None): a batched product's result is
+    often reshaped (``_unsafe_view``) before it is added."""
+    if (term.op == "call_function" and term.target in _VIEWS and len(term.users) == 1
+            and isinstance(term.args[0], fx.Node) and term.args[0].target in CONCAT_DIMS):
+        return term.args[0], term
+    return term, None
+
+
+def _group_key(node: fx.Node) -> tuple | None:
+    """Products that can be stacked together share a key; None for anything else."""
+    node, view = _product(node)
+    if view is not None:
+        return (*(_group_key(node) or (None,)), view.target, tuple(_val(view).shape))
+    if node.op != "call_function" or node.target not in CONCAT_DIMS or len(node.users) != 1:
+        return None
+    if node.kwargs or len(node.args) != 2 or not all(isinstance(_val(a), torch.Tensor) for a in node.args):
+        return None
+    a, b = (_val(x) for x in node.args)
+    da, db = CONCAT_DIMS[node.target]
+    rest_a = tuple(s for i, s in enumerate(a.shape) if i != da)
+    rest_b = tuple(s for i, s in enumerate(b.shape) if i != db)
+    return (node.target, rest_a, rest_b, a.dtype, b.dtype)
+
+
+def _call(graph: fx.Graph, target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
+    """Insert ``target(*args, **kwargs)`` with its fake value in ``meta["val"]`` (inductor needs it)."""
+    node = graph.call_function(target, args, kwargs)
+    vals = fx.node.map_arg(args, _val)  # graph nodes → their fake tensors, also inside lists
+    mode = torch._guards.detect_fake_mode(
+        [v for v in pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)])
+    with mode:
+        node.meta["val"] = target(*vals, **kwargs)
+    return node
+
+
+def _stacked(graph: fx.Graph, terms: list[fx.Node]) -> fx.Node:
+    """One product of the concatenated operands of ``terms`` (same op, same output, maybe
+    viewed the same way)."""
+    products = [_product(t)[0] for t in terms]
+    view = _product(terms[0])[1]
+    target = products[0].target
+    da, db = CONCAT_DIMS[target]
+    firsts = _call(graph, aten.cat.default, [p.args[0] for p in products], da)
+    seconds = _call(graph, aten.cat.default, [p.args[1] for p in products], db)
+    out = _call(graph, target, firsts, seconds)
+    return out if view is None else _call(graph, view.target, out, *view.args[1:])
+
+
+def stack_products(graph: fx.Graph) -> int:
+    """Rewrite every sum of ≥ 2 stackable products in ``graph``; returns how many sums changed."""
+    changed = 0
+    for root in reversed(list(graph.nodes)):  # outermost sums first: inner ones are absorbed
+        if root.graph is not graph or not _is_sum(root):
+            continue
+        if len(root.users) == 1 and _is_sum(next(iter(root.users))):
+            continue  # part of a larger sum, handled from its root
+        terms, _ = _terms(root)
+        groups: dict[tuple, list[fx.Node]] = {}
+        for term in terms:
+            key = _group_key(term) if isinstance(term, fx.Node) else None
+            if key is not None:
+                groups.setdefault(key, []).append(term)
+        stackable = [g for g in groups.values() if len(g) >= 2]
+        if not stackable:
+            continue
+        with graph.inserting_before(root):
+            stacked_terms = {id(p) for g in stackable for p in g}
+            new = [_stacked(graph, g) for g in stackable]
+            new += [t for t in terms if id(t) not in stacked_terms]
+            total = new[0]
+            for term in new[1:]:
+                total = _call(graph, _ADD, total, term)
+        root.replace_all_uses_with(total)
+        changed += 1
+    graph.eliminate_dead_code()
+    return changed
+
+
+class StackProducts(CustomGraphPass):
+    """``stack_products`` as inductor's post-grad pass (keyed by this file and ``gemm``'s for
+    inductor's cache)."""
+
+    def __call__(self, graph: fx.Graph) -> None:
+        stack_products(graph)
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files((__file__, str(Path(gemm.__file__))))
+
+
+def compile(model: Any, **kwargs: Any) -> Any:  # noqa: A001 - mirrors torch.compile
+    """``torch.compile(model, **kwargs)`` with ``StackProducts`` as inductor's post-grad pass."""
+    options = {"post_grad_custom_post_pass": StackProducts(), **kwargs.pop("options", {})}
+    return torch.compile(model, options=options, **kwargs)

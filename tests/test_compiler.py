@@ -1,0 +1,124 @@
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from aligndraw import compiler, gemm
+from aligndraw.model import AlignDraw
+
+from conftest import random_batch, tiny_config
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                  reason="this PyTorch build has no oneDNN")
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _traced(f, *args):
+    """An aten graph of ``f`` with fake values in its nodes' meta, as inductor's passes see it."""
+    return make_fx(f, tracing_mode="fake")(*args)
+
+
+def _count(gm, target):
+    return sum(n.op == "call_function" and n.target is target for n in gm.graph.nodes)
+
+
+def _rewritten(f, *args):
+    gm = _traced(f, *args)
+    changed = compiler.stack_products(gm.graph)
+    gm.recompile()
+    return gm, changed
+
+
+def _sum_of_mms(a1, b1, a2, b2, a3, b3):
+    return a1 @ b1 + a2 @ b2 + a3 @ b3  # (M, K_i) @ (K_i, N), different K_i
+
+
+def test_a_sum_of_products_becomes_one_product_of_stacked_operands():
+    args = (_rand(5, 3), _rand(3, 7, seed=1), _rand(5, 4, seed=2), _rand(4, 7, seed=3),
+            _rand(5, 2, seed=4), _rand(2, 7, seed=5))
+    gm, changed = _rewritten(_sum_of_mms, *args)
+    assert changed == 1 and _count(gm, torch.ops.aten.mm.default) == 1
+    torch.testing.assert_close(gm(*args), _sum_of_mms(*args))
+
+
+def _sum_of_outer_products(w1, g1, w2, g2):
+    # the context mix's per-step values gradient: (B, L, 1) @ (B, 1, D), summed over steps
+    return w1[:, :, None] @ g1[:, None, :] + w2[:, :, None] @ g2[:, None, :]
+
+
+def test_batched_products_are_stacked_along_their_inner_dimension():
+    args = (_rand(4, 6), _rand(4, 9, seed=1), _rand(4, 6, seed=2), _rand(4, 9, seed=3))
+    gm, changed = _rewritten(_sum_of_outer_products, *args)
+    assert changed == 1 and _count(gm, torch.ops.aten.bmm.default) == 1
+    torch.testing.assert_close(gm(*args), _sum_of_outer_products(*args))
+
+
+def _mixed_sum(a1, b1, a2, b2, c, d1, e1):
+    # two stackable products, a plain tensor, and a product of another shape's operands
+    # whose (5, 7) output still adds up: (5, 6) @ (6, 7)
+    return a1 @ b1 + c + a2 @ b2 + d1 @ e1
+
+
+def test_other_addends_are_kept():
+    args = (_rand(5, 3), _rand(3, 7, seed=1), _rand(5, 3, seed=2), _rand(3, 7, seed=3),
+            _rand(5, 7, seed=4), _rand(5, 6, seed=5), _rand(6, 7, seed=6))
+    gm, changed = _rewritten(_mixed_sum, *args)
+    assert changed == 1 and _count(gm, torch.ops.aten.mm.default) == 1  # all three stack
+    torch.testing.assert_close(gm(*args), _mixed_sum(*args))
+
+
+def _product_used_twice(a1, b1, a2, b2):
+    p = a1 @ b1
+    return p + a2 @ b2, p * 2  # p is needed on its own too: stacking would compute it twice
+
+
+def test_products_used_elsewhere_are_left_alone():
+    args = (_rand(5, 3), _rand(3, 7, seed=1), _rand(5, 3, seed=2), _rand(3, 7, seed=3))
+    gm, changed = _rewritten(_product_used_twice, *args)
+    assert changed == 0 and _count(gm, torch.ops.aten.mm.default) == 2
+    for got, want in zip(gm(*args), _product_used_twice(*args), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@needs_onednn
+def test_onednn_weight_gradients_are_stacked_over_their_rows():
+    def f(g1, x1, g2, x2):
+        return (torch.ops.aligndraw.onednn_weight_grad(g1, x1)
+                + torch.ops.aligndraw.onednn_weight_grad(g2, x2))  # (N, K) each
+
+    args = (_rand(70, 96), _rand(70, 80, seed=1), _rand(1, 96, seed=2), _rand(1, 80, seed=3))
+    gm, changed = _rewritten(f, *args)
+    assert changed == 1 and _count(gm, torch.ops.aligndraw.onednn_weight_grad.default) == 1
+    want = args[0].double().T @ args[1].double() + args[2].double().T @ args[3].double()
+    torch.testing.assert_close(gm(*args).double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_compiled_model_stacks_its_step_gradients_and_keeps_them_equal(monkeypatch):
+    config = tiny_config(lang_hidden=32, align_dim=64, enc_hidden=64, dec_hidden=64, z_dim=64)
+    model = AlignDraw(config)
+    with torch.no_grad():  # away from the zero init, so that every gradient is informative
+        for p in model.parameters():
+            p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+    images, tokens, lengths = random_batch(config)
+    noise = _rand(4, config.steps, config.z_dim, seed=2)
+    changed = []
+    stack = compiler.stack_products
+    monkeypatch.setattr(compiler, "stack_products", lambda graph: changed.append(stack(graph)))
+    # caches off, so that the pass runs even where an earlier run compiled this graph
+    with gemm.using("onednn"), torch.compiler.config.patch(force_disable_caches=True):
+        want = torch.autograd.grad(model(images, tokens, lengths, noise=noise).loss,
+                                   list(model.parameters()))
+        torch._dynamo.reset()
+        compiled = compiler.compile(model)
+        got = torch.autograd.grad(compiled(images, tokens, lengths, noise=noise).loss,
+                                  list(model.parameters()))
+    # the backward graph: at least the four step-shared weights (projection, encoder input,
+    # posterior, z's gates) and the context mix's values
+    assert max(changed) >= 5
+    flat_got, flat_want = (torch.cat([g.flatten() for g in gs]) for gs in (got, want))
+    assert (flat_got - flat_want).norm() <= 1e-5 * flat_want.norm()
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
