@@ -82,6 +82,19 @@ def test_products_used_elsewhere_are_left_alone():
         torch.testing.assert_close(got, want)
 
 
+def _viewed_product_used_twice(a1, b1, a2, b2):
+    p, q = torch.bmm(a1, b1), torch.bmm(a2, b2)  # (2, 5, 7) each
+    return p.reshape(2, 35) + q.reshape(2, 35), p * q
+
+
+def test_viewed_products_used_elsewhere_are_left_alone():
+    args = (_rand(2, 5, 3), _rand(2, 3, 7, seed=1), _rand(2, 5, 3, seed=2), _rand(2, 3, 7, seed=3))
+    gm, changed = _rewritten(_viewed_product_used_twice, *args)
+    assert changed == 0 and _count(gm, torch.ops.aten.bmm.default) == 2
+    for got, want in zip(gm(*args), _viewed_product_used_twice(*args), strict=True):
+        torch.testing.assert_close(got, want)
+
+
 @needs_onednn
 def test_onednn_weight_gradients_are_stacked_over_their_rows():
     def f(g1, x1, g2, x2):

@@ -55,17 +55,16 @@ def _is_sum(node: fx.Node) -> bool:
             and len({(tuple(v.shape), v.dtype) for v in vals}) == 1)
 
 
-def _terms(root: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
-    """The addends of the sum tree under ``root`` and its inner sum nodes (used only in it)."""
-    terms, inner, stack = [], [], list(root.args)
+def _terms(root: fx.Node) -> list[fx.Node]:
+    """The addends of the sum tree under ``root`` (inner sums used only by the tree are opened)."""
+    terms, stack = [], list(root.args)
     while stack:
         node = stack.pop(0)
         if isinstance(node, fx.Node) and _is_sum(node) and len(node.users) == 1:
-            inner.append(node)
             stack[:0] = list(node.args)  # depth first, in the graph's order of addends
         else:
             terms.append(node)
-    return terms, inner
+    return terms
 
 
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
@@ -84,7 +83,8 @@ def _group_key(node: fx.Node) -> tuple | None:
     """Products that can be stacked together share a key; None for anything else."""
     node, view = _product(node)
     if view is not None:
-        return (*(_group_key(node) or (None,)), view.target, tuple(_val(view).shape))
+        key = _group_key(node)
+        return None if key is None else (*key, view.target, tuple(_val(view).shape))
     if node.op != "call_function" or node.target not in CONCAT_DIMS or len(node.users) != 1:
         return None
     if node.kwargs or len(node.args) != 2 or not all(isinstance(_val(a), torch.Tensor) for a in node.args):
@@ -124,11 +124,11 @@ def stack_products(graph: fx.Graph) -> int:
     """Rewrite every sum of ≥ 2 stackable products in ``graph``; returns how many sums changed."""
     changed = 0
     for root in reversed(list(graph.nodes)):  # outermost sums first: inner ones are absorbed
-        if root.graph is not graph or not _is_sum(root):
+        if not _is_sum(root):
             continue
         if len(root.users) == 1 and _is_sum(next(iter(root.users))):
             continue  # part of a larger sum, handled from its root
-        terms, _ = _terms(root)
+        terms = _terms(root)
         groups: dict[tuple, list[fx.Node]] = {}
         for term in terms:
             key = _group_key(term) if isinstance(term, fx.Node) else None
