@@ -193,6 +193,15 @@ def test_throughput_gemm_baseline_and_both_fp32_peaks() -> None:
     assert report["results"]["library_aten_fp32"]["train"]["images_per_s"] > 0
 
 
+def test_throughput_compile_baseline_times_plain_torch_compile_beside_the_library() -> None:
+    report = last_json(run_throughput("--compile", "--compile-baseline", "--skip-naive"))
+    compiled = {"library_compiled_fp32", "library_plaincompiled_fp32"}
+    assert set(report["results"]) == {"library_fp32"} | compiled
+    for name in compiled:
+        assert "error" not in report["compile_s"][name], report["compile_s"][name]
+        assert report["results"][name]["train"]["images_per_s"] > 0
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN")
 def test_gemm_benchmark_times_both_backends_on_the_models_products() -> None:
     report = last_json(run_benchmark("gemm.py", "--batch", "4", "--square", "64", "--steps", "2",
