@@ -69,14 +69,15 @@ def using(name: str) -> Iterator[None]:
         set_backend(old)
 
 
-def _cpu_fp32(*tensors: Tensor) -> bool:
+def _onednn_eligible(*tensors: Tensor) -> bool:
+    """oneDNN chosen, no autocast, and every tensor fp32 on the CPU (sizes aside)."""
     return (_backend == "onednn" and not torch.is_autocast_enabled("cpu")
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
 
 
 def uses_onednn(x: Tensor, weight: Tensor) -> bool:
     """Whether ``x @ weight.T`` goes through oneDNN: CPU, fp32, no autocast, a large weight."""
-    return (_cpu_fp32(x, weight) and weight.dim() == 2 and min(weight.shape) >= MIN_SIZE
+    return (_onednn_eligible(x, weight) and weight.dim() == 2 and min(weight.shape) >= MIN_SIZE
             and x.dim() >= 2 and x.numel() > 0)  # a single vector or an empty batch: plain
 
 
@@ -145,7 +146,7 @@ def weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     ``aligndraw.compiler`` can stack a shared weight's per-step gradients into one product."""
     if torch.compiler.is_compiling():
         # the weight's sides decide, as for its forward product; any number of rows
-        if _cpu_fp32(grad, x) and min(grad.shape[-1], x.shape[-1]) >= MIN_SIZE and grad.numel() > 0:
+        if _onednn_eligible(grad, x) and min(grad.shape[-1], x.shape[-1]) >= MIN_SIZE and grad.numel() > 0:
             return _onednn_weight_grad_op(_dense(grad), _dense(x))
     elif uses_onednn(x, grad.t()):
         return _onednn_linear(x.t(), grad.t(), None).t()  # (K, N) → (N, K)

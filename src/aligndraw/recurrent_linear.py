@@ -45,8 +45,8 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 def _deferred(*tensors: Tensor) -> bool:
     """Whether to record the steps: gradients wanted, and not under torch.compile (the
-    recording, a Python side effect, would break the graph; the compiler schedules these
-    gradients itself)."""
+    recording, a Python side effect, would break the graph; ``aligndraw.compiler``'s graph
+    pass stacks the per-step gradients there instead)."""
     return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
             and not torch.compiler.is_compiling())
 
