@@ -43,6 +43,17 @@ def test_a_sum_of_products_becomes_one_product_of_stacked_operands():
     torch.testing.assert_close(gm(*args), _sum_of_mms(*args))
 
 
+def test_symbolic_sizes_are_stacked_too():
+    # the trainer's captions vary in length: its compiled graphs have symbolic sizes
+    args = (_rand(5, 3), _rand(3, 7, seed=1), _rand(5, 4, seed=2), _rand(4, 7, seed=3),
+            _rand(5, 2, seed=4), _rand(2, 7, seed=5))
+    gm = make_fx(_sum_of_mms, tracing_mode="symbolic")(*args)
+    assert compiler.stack_products(gm.graph) == 1
+    gm.recompile()
+    assert _count(gm, torch.ops.aten.mm.default) == 1
+    torch.testing.assert_close(gm(*args), _sum_of_mms(*args))
+
+
 def _sum_of_outer_products(w1, g1, w2, g2):
     # the context mix's per-step values gradient: (B, L, 1) @ (B, 1, D), summed over steps
     return w1[:, :, None] @ g1[:, None, :] + w2[:, :, None] @ g2[:, None, :]

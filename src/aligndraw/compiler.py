@@ -46,13 +46,19 @@ def _val(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
+def _shape(t: torch.Tensor, skip: int | None = None) -> tuple[str, ...]:
+    """A hashable shape (symbolic sizes, under dynamic shapes, by their expression), without
+    dimension ``skip``."""
+    return tuple(str(s) for i, s in enumerate(t.shape) if i != skip)
+
+
 def _is_sum(node: fx.Node) -> bool:
     """A plain a + b of two graph tensors of the same shape (no alpha, no broadcasting)."""
     if node.op != "call_function" or node.target is not _ADD or node.kwargs or len(node.args) != 2:
         return False
     vals = [_val(a) for a in (node, *node.args)]
     return (all(isinstance(v, torch.Tensor) for v in vals)
-            and len({(tuple(v.shape), v.dtype) for v in vals}) == 1)
+            and len({(_shape(v), v.dtype) for v in vals}) == 1)
 
 
 def _terms(root: fx.Node) -> list[fx.Node]:
@@ -84,16 +90,14 @@ def _group_key(node: fx.Node) -> tuple | None:
     node, view = _product(node)
     if view is not None:
         key = _group_key(node)
-        return None if key is None else (*key, view.target, tuple(_val(view).shape))
+        return None if key is None else (*key, view.target, _shape(_val(view)))
     if node.op != "call_function" or node.target not in CONCAT_DIMS or len(node.users) != 1:
         return None
     if node.kwargs or len(node.args) != 2 or not all(isinstance(_val(a), torch.Tensor) for a in node.args):
         return None
     a, b = (_val(x) for x in node.args)
     da, db = CONCAT_DIMS[node.target]
-    rest_a = tuple(s for i, s in enumerate(a.shape) if i != da)
-    rest_b = tuple(s for i, s in enumerate(b.shape) if i != db)
-    return (node.target, rest_a, rest_b, a.dtype, b.dtype)
+    return (node.target, _shape(a, skip=da), _shape(b, skip=db), a.dtype, b.dtype)
 
 
 def _call(graph: fx.Graph, target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
