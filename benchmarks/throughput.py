@@ -93,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch", "repeats", "caption_len", "peak_size", "processes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    if args.compile_baseline and not args.compile:
+        p.error("--compile-baseline times plain torch.compile beside --compile; add --compile")
     if args.processes > 1 and (args.batch % args.processes or args.device != "cpu"):
         p.error(f"--processes {args.processes} needs the CPU and a batch it divides "
                 f"(--batch {args.batch})")

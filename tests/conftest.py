@@ -7,6 +7,14 @@ import torch
 
 from aligndraw.config import ModelConfig
 
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                  reason="this PyTorch build has no oneDNN")
+
+
+def seeded_randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    """N(0, 1) values of ``shape`` from their own seeded generator."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
 
 def tiny_config(**overrides) -> ModelConfig:
     base = dict(vocab_size=23, channels=1, height=12, width=12, steps=3, read_n=3, write_n=3,

@@ -193,6 +193,11 @@ def test_throughput_gemm_baseline_and_both_fp32_peaks() -> None:
     assert report["results"]["library_aten_fp32"]["train"]["images_per_s"] > 0
 
 
+def test_throughput_compile_baseline_needs_compile() -> None:
+    proc = run_throughput("--compile-baseline")
+    assert proc.returncode == 2 and "add --compile" in proc.stderr
+
+
 def test_throughput_compile_baseline_times_plain_torch_compile_beside_the_library() -> None:
     report = last_json(run_throughput("--compile", "--compile-baseline", "--skip-naive"))
     compiled = {"library_compiled_fp32", "library_plaincompiled_fp32"}

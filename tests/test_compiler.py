@@ -1,18 +1,11 @@
-import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from aligndraw import compiler, gemm
 from aligndraw.model import AlignDraw
 
-from conftest import random_batch, tiny_config
-
-needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
-                                  reason="this PyTorch build has no oneDNN")
-
-
-def _rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+from conftest import needs_onednn, random_batch, tiny_config
+from conftest import seeded_randn as _rand
 
 
 def _traced(f, *args):

@@ -7,10 +7,8 @@ from aligndraw import gemm
 from aligndraw.model import AlignDraw
 from aligndraw.recurrent_linear import StepLinear
 
-from conftest import random_batch, tiny_config
-
-needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
-                                  reason="this PyTorch build has no oneDNN")
+from conftest import needs_onednn, random_batch, tiny_config
+from conftest import seeded_randn as _rand
 
 
 @pytest.fixture(params=gemm.BACKENDS)
@@ -19,10 +17,6 @@ def backend(request):
         pytest.skip("this PyTorch build has no oneDNN")
     with gemm.using(request.param):
         yield request.param
-
-
-def _rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _close(got, want):

@@ -21,7 +21,6 @@ output/input size.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -162,7 +161,7 @@ class StackProducts(CustomGraphPass):
         stack_products(graph)
 
     def uuid(self) -> bytes:
-        return get_hash_for_files((__file__, str(Path(gemm.__file__))))
+        return get_hash_for_files((__file__, gemm.__file__))
 
 
 def compile(model: Any, **kwargs: Any) -> Any:  # noqa: A001 - mirrors torch.compile

@@ -91,11 +91,15 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def _onednn_grad_t_x(grad: Tensor, x: Tensor) -> Tensor:
+    # (R, N), (R, K) → (N, K) as (xᵀ gradᵀ-as-weight)ᵀ, K-major (``weight_grad``)
+    return torch.ops.mkldnn._linear_pointwise(x.t(), grad.t(), None, "none", [], "").t()
+
+
 @torch.library.custom_op("aligndraw::onednn_weight_grad", mutates_args=())
 def _onednn_weight_grad_op(grad: Tensor, x: Tensor) -> Tensor:
-    # (R, N), (R, K) → (N, K) as (xᵀ gradᵀ-as-weight)ᵀ; its own op so that
-    # ``aligndraw.compiler`` can find a weight's per-step gradients and stack them
-    return torch.ops.mkldnn._linear_pointwise(x.t(), grad.t(), None, "none", [], "").t()
+    # its own op so that ``aligndraw.compiler`` can find a weight's per-step gradients
+    return _onednn_grad_t_x(grad, x)
 
 
 @_onednn_weight_grad_op.register_fake
@@ -149,7 +153,7 @@ def weight_grad(grad: Tensor, x: Tensor) -> Tensor:
         if _onednn_eligible(grad, x) and min(grad.shape[-1], x.shape[-1]) >= MIN_SIZE and grad.numel() > 0:
             return _onednn_weight_grad_op(_dense(grad), _dense(x))
     elif uses_onednn(x, grad.t()):
-        return _onednn_linear(x.t(), grad.t(), None).t()  # (K, N) → (N, K)
+        return _onednn_grad_t_x(_dense(grad), _dense(x))
     return grad.t() @ x
 
 
