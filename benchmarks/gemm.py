@@ -5,10 +5,13 @@
 Times, eagerly, the products of a training step of the preset's model — the fused h_dec
 projection and the inference LSTM's input, forward (x·Wᵀ + b), input gradient (g·W) and the
 weight gradient over all T steps (gᵀ·x with T·B rows) — and a square product, each with
-``gemm.using("aten")`` (PyTorch's ``@``: MKL in the CPU build) and ``gemm.using("onednn")``;
-for the weight gradient also oneDNN fed gᵀ directly (``onednn_direct``), the layout the
-library does not use, and for the forward oneDNN given the weight as a column slice of a wider
-tensor (``onednn_sliced_weight``), the layout ``gemm`` packs before calling it. Prints ms,
+``gemm.using("aten")`` (PyTorch's ``@``: MKL in the CPU build) and ``gemm.using("onednn")``
+(the weight row-major, as a parameter is stored); for the forward and the input gradient also
+oneDNN given the weight column-major (``onednn_column_major``: tried as the layout of the shared
+weights' forward products, not kept, docs/performance.md); for the weight gradient
+also oneDNN fed gᵀ directly (``onednn_direct``), the layout the library does not use, and for
+the forward oneDNN given the weight as a column slice of a wider tensor
+(``onednn_sliced_weight``), the layout ``gemm`` packs before calling it. Prints ms,
 GFLOP/s and the largest relative difference from a float64 product; one JSON line last.
 """
 
@@ -71,9 +74,12 @@ def time_products(m: int, k: int, n: int, steps: int, min_time: float, sliced: b
     }
     # the same weight as a column slice of a wider tensor, handed to oneDNN unpacked
     w_slice = torch.cat([w, torch.zeros_like(w)], dim=1)[:, :k]  # (N, K), rows 2K apart
+    w_col = w.t().contiguous().t()  # (N, K) column-major
     out = {}
     for case, (fn, args, ref, flops) in cases.items():
         forms = [(backend, _with(backend, fn), args) for backend in gemm.BACKENDS]
+        if case in ("forward", "input_grad"):  # the same product, the weight column-major
+            forms.append(("onednn_column_major", _with("onednn", fn), (args[0], w_col, *args[2:])))
         if case == "forward" and sliced:
             forms.append(("onednn_sliced_weight", _onednn_raw, (x, w_slice, b)))
         if case == "weight_grad":

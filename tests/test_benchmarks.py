@@ -218,9 +218,40 @@ def test_gemm_benchmark_times_both_backends_on_the_models_products() -> None:
                 assert report[f"{shape}_{case}_{backend}_ms"] > 0
                 assert report[f"{shape}_{case}_{backend}_diff"] < 1e-5
         assert report[f"{shape}_weight_grad_onednn_direct_diff"] < 1e-5
+        for case in ("forward", "input_grad"):  # the column-major weight: the same product
+            assert report[f"{shape}_{case}_onednn_column_major_diff"] < 1e-5
     for shape in ("projection", "encoder_input"):  # the unpacked slice: same value, slow kernel
         assert report[f"{shape}_forward_onednn_sliced_weight_diff"] < 1e-5
     assert "square_forward_onednn_sliced_weight_ms" not in report
+
+
+def test_ab_trees_times_two_trees_in_turn() -> None:
+    """The same tree as A and B, each in a worker process of its own, steps taking turns."""
+    report = last_json(run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--smoke",
+                                     "--repeats", "3", "--threads", "1"))
+    for phase in ("train", "sample"):
+        assert report[f"{phase}_a_median_ms"] > 0 and report[f"{phase}_b_median_ms"] > 0
+        assert 0 <= report[f"{phase}_b_faster_pairs"] <= 3
+        assert report[f"{phase}_b_over_a"] == pytest.approx(
+            report[f"{phase}_a_median_ms"] / report[f"{phase}_b_median_ms"])
+
+
+def test_ab_trees_rejects_a_directory_that_is_no_source_tree(tmp_path: Path) -> None:
+    proc = run_benchmark("ab_trees.py", "--a", str(tmp_path), "--b", str(ROOT))
+    assert proc.returncode == 2 and "--a must be a source tree of this project" in proc.stderr
+
+
+@pytest.mark.parametrize("setting, message", [("cpp_wrapper", "KEY=VALUE, got 'cpp_wrapper'"),
+                                              ("no_such_setting=1", "no setting 'no_such_setting'")])
+def test_ab_trees_checks_inductor_settings(setting: str, message: str) -> None:
+    proc = run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--inductor-b", setting)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_ab_trees_inductor_settings_are_json_else_strings() -> None:
+    from benchmarks.ab_trees import inductor_settings
+    assert inductor_settings(["cpp_wrapper=true", "cpp.threads=2", "cpp.simdlen=x"]) == {
+        "cpp_wrapper": True, "cpp.threads": 2, "cpp.simdlen": "x"}
 
 
 def test_throughput_data_parallel_workers_match_the_reference() -> None:
