@@ -11,8 +11,8 @@ machine; the waiting one sleeps on a pipe. ``--inductor-a`` / ``--inductor-b KEY
 ``torch._inductor.config`` entries in one worker before it compiles (VALUE as JSON, else a
 string), so the same tree can also be compared with itself under other compiler settings.
 Prints medians, min/max and how often B was the faster of a pair, then one JSON line last.
-This is how a change to the library (even one to a compiled graph, which cannot be switched
-within one process without dynamo recompiling) is measured against the code before it.
+This is how a change to the library is measured against the code before it, compiled code
+too (within one process, dynamo's guards and recompiles would decide which graph runs).
 """
 
 from __future__ import annotations
