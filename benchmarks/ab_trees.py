@@ -3,13 +3,16 @@
     git worktree add /tmp/base HEAD~1
     python benchmarks/ab_trees.py --a /tmp/base --b . [--compile] [--repeats 11]
     python benchmarks/ab_trees.py --a . --b . --compile --inductor-b cpp_wrapper=true
+    python benchmarks/ab_trees.py --a . --b . --compile --plain-a --precision bf16
 
 Each tree runs in a worker process of its own (its ``src/`` and ``benchmarks/`` first on the
 path), built like ``throughput.py``'s library variant (same preset, seed, batch of random
 inputs, trainer step). The two workers take turns, one step each, so both see the same
 machine; the waiting one sleeps on a pipe. ``--inductor-a`` / ``--inductor-b KEY=VALUE`` set
 ``torch._inductor.config`` entries in one worker before it compiles (VALUE as JSON, else a
-string), so the same tree can also be compared with itself under other compiler settings.
+string), so the same tree can also be compared with itself under other compiler settings;
+``--plain-a`` / ``--plain-b`` compile that worker's model with plain ``torch.compile``, without
+``aligndraw.compiler``'s graph pass. ``--precision bf16`` runs both under autocast.
 Prints medians, min/max and how often B was the faster of a pair, then one JSON line last.
 This is how a change to the library is measured against the code before it, compiled code
 too (within one process, dynamo's guards and recompiles would decide which graph runs).
@@ -42,9 +45,10 @@ def inductor_settings(items: list[str]) -> dict:
     return settings
 
 
-def worker(tree: Path, preset_name: str, compiled: bool, threads: int, smoke: bool,
-           inductor: dict) -> None:
-    """Serve steps of ``tree``'s library model: read a phase name per line, print its seconds."""
+def worker(tree: Path, args: argparse.Namespace, inductor: dict) -> None:
+    """Serve steps of ``tree``'s library model: read a phase name per line, print its seconds.
+
+    In a worker process its own settings are the "a" ones (``--inductor-a``, ``--plain-a``)."""
     sys.path[:0] = [str(tree / "src"), str(tree)]
     import torch
     import torch._inductor.config as inductor_config
@@ -59,11 +63,12 @@ def worker(tree: Path, preset_name: str, compiled: bool, threads: int, smoke: bo
 
     if not Path(aligndraw.__file__).resolve().is_relative_to(tree.resolve()):
         raise SystemExit(f"worker for {tree} imported aligndraw from {aligndraw.__file__}")
-    torch.set_num_threads(threads)
-    cfg = ModelConfig(**SMOKE_CONFIG) if smoke else preset(preset_name).model
-    inputs = random_inputs(cfg, 8 if smoke else 100, 6 if smoke else 12, torch.device("cpu"), 0)
+    torch.set_num_threads(args.threads)
+    cfg = ModelConfig(**SMOKE_CONFIG) if args.smoke else preset(args.preset).model
+    inputs = random_inputs(cfg, 8 if args.smoke else 100, 6 if args.smoke else 12, torch.device("cpu"), 0)
     torch.manual_seed(0)
-    variant = Variant(tree.name, AlignDraw(cfg), "fp32", inputs, seed=0, compiled=compiled)
+    variant = Variant(tree.name, AlignDraw(cfg), args.precision, inputs, seed=0, compiled=args.compile,
+                      stack_products=not args.plain_a)
     for line in sys.stdin:
         start = time.perf_counter()
         getattr(variant, f"{line.strip()}_step")()
@@ -71,9 +76,10 @@ def worker(tree: Path, preset_name: str, compiled: bool, threads: int, smoke: bo
 
 
 class _Worker:
-    def __init__(self, tree: Path, inductor: list[str], args: argparse.Namespace) -> None:
+    def __init__(self, tree: Path, inductor: list[str], plain: bool, args: argparse.Namespace) -> None:
         cmd = [sys.executable, __file__, "--worker", str(tree), "--preset", args.preset,
-               "--threads", str(args.threads)] + ["--compile"] * args.compile + ["--smoke"] * args.smoke
+               "--threads", str(args.threads), "--precision", args.precision]
+        cmd += ["--compile"] * args.compile + ["--smoke"] * args.smoke + ["--plain-a"] * plain
         cmd += [f"--inductor-a={item}" for item in inductor]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
@@ -91,8 +97,10 @@ class _Worker:
 
 
 def compare(args: argparse.Namespace) -> dict:
-    workers = {"a": _Worker(args.a, args.inductor_a, args), "b": _Worker(args.b, args.inductor_b, args)}
+    workers = {name: _Worker(getattr(args, name), getattr(args, f"inductor_{name}"),
+                             getattr(args, f"plain_{name}"), args) for name in ("a", "b")}
     result: dict = {"a": str(args.a), "b": str(args.b), "compile": args.compile, "preset": args.preset,
+                    "precision": args.precision, "plain_a": args.plain_a, "plain_b": args.plain_b,
                     "inductor_a": inductor_settings(args.inductor_a),
                     "inductor_b": inductor_settings(args.inductor_b)}
     try:
@@ -128,10 +136,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--compile", action="store_true", help="compile both (aligndraw.compiler)")
     p.add_argument("--repeats", type=int, default=11, help="timed steps per tree and phase")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each worker")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16 = torch.autocast(bfloat16) around forward / sample, in both")
     p.add_argument("--smoke", action="store_true", help="tiny config and batch (for CI)")
     for name in ("a", "b"):
         p.add_argument(f"--inductor-{name}", action="append", default=[], metavar="KEY=VALUE",
                        help=f"a torch._inductor.config setting for {name.upper()}'s worker (repeatable)")
+        p.add_argument(f"--plain-{name}", action="store_true",
+                       help=f"compile {name.upper()} with plain torch.compile (no aligndraw.compiler pass)")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
@@ -144,8 +156,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     for key in [k for both in settings.values() for k in both if k not in known]:
         p.error(f"torch._inductor.config has no setting {key!r} (e.g. cpp_wrapper, "
                 "cpp_wrapper_build_separate, cpp.threads)")
+    if (args.plain_a or args.plain_b) and not args.compile:
+        p.error("--plain-a / --plain-b choose how to compile: add --compile")
     if args.worker is not None:
-        worker(args.worker, args.preset, args.compile, args.threads, args.smoke, settings["a"])
+        worker(args.worker, args, settings["a"])
         return None
     for name in ("a", "b"):
         tree = getattr(args, name)

@@ -228,7 +228,8 @@ def test_gemm_benchmark_times_both_backends_on_the_models_products() -> None:
 def test_ab_trees_times_two_trees_in_turn() -> None:
     """The same tree as A and B, each in a worker process of its own, steps taking turns."""
     report = last_json(run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--smoke",
-                                     "--repeats", "3", "--threads", "1"))
+                                     "--repeats", "3", "--threads", "1", "--precision", "bf16"))
+    assert report["precision"] == "bf16" and not report["plain_b"]
     for phase in ("train", "sample"):
         assert report[f"{phase}_a_median_ms"] > 0 and report[f"{phase}_b_median_ms"] > 0
         assert 0 <= report[f"{phase}_b_faster_pairs"] <= 3
@@ -246,6 +247,11 @@ def test_ab_trees_rejects_a_directory_that_is_no_source_tree(tmp_path: Path) -> 
 def test_ab_trees_checks_inductor_settings(setting: str, message: str) -> None:
     proc = run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--inductor-b", setting)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_ab_trees_plain_compile_needs_compile() -> None:
+    proc = run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--plain-b")
+    assert proc.returncode == 2 and "add --compile" in proc.stderr
 
 
 def test_ab_trees_inductor_settings_are_json_else_strings() -> None:
