@@ -7,13 +7,16 @@
 
 Each tree runs in a worker process of its own (its ``src/`` and ``benchmarks/`` first on the
 path), built like ``throughput.py``'s library variant (same preset, seed, batch of random
-inputs, trainer step). The two workers take turns, one step each, so both see the same
-machine; the waiting one sleeps on a pipe. ``--inductor-a`` / ``--inductor-b KEY=VALUE`` set
+inputs, trainer step). The two workers take turns, one step each (``throughput.round_robin``,
+after a first, timed call: with ``--compile`` the compile), so both see the same machine; the
+waiting one sleeps on a pipe. Other processes' load is measured as in ``throughput.py``
+(``busy`` in the JSON, and a warning). ``--inductor-a`` / ``--inductor-b KEY=VALUE`` set
 ``torch._inductor.config`` entries in one worker before it compiles (VALUE as JSON, else a
 string), so the same tree can also be compared with itself under other compiler settings;
 ``--plain-a`` / ``--plain-b`` compile that worker's model with plain ``torch.compile``, without
 ``aligndraw.compiler``'s graph pass. ``--precision bf16`` runs both under autocast.
-Prints medians, min/max and how often B was the faster of a pair, then one JSON line last.
+Prints medians, min/max, B's speed-up by medians and by paired runs and how often B was the
+faster of a pair, then one JSON line last (with the package directory each worker imported).
 This is how a change to the library is measured against the code before it, compiled code
 too (within one process, dynamo's guards and recompiles would decide which graph runs).
 """
@@ -46,7 +49,8 @@ def inductor_settings(items: list[str]) -> dict:
 
 
 def worker(tree: Path, args: argparse.Namespace, inductor: dict) -> None:
-    """Serve steps of ``tree``'s library model: read a phase name per line, print its seconds.
+    """Serve steps of ``tree``'s library model: say where its ``aligndraw`` came from, then read a
+    phase name per line and print the step's wall and CPU seconds.
 
     In a worker process its own settings are the "a" ones (``--inductor-a``, ``--plain-a``)."""
     sys.path[:0] = [str(tree / "src"), str(tree)]
@@ -69,27 +73,44 @@ def worker(tree: Path, args: argparse.Namespace, inductor: dict) -> None:
     torch.manual_seed(0)
     variant = Variant(tree.name, AlignDraw(cfg), args.precision, inputs, seed=0, compiled=args.compile,
                       stack_products=not args.plain_a)
+    print(f"ready {Path(aligndraw.__file__).resolve().parent}", flush=True)
     for line in sys.stdin:
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         getattr(variant, f"{line.strip()}_step")()
-        print(time.perf_counter() - start, flush=True)
+        print(time.perf_counter() - wall, time.process_time() - cpu, flush=True)
 
 
 class _Worker:
-    def __init__(self, tree: Path, inductor: list[str], plain: bool, args: argparse.Namespace) -> None:
+    """One tree's worker process, with a variant's interface (``train_step``, ``sample_step``,
+    ``pids``, ``worker_cpu_s``) for ``throughput.round_robin``."""
+
+    def __init__(self, name: str, tree: Path, inductor: list[str], plain: bool,
+                 args: argparse.Namespace) -> None:
         cmd = [sys.executable, __file__, "--worker", str(tree), "--preset", args.preset,
                "--threads", str(args.threads), "--precision", args.precision]
         cmd += ["--compile"] * args.compile + ["--smoke"] * args.smoke + ["--plain-a"] * plain
         cmd += [f"--inductor-a={item}" for item in inductor]
+        self.name, self.worker_cpu_s = name, 0.0
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.pids = (self.proc.pid,)
+        self.package = self._read().removeprefix("ready ")  # where its aligndraw came from
 
-    def step(self, phase: str) -> float:
-        self.proc.stdin.write(phase + "\n")
-        self.proc.stdin.flush()
+    def _read(self) -> str:
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"a worker stopped (exit status {self.proc.wait()})")
-        return float(line)
+            raise RuntimeError(f"worker {self.name} stopped (exit status {self.proc.wait()})")
+        return line.strip()
+
+    def _step(self, phase: str) -> None:
+        self.proc.stdin.write(phase + "\n")
+        self.proc.stdin.flush()
+        self.worker_cpu_s = float(self._read().split()[1])  # the wall time is the caller's
+
+    def train_step(self) -> None:
+        self._step("train")
+
+    def sample_step(self) -> None:
+        self._step("sample")
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -97,35 +118,53 @@ class _Worker:
 
 
 def compare(args: argparse.Namespace) -> dict:
-    workers = {name: _Worker(getattr(args, name), getattr(args, f"inductor_{name}"),
-                             getattr(args, f"plain_{name}"), args) for name in ("a", "b")}
+    """Both workers, first calls (compile) timed, then ``round_robin``; medians and pairs."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's benchmarks
+    import torch
+
+    from benchmarks.machine import BUSY_CORES, OtherLoad, timed
+    from benchmarks.throughput import round_robin
+
+    cpu = torch.device("cpu")
+    workers = [_Worker(name, getattr(args, name), getattr(args, f"inductor_{name}"),
+                       getattr(args, f"plain_{name}"), args) for name in ("a", "b")]
     result: dict = {"a": str(args.a), "b": str(args.b), "compile": args.compile, "preset": args.preset,
                     "precision": args.precision, "plain_a": args.plain_a, "plain_b": args.plain_b,
                     "inductor_a": inductor_settings(args.inductor_a),
                     "inductor_b": inductor_settings(args.inductor_b)}
+    result |= {f"{w.name}_package": w.package for w in workers}
     try:
-        for phase in PHASES:
-            for name, w in workers.items():  # warm-up (with --compile: the compile)
-                result[f"{phase}_{name}_first_s"] = w.step(phase)
-                w.step(phase)
-            times = {name: [] for name in workers}
-            for _ in range(args.repeats):
-                for name, w in workers.items():
-                    times[name].append(w.step(phase))
-            for name, ts in times.items():
-                result[f"{phase}_{name}_median_ms"] = statistics.median(ts) * 1e3
-                print(f"{phase} {name}: median {statistics.median(ts) * 1e3:.1f} ms, "
-                      f"min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f}")
-            wins = sum(b < a for a, b in zip(times["a"], times["b"], strict=True))
-            result[f"{phase}_b_faster_pairs"] = wins
-            result[f"{phase}_b_over_a"] = result[f"{phase}_a_median_ms"] / result[f"{phase}_b_median_ms"]
-            print(f"{phase}: B {result[f'{phase}_b_over_a']:.3f}× A by medians, "
-                  f"faster in {wins} of {args.repeats} pairs")
+        with OtherLoad(own_pids=[w.pids[0] for w in workers]) as others:
+            for phase in PHASES:
+                for w in workers:  # with --compile: the compile
+                    result[f"{phase}_{w.name}_first_s"] = timed(getattr(w, f"{phase}_step"), cpu)
+                walls, _ = round_robin(workers, phase, 1, args.repeats, cpu)
+                result |= _summary(phase, walls["a"], walls["b"])
     finally:
-        for w in workers.values():
+        for w in workers:
             w.close()
+    result["other_processes_cores"] = others.cores
+    result["busy"] = others.cores is not None and others.cores > BUSY_CORES
+    if result["busy"]:
+        print(f"WARNING: the machine was busy (other processes used {others.cores:.2f} cores on "
+              "average): the times are unreliable; rerun on an idle machine")
     print(json.dumps(result))
     return result
+
+
+def _summary(phase: str, a: list[float], b: list[float]) -> dict:
+    """Medians (ms), B's speed-up by medians and by paired runs, pairs B won; printed too."""
+    out = {f"{phase}_{name}_median_ms": statistics.median(ts) * 1e3 for name, ts in (("a", a), ("b", b))}
+    for name, ts in (("a", a), ("b", b)):
+        print(f"{phase} {name}: median {out[f'{phase}_{name}_median_ms']:.1f} ms, "
+              f"min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f}")
+    out[f"{phase}_b_over_a"] = statistics.median(a) / statistics.median(b)
+    out[f"{phase}_b_over_a_paired"] = statistics.median(x / y for x, y in zip(a, b, strict=True))
+    out[f"{phase}_b_faster_pairs"] = sum(y < x for x, y in zip(a, b, strict=True))
+    print(f"{phase}: B {out[f'{phase}_b_over_a']:.3f}× A by medians "
+          f"({out[f'{phase}_b_over_a_paired']:.3f}× paired), faster in "
+          f"{out[f'{phase}_b_faster_pairs']} of {len(a)} pairs")
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -51,6 +51,10 @@ def _process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+# A timing run is "busy" when other processes kept more than this many cores busy on average.
+BUSY_CORES = 0.25
+
+
 class OtherLoad:
     """Average number of cores that *other* processes kept busy while this block ran.
 

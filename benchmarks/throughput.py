@@ -38,7 +38,7 @@ from aligndraw.model import AlignDraw  # noqa: E402
 from aligndraw.trainer import PaperRMSprop, average_gradients, clip_grad_norm_per_tensor  # noqa: E402
 from benchmarks.data_parallel import DataParallelVariant, WorkerSpec  # noqa: E402
 from benchmarks.flops import flops_per_image  # noqa: E402
-from benchmarks.machine import OtherLoad, matmul_peak, timed, timed_cpu  # noqa: E402
+from benchmarks.machine import BUSY_CORES, OtherLoad, matmul_peak, timed, timed_cpu  # noqa: E402
 from benchmarks.naive_reference import (  # noqa: E402
     NaiveAlignDraw,
     load_from_library,
@@ -530,8 +530,7 @@ def main(argv: list[str] | None = None) -> dict:
                                          flops[phase], peak[v.precision], len(v.pids) or threads)
                         for phase in ("train", "sample")} for v in variants}
     load_after = [round(x, 2) for x in os.getloadavg()]
-    # Busy: other processes kept on average more than a quarter of a core busy while we timed.
-    busy = device.type == "cpu" and others.cores is not None and others.cores > 0.25
+    busy = device.type == "cpu" and others.cores is not None and others.cores > BUSY_CORES
     report = {
         "preset": "smoke" if args.smoke else args.preset, "batch": args.batch, "cores": cores,
         "busy": busy, "other_processes_cores": others.cores,

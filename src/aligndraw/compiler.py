@@ -12,7 +12,9 @@ share their output shape,
 becomes one product of concatenated operands (``stack_products``). It applies to
 ``aten.mm``, ``aten.bmm`` (the context mix's per-step outer products, summed into the
 words' gate contributions) and oneDNN weight gradients (``aligndraw.gemm``). Same sum, other
-rounding order (fp32 results agree to rounding, as the eager path's do).
+rounding order (fp32 results agree to rounding, as the eager path's do). Under bf16 autocast
+the model's backward graph has no sum of this form, and the pass changes nothing there
+(``benchmarks/ab_trees.py --plain-a --precision bf16``).
 
 Symbols: R rows of one step's product (B, or 1 for the shared initial state), N/K a weight's
 output/input size.
