@@ -13,8 +13,10 @@ becomes one product of concatenated operands (``stack_products``). It applies to
 ``aten.mm``, ``aten.bmm`` (the context mix's per-step outer products, summed into the
 words' gate contributions) and oneDNN weight gradients (``aligndraw.gemm``). Same sum, other
 rounding order (fp32 results agree to rounding, as the eager path's do). Under bf16 autocast
-the model's backward graph has no sum of this form, and the pass changes nothing there
-(``benchmarks/ab_trees.py --plain-a --precision bf16``).
+the per-step weight gradients are plain ``mm``s, which inductor's own patterns have already
+folded into a chain addmm(addmm(mm(A_1, B_1), A_2, B_2), …) when this pass runs; the chain
+is unfolded into a sum first (``unfold_addmm_chains``) and stacked like the rest: one bf16
+product over T·B rows, rounded once, instead of T − 1 bf16 roundings of a running sum.
 
 Symbols: R rows of one step's product (B, or 1 for the shared initial state), N/K a weight's
 output/input size.
@@ -125,8 +127,47 @@ def _stacked(graph: fx.Graph, terms: list[fx.Node]) -> fx.Node:
     return out if view is None else _call(graph, view.target, out, *view.args[1:])
 
 
+def _is_accumulating_addmm(node: fx.Node) -> bool:
+    """An ``addmm(C, A, B)`` = C + A·B (no scaling) whose C is itself such a product, used only
+    here and of the result's shape and dtype: a link of a chain of summed products."""
+    if node.op != "call_function" or node.target is not aten.addmm.default or node.kwargs:
+        return False
+    acc = node.args[0]
+    if (not isinstance(acc, fx.Node) or acc.target not in (aten.mm.default, aten.addmm.default)
+            or len(acc.users) != 1):
+        return False
+    vals = (_val(node), _val(acc))
+    return all(isinstance(v, torch.Tensor) for v in vals) and _shape(vals[0]) == _shape(vals[1]) \
+        and vals[0].dtype == vals[1].dtype
+
+
+def unfold_addmm_chains(graph: fx.Graph) -> int:
+    """Rewrite addmm(C, A, B) as C + A·B where C is another product (returns how many).
+
+    Inductor's own post-grad patterns fold ``mm(A, B) + C`` into ``addmm``, which turns the
+    per-step gradients of a weight used at every step (bf16, under autocast: plain ``mm``s)
+    into a chain addmm(addmm(mm(A_1, B_1), A_2, B_2), …) before this module's pass runs.
+    Unfolded, the chain is a sum of products again, which ``stack_products`` stacks.
+    """
+    changed = 0
+    for node in reversed(list(graph.nodes)):  # outermost first: its C is still an addmm
+        if not _is_accumulating_addmm(node):
+            continue
+        acc, a, b = node.args
+        with graph.inserting_before(node):
+            total = _call(graph, _ADD, acc, _call(graph, aten.mm.default, a, b))
+        node.replace_all_uses_with(total)
+        graph.erase_node(node)
+        changed += 1
+    return changed
+
+
 def stack_products(graph: fx.Graph) -> int:
-    """Rewrite every sum of ≥ 2 stackable products in ``graph``; returns how many sums changed."""
+    """Rewrite every sum of ≥ 2 stackable products in ``graph``; returns how many sums changed.
+
+    Chains of ``addmm`` that accumulate products are unfolded into sums first
+    (``unfold_addmm_chains``)."""
+    unfold_addmm_chains(graph)
     changed = 0
     for root in reversed(list(graph.nodes)):  # outermost sums first: inner ones are absorbed
         if not _is_sum(root):
