@@ -128,17 +128,20 @@ def _stacked(graph: fx.Graph, terms: list[fx.Node]) -> fx.Node:
 
 
 def _is_accumulating_addmm(node: fx.Node) -> bool:
-    """An ``addmm(C, A, B)`` = C + A·B (no scaling) whose C is itself such a product, used only
-    here and of the result's shape and dtype: a link of a chain of summed products."""
-    if node.op != "call_function" or node.target is not aten.addmm.default or node.kwargs:
+    """An ``addmm(C, A, B)`` = C + A·B (no scaling) whose C is a plain ``mm`` or another such
+    link, used only here and of the result's shape and dtype: a link of a chain of summed
+    products that starts from a product (not from a bias)."""
+    if (node.op != "call_function" or node.target is not aten.addmm.default or node.kwargs
+            or len(node.args) != 3):
         return False
     acc = node.args[0]
-    if (not isinstance(acc, fx.Node) or acc.target not in (aten.mm.default, aten.addmm.default)
-            or len(acc.users) != 1):
+    if not isinstance(acc, fx.Node) or len(acc.users) != 1:
+        return False
+    if not (acc.target is aten.mm.default or _is_accumulating_addmm(acc)):
         return False
     vals = (_val(node), _val(acc))
-    return all(isinstance(v, torch.Tensor) for v in vals) and _shape(vals[0]) == _shape(vals[1]) \
-        and vals[0].dtype == vals[1].dtype
+    return (all(isinstance(v, torch.Tensor) for v in vals) and _shape(vals[0]) == _shape(vals[1])
+            and vals[0].dtype == vals[1].dtype)
 
 
 def unfold_addmm_chains(graph: fx.Graph) -> int:
@@ -150,12 +153,12 @@ def unfold_addmm_chains(graph: fx.Graph) -> int:
     Unfolded, the chain is a sum of products again, which ``stack_products`` stacks.
     """
     changed = 0
-    for node in reversed(list(graph.nodes)):  # outermost first: its C is still an addmm
+    for node in reversed(list(graph.nodes)):  # outermost first: its links below are still addmm
         if not _is_accumulating_addmm(node):
             continue
         acc, a, b = node.args
         with graph.inserting_before(node):
-            total = _call(graph, _ADD, acc, _call(graph, aten.mm.default, a, b))
+            total = _call(graph, _ADD, acc, _call(graph, aten.mm.default, a, b))  # (M, N) + (M, K)·(K, N)
         node.replace_all_uses_with(total)
         graph.erase_node(node)
         changed += 1
