@@ -12,11 +12,12 @@ share their output shape,
 becomes one product of concatenated operands (``stack_products``). It applies to
 ``aten.mm``, ``aten.bmm`` (the context mix's per-step outer products, summed into the
 words' gate contributions) and oneDNN weight gradients (``aligndraw.gemm``). Same sum, other
-rounding order (fp32 results agree to rounding, as the eager path's do). Under bf16 autocast
-the per-step weight gradients are plain ``mm``s, which inductor's own patterns have already
-folded into a chain addmm(addmm(mm(A_1, B_1), A_2, B_2), …) when this pass runs; the chain
-is unfolded into a sum first (``unfold_addmm_chains``) and stacked like the rest: one bf16
-product over T·B rows, rounded once, instead of T − 1 bf16 roundings of a running sum.
+rounding order (fp32 results agree to rounding, as the eager path's do). The pass runs before
+inductor's own post-grad patterns (``post_grad_custom_pre_pass``): those fold ``mm(A, B) + C``
+into ``addmm(C, A, B)``, which would turn the plain bf16 ``mm`` gradients of autocast into a
+chain addmm(addmm(mm(A_1, B_1), A_2, B_2), …) that is no longer a sum. Run first, the pass
+stacks them too: one bf16 product over T·B rows, rounded once, instead of T − 1 bf16
+roundings of a running sum.
 
 Symbols: R rows of one step's product (B, or 1 for the shared initial state), N/K a weight's
 output/input size.
@@ -127,50 +128,8 @@ def _stacked(graph: fx.Graph, terms: list[fx.Node]) -> fx.Node:
     return out if view is None else _call(graph, view.target, out, *view.args[1:])
 
 
-def _is_accumulating_addmm(node: fx.Node) -> bool:
-    """An ``addmm(C, A, B)`` = C + A·B (no scaling) whose C is a plain ``mm`` or another such
-    link, used only here and of the result's shape and dtype: a link of a chain of summed
-    products that starts from a product (not from a bias)."""
-    if (node.op != "call_function" or node.target is not aten.addmm.default or node.kwargs
-            or len(node.args) != 3):
-        return False
-    acc = node.args[0]
-    if not isinstance(acc, fx.Node) or len(acc.users) != 1:
-        return False
-    if not (acc.target is aten.mm.default or _is_accumulating_addmm(acc)):
-        return False
-    vals = (_val(node), _val(acc))
-    return (all(isinstance(v, torch.Tensor) for v in vals) and _shape(vals[0]) == _shape(vals[1])
-            and vals[0].dtype == vals[1].dtype)
-
-
-def unfold_addmm_chains(graph: fx.Graph) -> int:
-    """Rewrite addmm(C, A, B) as C + A·B where C is another product (returns how many).
-
-    Inductor's own post-grad patterns fold ``mm(A, B) + C`` into ``addmm``, which turns the
-    per-step gradients of a weight used at every step (bf16, under autocast: plain ``mm``s)
-    into a chain addmm(addmm(mm(A_1, B_1), A_2, B_2), …) before this module's pass runs.
-    Unfolded, the chain is a sum of products again, which ``stack_products`` stacks.
-    """
-    changed = 0
-    for node in reversed(list(graph.nodes)):  # outermost first: its links below are still addmm
-        if not _is_accumulating_addmm(node):
-            continue
-        acc, a, b = node.args
-        with graph.inserting_before(node):
-            total = _call(graph, _ADD, acc, _call(graph, aten.mm.default, a, b))  # (M, N) + (M, K)·(K, N)
-        node.replace_all_uses_with(total)
-        graph.erase_node(node)
-        changed += 1
-    return changed
-
-
 def stack_products(graph: fx.Graph) -> int:
-    """Rewrite every sum of ≥ 2 stackable products in ``graph``; returns how many sums changed.
-
-    Chains of ``addmm`` that accumulate products are unfolded into sums first
-    (``unfold_addmm_chains``)."""
-    unfold_addmm_chains(graph)
+    """Rewrite every sum of ≥ 2 stackable products in ``graph``; returns how many sums changed."""
     changed = 0
     for root in reversed(list(graph.nodes)):  # outermost sums first: inner ones are absorbed
         if not _is_sum(root):
@@ -211,6 +170,7 @@ class StackProducts(CustomGraphPass):
 
 
 def compile(model: Any, **kwargs: Any) -> Any:  # noqa: A001 - mirrors torch.compile
-    """``torch.compile(model, **kwargs)`` with ``StackProducts`` as inductor's post-grad pass."""
-    options = {"post_grad_custom_post_pass": StackProducts(), **kwargs.pop("options", {})}
+    """``torch.compile(model, **kwargs)`` with ``StackProducts`` as inductor's first post-grad pass."""
+    # before inductor's patterns: they fold mm + C into addmm, hiding bf16 sums (module docstring)
+    options = {"post_grad_custom_pre_pass": StackProducts(), **kwargs.pop("options", {})}
     return torch.compile(model, options=options, **kwargs)
