@@ -8,7 +8,9 @@ weight gradient over all T steps (gᵀ·x with T·B rows) — and a square produ
 ``gemm.using("aten")`` (PyTorch's ``@``: MKL in the CPU build) and ``gemm.using("onednn")``
 (the weight row-major, as a parameter is stored); for the forward and the input gradient also
 oneDNN given the weight column-major (``onednn_column_major``: tried as the layout of the shared
-weights' forward products, not kept, docs/performance.md); for the weight gradient
+weights' forward products, not kept, docs/performance.md) and oneDNN given the weight
+prepacked once into its blocked layout (``onednn_prepacked``: the packing not timed, as if done
+once per forward pass; tried in the model, not kept, docs/performance.md); for the weight gradient
 also oneDNN fed gᵀ directly (``onednn_direct``), the layout the library does not use, and for
 the forward oneDNN given the weight as a column slice of a wider tensor
 (``onednn_sliced_weight``), the layout ``gemm`` packs before calling it. Prints ms,
@@ -42,6 +44,15 @@ def _with(backend: str, fn):
 
 def _onednn_raw(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")  # as given, not packed
+
+
+def _onednn_prepacked(w: torch.Tensor):
+    """x·wᵀ (+ b) with w (N, K) reordered once, untimed, into oneDNN's blocked layout."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+
+    def run(x: torch.Tensor, _w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+    return run
 
 
 def _onednn_direct(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +91,8 @@ def time_products(m: int, k: int, n: int, steps: int, min_time: float, sliced: b
         forms = [(backend, _with(backend, fn), args) for backend in gemm.BACKENDS]
         if case in ("forward", "input_grad"):  # the same product, the weight column-major
             forms.append(("onednn_column_major", _with("onednn", fn), (args[0], w_col, *args[2:])))
+            # forward x·Wᵀ: W packed; input gradient g·W = g·(Wᵀ)ᵀ: Wᵀ packed
+            forms.append(("onednn_prepacked", _onednn_prepacked(w if case == "forward" else w.t()), args))
         if case == "forward" and sliced:
             forms.append(("onednn_sliced_weight", _onednn_raw, (x, w_slice, b)))
         if case == "weight_grad":

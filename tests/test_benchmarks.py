@@ -219,8 +219,9 @@ def test_gemm_benchmark_times_both_backends_on_the_models_products() -> None:
                 assert report[f"{shape}_{case}_{backend}_ms"] > 0
                 assert report[f"{shape}_{case}_{backend}_diff"] < 1e-5
         assert report[f"{shape}_weight_grad_onednn_direct_diff"] < 1e-5
-        for case in ("forward", "input_grad"):  # the column-major weight: the same product
+        for case in ("forward", "input_grad"):  # other weight layouts: the same product
             assert report[f"{shape}_{case}_onednn_column_major_diff"] < 1e-5
+            assert report[f"{shape}_{case}_onednn_prepacked_diff"] < 1e-5
     for shape in ("projection", "encoder_input"):  # the unpacked slice: same value, slow kernel
         assert report[f"{shape}_forward_onednn_sliced_weight_diff"] < 1e-5
     assert "square_forward_onednn_sliced_weight_ms" not in report
