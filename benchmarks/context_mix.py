@@ -4,8 +4,11 @@
 
 Times ``(α[:, None, :] @ ctx).squeeze(1)`` — (B, 1, L)·(B, L, 4·Dd), one row per image — with
 both operands in fp32 and in bf16 (what autocast would run), prints the medians (ms) and the
-largest relative difference of the bf16 result; one JSON line last. The model keeps this mix
-in fp32 under autocast (``aligndraw.recurrent_linear.StepMix``).
+largest relative difference of the bf16 result. The model keeps this mix in fp32 under autocast
+(``aligndraw.recurrent_linear.StepMix``). Then the mix's gradient for α in fp32, Σ_d ctx·g per
+word, in two forms of the same product: ``grad_row`` (B, 1, D)·(B, D, L), what ``StepMix``
+computes (``mix_weights_grad``), and ``grad_column`` (B, L, D)·(B, D, 1), the form it
+replaced. One JSON line last.
 """
 
 from __future__ import annotations
@@ -20,11 +23,16 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from aligndraw.recurrent_linear import mix_weights_grad  # noqa: E402
 from benchmarks.forms import compare_forms  # noqa: E402
 
 
 def mix(alpha: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
     return (alpha[:, None, :] @ ctx).squeeze(1).float()  # (B, 1, L) @ (B, L, D) → (B, D)
+
+
+def grad_column(ctx: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return (ctx @ grad[:, :, None]).squeeze(-1)  # (B, L, D) @ (B, D, 1) → (B, L)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -43,6 +51,12 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"shape": list(ctx.shape), "threads": args.threads}
     result |= compare_forms([("fp32", mix, (alpha, ctx)),
                              ("bf16", mix, (alpha.bfloat16(), ctx.bfloat16()))], reference,
+                            lambda out, ref: float((out - ref).abs().max() / ref.abs().max()),
+                            args.min_time, modes=("eager",))
+    grad = torch.randn(args.batch, args.width, generator=g)
+    grad_reference = (ctx.double() @ grad.double()[:, :, None]).squeeze(-1)
+    result |= compare_forms([("grad_row", mix_weights_grad, (ctx, grad)),
+                             ("grad_column", grad_column, (ctx, grad))], grad_reference,
                             lambda out, ref: float((out - ref).abs().max() / ref.abs().max()),
                             args.min_time, modes=("eager",))
     print(json.dumps(result))

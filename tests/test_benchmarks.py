@@ -309,6 +309,8 @@ def test_context_mix_benchmark_times_both_precisions() -> None:
     assert report["shape"] == [3, 4, 8]
     assert report["fp32_eager_diff"] == 0 and 0 < report["bf16_eager_diff"] < 2e-2
     assert report["fp32_eager_ms"] > 0 and report["bf16_eager_ms"] > 0
+    for form in ("grad_row", "grad_column"):  # the weights' gradient: the same product
+        assert report[f"{form}_eager_ms"] > 0 and report[f"{form}_eager_diff"] < 1e-5
 
 
 def test_fp32_targets_are_judged_per_variant() -> None:

@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from aligndraw.recurrent_linear import StepLinear, StepMix
+from aligndraw.recurrent_linear import StepLinear, StepMix, mix_weights_grad
 
 
 def _recurrence(step, h0, steps=5):
@@ -88,6 +88,15 @@ def test_step_mix_gradients_equal_autograd_over_a_recurrence():
     torch.testing.assert_close(loss, ref_loss)
     for got, want in zip(grads, ref, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_mix_weights_grad_equals_a_naive_sum_over_the_width():
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)  # (B, L, D)
+    grad = torch.randn(3, 5, generator=g, dtype=torch.float64)  # (B, D)
+    naive = torch.tensor([[sum(values[b, j, d] * grad[b, d] for d in range(5)) for j in range(4)]
+                          for b in range(3)], dtype=torch.float64)
+    torch.testing.assert_close(mix_weights_grad(values, grad), naive, rtol=1e-12, atol=1e-12)
 
 
 def test_step_mix_and_step_linear_are_plain_products_without_gradients():

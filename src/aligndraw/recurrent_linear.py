@@ -130,6 +130,16 @@ def _mix(weights: Tensor, values: Tensor) -> Tensor:
     return (weights[:, None, :] @ values).squeeze(1)  # (B, 1, L) @ (B, L, D) → (B, D)
 
 
+def mix_weights_grad(values: Tensor, grad: Tensor) -> Tensor:
+    """The mix's gradient for its weights, Σ_d values[b, l, d]·grad[b, d]: (B, L, D), (B, D) → (B, L).
+
+    Written with one row per image on the left, (B, 1, D)·(B, D, L): the same product as
+    (B, L, D)·(B, D, 1), which the CPU batched product runs about ten times slower
+    (``benchmarks/context_mix.py``, form ``grad_column``).
+    """
+    return (grad[:, None, :] @ values.transpose(1, 2)).squeeze(1)  # (B, 1, D) @ (B, D, L) → (B, L)
+
+
 def _mix_grads(inputs: list[Tensor], grads: list[Tensor]) -> tuple[Tensor]:
     weights = torch.stack(inputs, dim=1)  # (B, T, L)
     g = torch.stack(grads, dim=1)  # (B, T, D)
@@ -150,7 +160,7 @@ class _MixStep(torch.autograd.Function):
         weights, values = ctx.saved_tensors
         ctx.record.inputs.append(weights)
         ctx.record.grads.append(grad)
-        grad_weights = (values @ grad[:, :, None]).squeeze(-1)  # (B, L, D) @ (B, D, 1) → (B, L)
+        grad_weights = mix_weights_grad(values, grad)  # (B, L)
         return grad_weights, None, None
 
 
