@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aligndraw.recurrent_linear import mix_weights_grad  # noqa: E402
-from benchmarks.forms import compare_forms  # noqa: E402
+from benchmarks.forms import compare_forms, relative_difference  # noqa: E402
 
 
 def mix(alpha: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
@@ -51,13 +51,13 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"shape": list(ctx.shape), "threads": args.threads}
     result |= compare_forms([("fp32", mix, (alpha, ctx)),
                              ("bf16", mix, (alpha.bfloat16(), ctx.bfloat16()))], reference,
-                            lambda out, ref: float((out - ref).abs().max() / ref.abs().max()),
+                            relative_difference,
                             args.min_time, modes=("eager",))
     grad = torch.randn(args.batch, args.width, generator=g)
     grad_reference = (ctx.double() @ grad.double()[:, :, None]).squeeze(-1)
     result |= compare_forms([("grad_row", mix_weights_grad, (ctx, grad)),
                              ("grad_column", grad_column, (ctx, grad))], grad_reference,
-                            lambda out, ref: float((out - ref).abs().max() / ref.abs().max()),
+                            relative_difference,
                             args.min_time, modes=("eager",))
     print(json.dumps(result))
     return result

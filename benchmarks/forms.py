@@ -11,6 +11,11 @@ from torch.utils.benchmark import Timer
 Form = tuple[str, Callable[..., torch.Tensor], Sequence[torch.Tensor]]
 
 
+def relative_difference(out: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest absolute difference over the reference's largest magnitude (a ``difference``)."""
+    return float((out - reference).abs().max() / reference.abs().max())
+
+
 def compare_forms(forms: Sequence[Form], reference: torch.Tensor,
                   difference: Callable[[torch.Tensor, torch.Tensor], float], min_time: float,
                   modes: Sequence[str] = ("eager", "compiled")) -> dict:

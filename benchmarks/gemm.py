@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 from aligndraw import gemm  # noqa: E402
 from aligndraw.config import ModelConfig, preset  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
-from benchmarks.forms import compare_forms  # noqa: E402
+from benchmarks.forms import compare_forms, relative_difference  # noqa: E402
 
 
 def _with(backend: str, fn):
@@ -99,7 +99,7 @@ def time_products(m: int, k: int, n: int, steps: int, min_time: float, sliced: b
             forms.append(("onednn_direct", _onednn_direct, args))
         print(f"{case} ({flops / 1e9:.3f} GFLOP)")
         timed = compare_forms(forms, ref.float(),
-                              lambda o, r: float((o - r).abs().max() / r.abs().max()),
+                              relative_difference,
                               min_time, modes=("eager",))
         for name, *_ in forms:
             ms = timed[f"{name}_eager_ms"]

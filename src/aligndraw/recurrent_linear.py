@@ -134,7 +134,7 @@ def mix_weights_grad(values: Tensor, grad: Tensor) -> Tensor:
     """The mix's gradient for its weights, Σ_d values[b, l, d]·grad[b, d]: (B, L, D), (B, D) → (B, L).
 
     Written with one row per image on the left, (B, 1, D)·(B, D, L): the same product as
-    (B, L, D)·(B, D, 1), which the CPU batched product runs about ten times slower
+    (B, L, D)·(B, D, 1), which the CPU batched product runs about nine times slower
     (``benchmarks/context_mix.py``, form ``grad_column``).
     """
     return (grad[:, None, :] @ values.transpose(1, 2)).squeeze(1)  # (B, 1, D) @ (B, D, L) → (B, L)
