@@ -313,6 +313,26 @@ def test_context_mix_benchmark_times_both_precisions() -> None:
         assert report[f"{form}_eager_ms"] > 0 and report[f"{form}_eager_diff"] < 1e-5
 
 
+def test_scaling_benchmark_sweeps_batch_steps_and_canvas() -> None:
+    report = last_json(run_benchmark("scaling.py", "--smoke"))
+    rows = {(r["axis"], r["value"]): r for r in report["rows"]}
+    assert set(rows) == {("batch", 2), ("batch", 4), ("steps", 2), ("steps", 3), ("canvas", 12),
+                         ("canvas", 16)}
+    assert isinstance(report["busy"], bool)
+    for r in rows.values():
+        assert r["other_processes_cores"] is None or r["other_processes_cores"] >= 0
+        for phase in ("train", "sample"):
+            assert r[f"{phase}_library_ms"] > 0 and r[f"{phase}_naive_ms"] > 0
+            assert r[f"{phase}_speedup"] == pytest.approx(r[f"{phase}_naive_ms"] / r[f"{phase}_library_ms"])
+            assert r[f"{phase}_library_img_s"] == pytest.approx(r["batch"] / r[f"{phase}_library_ms"] * 1e3)
+    # each sweep changes only its own axis, and the work per image follows it
+    assert rows[("steps", 3)]["steps"] == 3 and rows[("steps", 3)]["canvas"] == 12
+    assert rows[("canvas", 16)]["canvas"] == 16 and rows[("canvas", 16)]["steps"] == 3
+    assert rows[("steps", 3)]["train_gflop_per_image"] > rows[("steps", 2)]["train_gflop_per_image"]
+    assert rows[("canvas", 16)]["train_gflop_per_image"] > rows[("canvas", 12)]["train_gflop_per_image"]
+    assert rows[("batch", 4)]["batch"] == 4 and rows[("steps", 2)]["batch"] == 4
+
+
 def test_fp32_targets_are_judged_per_variant() -> None:
     from benchmarks.throughput import fp32_targets
 

@@ -1,0 +1,175 @@
+"""How training and sampling cost grows with the batch, the number of drawing steps T and the
+canvas size: the library model beside the naive reference, one axis at a time.
+
+    python benchmarks/scaling.py [--preset mnist-captions] [--batches 25,50,100,200]
+        [--steps 16,32,64] [--sizes 32,60,90] [--repeats 5] [--threads 2] [--compile]
+
+Around the preset (mnist-captions: batch 100, T = 32, 60×60, N = M = 8 kept throughout), each
+setting changes one of the three; the library model (eager fp32, or compiled with
+``--compile``) and the naive reference with the same weights alternate run by run, as in
+``throughput.py``. Per setting and phase it prints the median milliseconds a batch, images/s,
+microseconds per image and drawing step, matrix-multiply GFLOP per image (``flops.py``), the
+GFLOP/s that makes, and the library's speed-up over the reference. One JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aligndraw.config import ModelConfig, preset  # noqa: E402
+from aligndraw.model import AlignDraw  # noqa: E402
+from benchmarks.flops import flops_per_image  # noqa: E402
+from benchmarks.machine import BUSY_CORES, OtherLoad  # noqa: E402
+from benchmarks.naive_reference import NaiveAlignDraw, load_from_library  # noqa: E402
+from benchmarks.throughput import (  # noqa: E402
+    SMOKE_CONFIG,
+    Variant,
+    compile_variant,
+    log,
+    random_inputs,
+    round_robin,
+)
+
+PHASES = ("train", "sample")
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected whole numbers ≥ 1, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=("mnist-captions", "coco32"), default="mnist-captions")
+    p.add_argument("--batches", type=_sizes, default=[25, 50, 100, 200], help="batch sizes")
+    p.add_argument("--steps", type=_sizes, default=[16, 32, 64], help="drawing steps T")
+    p.add_argument("--sizes", type=_sizes, default=[32, 60, 90], help="square canvas sides")
+    p.add_argument("--batch", type=int, default=100, help="the batch of the T and canvas sweeps")
+    p.add_argument("--caption-len", type=int, default=12, help="words per random caption")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant and setting")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--compile", action="store_true",
+                   help="time the library compiled (aligndraw.compiler) instead of eagerly; "
+                        "each setting compiles anew")
+    p.add_argument("--skip-naive", action="store_true", help="time the library model only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny config and sizes, 1 repeat (for CI)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.batches, args.steps, args.sizes = [2, 4], [2, 3], [12, 16]
+        args.batch, args.repeats, args.warmup, args.caption_len = 4, 1, 1, 6
+        args.threads = 1
+    for name in ("batch", "repeats", "caption_len", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    return args
+
+
+def base_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(**SMOKE_CONFIG) if args.smoke else preset(args.preset).model
+
+
+def settings(args: argparse.Namespace, base: ModelConfig) -> list[tuple[str, int, ModelConfig, int]]:
+    """(axis, value, model config, batch) for each point of the three sweeps."""
+    out = [("batch", b, base, b) for b in args.batches]
+    out += [("steps", t, dataclasses.replace(base, steps=t), args.batch) for t in args.steps]
+    out += [("canvas", s, dataclasses.replace(base, height=s, width=s), args.batch) for s in args.sizes]
+    return out
+
+
+def time_setting(args: argparse.Namespace, cfg: ModelConfig, batch: int) -> dict:
+    """Median seconds a batch of the library (and naive) model, per phase, at one setting."""
+    device = torch.device("cpu")
+    if args.compile:
+        # Each setting compiles from scratch: once dynamo has seen a second batch size or T for
+        # the same code, it would compile the next one with dynamic shapes.
+        torch._dynamo.reset()
+    inputs = random_inputs(cfg, batch, args.caption_len, device, args.seed)
+    torch.manual_seed(args.seed)
+    lib = AlignDraw(cfg)
+    variants = [Variant("library", lib, "fp32", inputs, args.seed, compiled=args.compile)]
+    compile_s = compile_variant(variants[0], device) if args.compile else {}
+    if not args.skip_naive:
+        naive = load_from_library(NaiveAlignDraw(cfg), lib)
+        variants.append(Variant("naive", naive, "fp32", inputs, args.seed))
+    medians: dict = {"compile_s": compile_s}
+    with OtherLoad() as others:  # the timed runs only: a compile's worker processes count as others
+        for phase in PHASES:
+            walls, _ = round_robin(variants, phase, args.warmup, args.repeats, device)
+            medians[phase] = {name: statistics.median(times) for name, times in walls.items()}
+    medians["other_processes_cores"] = others.cores
+    return medians
+
+
+def row(axis: str, value: int, cfg: ModelConfig, batch: int, args, medians: dict) -> dict:
+    flops = flops_per_image(cfg, args.caption_len, batch)
+    out: dict = {"axis": axis, "value": value, "batch": batch, "steps": cfg.steps,
+                 "canvas": cfg.height, "compile_s": medians["compile_s"],
+                 "other_processes_cores": medians["other_processes_cores"]}
+    for phase in PHASES:
+        for name, seconds in medians[phase].items():
+            key = f"{phase}_{name}"
+            out[f"{key}_ms"] = seconds * 1e3
+            out[f"{key}_img_s"] = batch / seconds
+            out[f"{key}_us_per_image_step"] = seconds * 1e6 / (batch * cfg.steps)
+            out[f"{key}_gflops"] = flops[phase] * batch / seconds / 1e9
+        out[f"{phase}_gflop_per_image"] = flops[phase] / 1e9
+        if "naive" in medians[phase]:
+            out[f"{phase}_speedup"] = medians[phase]["naive"] / medians[phase]["library"]
+    return out
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'axis':>6} {'value':>5} {'phase':>6} {'GFLOP/img':>9} {'lib ms':>8} {'lib img/s':>9} "
+            f"{'µs/img·step':>11} {'lib GFLOP/s':>11} {'naive ms':>9} {'speed-up':>8}")
+    print(head)
+    for r in rows:
+        for phase in PHASES:
+            naive = r.get(f"{phase}_naive_ms")
+            print(f"{r['axis']:>6} {r['value']:>5} {phase:>6} {r[f'{phase}_gflop_per_image']:9.4f} "
+                  f"{r[f'{phase}_library_ms']:8.1f} {r[f'{phase}_library_img_s']:9.1f} "
+                  f"{r[f'{phase}_library_us_per_image_step']:11.2f} {r[f'{phase}_library_gflops']:11.1f} "
+                  + (f"{naive:9.1f} {r[f'{phase}_speedup']:7.2f}×" if naive else f"{'-':>9} {'-':>8}"))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base = base_config(args)
+    rows = []
+    for axis, value, cfg, batch in settings(args, base):
+        log(f"{axis} = {value}: batch {batch}, T = {cfg.steps}, {cfg.height}×{cfg.width}")
+        rows.append(row(axis, value, cfg, batch, args, time_setting(args, cfg, batch)))
+    print_table(rows)
+    loads = [r["other_processes_cores"] for r in rows if r["other_processes_cores"] is not None]
+    busiest = max(loads, default=None)
+    busy = busiest is not None and busiest > BUSY_CORES
+    if busy:
+        print(f"WARNING: the machine was busy: other processes used up to {busiest:.2f} cores "
+              f"while a setting was timed")
+    report = {"preset": "smoke" if args.smoke else args.preset, "threads": args.threads,
+              "compiled": args.compile, "repeats": args.repeats, "torch": torch.__version__,
+              "other_processes_cores_max": busiest, "busy": busy, "rows": rows}
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
