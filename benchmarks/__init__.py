@@ -3,6 +3,12 @@
 Scripts (run from the repository root):
     python benchmarks/throughput.py --preset mnist-captions   training/sampling images/s
     python benchmarks/profile_step.py --preset mnist-captions  top ops and op counts per step
+    python benchmarks/scaling.py                               cost against batch, T and canvas
+    python benchmarks/ab_trees.py --a TREE --b TREE            one change, A/B in two processes
+    python benchmarks/gemm.py                                  the model's products, MKL vs oneDNN
+
+The small "which form is faster" benchmarks (``alignment_scores``, ``filterbank_exp``,
+``context_mix``) time equal forms of one computation through ``forms``.
 
 ``data_parallel`` runs a variant in N worker processes of one thread each (``throughput.py
 --processes N``), as the trainer runs under ``torchrun``. ``naive_reference`` holds the plain

@@ -4,12 +4,14 @@ canvas size: the library model beside the naive reference, one axis at a time.
     python benchmarks/scaling.py [--preset mnist-captions] [--batches 25,50,100,200]
         [--steps 16,32,64] [--sizes 32,60,90] [--repeats 5] [--threads 2] [--compile]
 
-Around the preset (mnist-captions: batch 100, T = 32, 60×60, N = M = 8 kept throughout), each
-setting changes one of the three; the library model (eager fp32, or compiled with
-``--compile``) and the naive reference with the same weights alternate run by run, as in
-``throughput.py``. Per setting and phase it prints the median milliseconds a batch, images/s,
-microseconds per image and drawing step, matrix-multiply GFLOP per image (``flops.py``), the
-GFLOP/s that makes, and the library's speed-up over the reference. One JSON line last.
+Around the preset (mnist-captions: batch 100, T = 32, 60×60; the read and write grids keep the
+preset's size), each setting changes one of the three; the library model (eager fp32, or
+compiled with ``--compile``) and the naive reference with the same weights alternate run by
+run, as in ``throughput.py``. Per setting and phase it prints, as each setting finishes, the
+median milliseconds a batch, images/s, microseconds per image and drawing step,
+matrix-multiply GFLOP per image (``flops.py``), the GFLOP/s that makes, and the library's
+speed-up over the reference. One JSON line last. It does not check that the two models agree
+(``throughput.py`` and ``tests/test_benchmarks.py`` do, at the preset and on tiny configs).
 """
 
 from __future__ import annotations
@@ -72,17 +74,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny config and sizes, 1 repeat (for CI)")
     args = p.parse_args(argv)
-    if args.smoke:
+    if args.smoke:  # one thread: a CI machine's other jobs must not stall an OpenMP barrier
         args.batches, args.steps, args.sizes = [2, 4], [2, 3], [12, 16]
-        args.batch, args.repeats, args.warmup, args.caption_len = 4, 1, 1, 6
-        args.threads = 1
+        args.batch, args.repeats, args.warmup, args.caption_len, args.threads = 3, 1, 1, 6, 1
     for name in ("batch", "repeats", "caption_len", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    if args.warmup < 0:
+        p.error("--warmup must be ≥ 0")
     return args
 
 
 def base_config(args: argparse.Namespace) -> ModelConfig:
+    """The model the sweeps vary: the preset's, or a tiny one under ``--smoke``."""
     return ModelConfig(**SMOKE_CONFIG) if args.smoke else preset(args.preset).model
 
 
@@ -95,11 +99,13 @@ def settings(args: argparse.Namespace, base: ModelConfig) -> list[tuple[str, int
 
 
 def time_setting(args: argparse.Namespace, cfg: ModelConfig, batch: int) -> dict:
-    """Median seconds a batch of the library (and naive) model, per phase, at one setting."""
+    """One setting's timings: ``{phase: {variant: median seconds a batch}}`` for both phases,
+    plus ``compile_s`` (the compiled library's first calls, ``{}`` eagerly) and
+    ``other_processes_cores`` (cores other processes kept busy during the timed runs)."""
     device = torch.device("cpu")
     if args.compile:
-        # Each setting compiles from scratch: once dynamo has seen a second batch size or T for
-        # the same code, it would compile the next one with dynamic shapes.
+        # Each setting compiles from scratch: once dynamo has seen a second batch size for the
+        # same code, it would compile the next one with a dynamic batch dimension.
         torch._dynamo.reset()
     inputs = random_inputs(cfg, batch, args.caption_len, device, args.seed)
     torch.manual_seed(args.seed)
@@ -109,55 +115,76 @@ def time_setting(args: argparse.Namespace, cfg: ModelConfig, batch: int) -> dict
     if not args.skip_naive:
         naive = load_from_library(NaiveAlignDraw(cfg), lib)
         variants.append(Variant("naive", naive, "fp32", inputs, args.seed))
-    medians: dict = {"compile_s": compile_s}
+    timings: dict = {"compile_s": compile_s}
     with OtherLoad() as others:  # the timed runs only: a compile's worker processes count as others
         for phase in PHASES:
             walls, _ = round_robin(variants, phase, args.warmup, args.repeats, device)
-            medians[phase] = {name: statistics.median(times) for name, times in walls.items()}
-    medians["other_processes_cores"] = others.cores
-    return medians
+            timings[phase] = {name: statistics.median(times) for name, times in walls.items()}
+    timings["other_processes_cores"] = others.cores
+    return timings
 
 
-def row(axis: str, value: int, cfg: ModelConfig, batch: int, args, medians: dict) -> dict:
+def row(axis: str, value: int, cfg: ModelConfig, batch: int, args: argparse.Namespace,
+        timings: dict) -> dict:
+    """The figures of one setting: per phase and variant ms a batch, images/s, µs per image and
+    drawing step, achieved matmul GFLOP/s; per phase GFLOP per image and the speed-up."""
     flops = flops_per_image(cfg, args.caption_len, batch)
     out: dict = {"axis": axis, "value": value, "batch": batch, "steps": cfg.steps,
-                 "canvas": cfg.height, "compile_s": medians["compile_s"],
-                 "other_processes_cores": medians["other_processes_cores"]}
+                 "canvas": cfg.height, "compile_s": timings["compile_s"],
+                 "other_processes_cores": timings["other_processes_cores"]}
     for phase in PHASES:
-        for name, seconds in medians[phase].items():
+        for name, seconds in timings[phase].items():
             key = f"{phase}_{name}"
             out[f"{key}_ms"] = seconds * 1e3
             out[f"{key}_img_s"] = batch / seconds
             out[f"{key}_us_per_image_step"] = seconds * 1e6 / (batch * cfg.steps)
             out[f"{key}_gflops"] = flops[phase] * batch / seconds / 1e9
         out[f"{phase}_gflop_per_image"] = flops[phase] / 1e9
-        if "naive" in medians[phase]:
-            out[f"{phase}_speedup"] = medians[phase]["naive"] / medians[phase]["library"]
+        if "naive" in timings[phase]:
+            out[f"{phase}_speedup"] = timings[phase]["naive"] / timings[phase]["library"]
     return out
 
 
-def print_table(rows: list[dict]) -> None:
-    head = (f"{'axis':>6} {'value':>5} {'phase':>6} {'GFLOP/img':>9} {'lib ms':>8} {'lib img/s':>9} "
-            f"{'µs/img·step':>11} {'lib GFLOP/s':>11} {'naive ms':>9} {'speed-up':>8}")
-    print(head)
-    for r in rows:
-        for phase in PHASES:
-            naive = r.get(f"{phase}_naive_ms")
-            print(f"{r['axis']:>6} {r['value']:>5} {phase:>6} {r[f'{phase}_gflop_per_image']:9.4f} "
-                  f"{r[f'{phase}_library_ms']:8.1f} {r[f'{phase}_library_img_s']:9.1f} "
-                  f"{r[f'{phase}_library_us_per_image_step']:11.2f} {r[f'{phase}_library_gflops']:11.1f} "
-                  + (f"{naive:9.1f} {r[f'{phase}_speedup']:7.2f}×" if naive else f"{'-':>9} {'-':>8}"))
+def table_lines(r: dict) -> list[str]:
+    """One setting's rows of the printed table (one per phase), or its error."""
+    if "error" in r:
+        return [f"{r['axis']:>6} {r['value']:>5}  failed: {r['error']}"]
+    lines = []
+    for phase in PHASES:
+        naive = r.get(f"{phase}_naive_ms")
+        lines.append(f"{r['axis']:>6} {r['value']:>5} {phase:>6} {r[f'{phase}_gflop_per_image']:9.4f} "
+                     f"{r[f'{phase}_library_ms']:8.1f} {r[f'{phase}_library_img_s']:9.1f} "
+                     f"{r[f'{phase}_library_us_per_image_step']:11.2f} {r[f'{phase}_library_gflops']:11.1f} "
+                     + (f"{naive:9.1f} {r[f'{phase}_speedup']:7.2f}×" if naive else f"{'-':>9} {'-':>8}"))
+    return lines
+
+
+TABLE_HEAD = (f"{'axis':>6} {'value':>5} {'phase':>6} {'GFLOP/img':>9} {'lib ms':>8} {'lib img/s':>9} "
+              f"{'µs/img·step':>11} {'lib GFLOP/s':>11} {'naive ms':>9} {'speed-up':>8}")
+
+
+def measure(args: argparse.Namespace, axis: str, value: int, cfg: ModelConfig, batch: int) -> dict:
+    """``row`` of one setting; a failure (a compile that fails, say) becomes the row's error and
+    the sweep goes on."""
+    log(f"{axis} = {value}: batch {batch}, T = {cfg.steps}, {cfg.height}×{cfg.width}")
+    try:
+        return row(axis, value, cfg, batch, args, time_setting(args, cfg, batch))
+    except Exception as exc:  # report it, keep the settings already measured and to come
+        log(f"{axis} = {value} failed: {exc}")
+        return {"axis": axis, "value": value, "batch": batch, "steps": cfg.steps,
+                "canvas": cfg.height, "other_processes_cores": None,
+                "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Sweep, print the table (rows as they finish) and one JSON line; returns the report."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    base = base_config(args)
+    print(TABLE_HEAD, flush=True)
     rows = []
-    for axis, value, cfg, batch in settings(args, base):
-        log(f"{axis} = {value}: batch {batch}, T = {cfg.steps}, {cfg.height}×{cfg.width}")
-        rows.append(row(axis, value, cfg, batch, args, time_setting(args, cfg, batch)))
-    print_table(rows)
+    for axis, value, cfg, batch in settings(args, base_config(args)):
+        rows.append(measure(args, axis, value, cfg, batch))
+        print("\n".join(table_lines(rows[-1])), flush=True)
     loads = [r["other_processes_cores"] for r in rows if r["other_processes_cores"] is not None]
     busiest = max(loads, default=None)
     busy = busiest is not None and busiest > BUSY_CORES
@@ -165,8 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"WARNING: the machine was busy: other processes used up to {busiest:.2f} cores "
               f"while a setting was timed")
     report = {"preset": "smoke" if args.smoke else args.preset, "threads": args.threads,
-              "compiled": args.compile, "repeats": args.repeats, "torch": torch.__version__,
-              "other_processes_cores_max": busiest, "busy": busy, "rows": rows}
+              "compiled": args.compile, "batch": args.batch, "caption_len": args.caption_len,
+              "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
+              "torch": torch.__version__, "other_processes_cores_max": busiest, "busy": busy,
+              "rows": rows}
     print(json.dumps(report))
     return report
 

@@ -314,23 +314,43 @@ def test_context_mix_benchmark_times_both_precisions() -> None:
 
 
 def test_scaling_benchmark_sweeps_batch_steps_and_canvas() -> None:
+    import dataclasses
+
+    from benchmarks.throughput import SMOKE_CONFIG
+
     report = last_json(run_benchmark("scaling.py", "--smoke"))
+    base = ModelConfig(**SMOKE_CONFIG)  # batch 3, T = 3, 12×12 under --smoke
     rows = {(r["axis"], r["value"]): r for r in report["rows"]}
     assert set(rows) == {("batch", 2), ("batch", 4), ("steps", 2), ("steps", 3), ("canvas", 12),
                          ("canvas", 16)}
-    assert isinstance(report["busy"], bool)
-    for r in rows.values():
-        assert r["other_processes_cores"] is None or r["other_processes_cores"] >= 0
+    # each sweep sets its own axis to its value and keeps the other two at the base
+    expect = {"batch": lambda v: (v, base.steps, base.height), "steps": lambda v: (3, v, base.height),
+              "canvas": lambda v: (3, base.steps, v)}
+    for (axis, value), r in rows.items():
+        assert "error" not in r, r
+        batch, steps, canvas = expect[axis](value)
+        assert (r["batch"], r["steps"], r["canvas"]) == (batch, steps, canvas)
+        cfg = dataclasses.replace(base, steps=steps, height=canvas, width=canvas)
+        flops = flops_per_image(cfg, 6, batch)
         for phase in ("train", "sample"):
-            assert r[f"{phase}_library_ms"] > 0 and r[f"{phase}_naive_ms"] > 0
-            assert r[f"{phase}_speedup"] == pytest.approx(r[f"{phase}_naive_ms"] / r[f"{phase}_library_ms"])
-            assert r[f"{phase}_library_img_s"] == pytest.approx(r["batch"] / r[f"{phase}_library_ms"] * 1e3)
-    # each sweep changes only its own axis, and the work per image follows it
-    assert rows[("steps", 3)]["steps"] == 3 and rows[("steps", 3)]["canvas"] == 12
-    assert rows[("canvas", 16)]["canvas"] == 16 and rows[("canvas", 16)]["steps"] == 3
+            assert r[f"{phase}_gflop_per_image"] == pytest.approx(flops[phase] / 1e9)
+            ms = r[f"{phase}_library_ms"]
+            assert ms > 0 and r[f"{phase}_naive_ms"] > 0
+            assert r[f"{phase}_library_us_per_image_step"] == pytest.approx(ms * 1e3 / (batch * steps))
+            assert r[f"{phase}_library_gflops"] == pytest.approx(flops[phase] * batch / ms / 1e6)
     assert rows[("steps", 3)]["train_gflop_per_image"] > rows[("steps", 2)]["train_gflop_per_image"]
     assert rows[("canvas", 16)]["train_gflop_per_image"] > rows[("canvas", 12)]["train_gflop_per_image"]
-    assert rows[("batch", 4)]["batch"] == 4 and rows[("steps", 2)]["batch"] == 4
+
+
+@pytest.mark.parametrize("bad", [["--batches", "0"], ["--batches", "x"], ["--steps", ""],
+                                 ["--repeats", "0"], ["--warmup", "-1"]])
+def test_scaling_benchmark_rejects_bad_sizes(bad, capsys) -> None:
+    from benchmarks.scaling import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(bad)
+    assert exit_info.value.code == 2
+    assert bad[0] in capsys.readouterr().err
 
 
 def test_fp32_targets_are_judged_per_variant() -> None:
