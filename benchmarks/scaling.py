@@ -28,16 +28,17 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aligndraw.config import ModelConfig, preset  # noqa: E402
+from aligndraw.config import ModelConfig  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
 from benchmarks.flops import flops_per_image  # noqa: E402
 from benchmarks.machine import BUSY_CORES, OtherLoad  # noqa: E402
 from benchmarks.naive_reference import NaiveAlignDraw, load_from_library  # noqa: E402
 from benchmarks.throughput import (  # noqa: E402
-    SMOKE_CONFIG,
+    PRESETS,
     Variant,
     compile_variant,
     log,
+    model_config,
     random_inputs,
     round_robin,
 )
@@ -58,7 +59,7 @@ def _sizes(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=("mnist-captions", "coco32"), default="mnist-captions")
+    p.add_argument("--preset", choices=PRESETS, default="mnist-captions")
     p.add_argument("--batches", type=_sizes, default=[25, 50, 100, 200], help="batch sizes")
     p.add_argument("--steps", type=_sizes, default=[16, 32, 64], help="drawing steps T")
     p.add_argument("--sizes", type=_sizes, default=[32, 60, 90], help="square canvas sides")
@@ -83,11 +84,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.warmup < 0:
         p.error("--warmup must be ≥ 0")
     return args
-
-
-def base_config(args: argparse.Namespace) -> ModelConfig:
-    """The model the sweeps vary: the preset's, or a tiny one under ``--smoke``."""
-    return ModelConfig(**SMOKE_CONFIG) if args.smoke else preset(args.preset).model
 
 
 def settings(args: argparse.Namespace, base: ModelConfig) -> list[tuple[str, int, ModelConfig, int]]:
@@ -124,14 +120,18 @@ def time_setting(args: argparse.Namespace, cfg: ModelConfig, batch: int) -> dict
     return timings
 
 
+def setting_fields(axis: str, value: int, cfg: ModelConfig, batch: int) -> dict:
+    """What identifies a setting in its row: the swept axis and value, and all three sizes."""
+    return {"axis": axis, "value": value, "batch": batch, "steps": cfg.steps, "canvas": cfg.height}
+
+
 def row(axis: str, value: int, cfg: ModelConfig, batch: int, args: argparse.Namespace,
         timings: dict) -> dict:
     """The figures of one setting: per phase and variant ms a batch, images/s, µs per image and
     drawing step, achieved matmul GFLOP/s; per phase GFLOP per image and the speed-up."""
     flops = flops_per_image(cfg, args.caption_len, batch)
-    out: dict = {"axis": axis, "value": value, "batch": batch, "steps": cfg.steps,
-                 "canvas": cfg.height, "compile_s": timings["compile_s"],
-                 "other_processes_cores": timings["other_processes_cores"]}
+    out = setting_fields(axis, value, cfg, batch) | {
+        "compile_s": timings["compile_s"], "other_processes_cores": timings["other_processes_cores"]}
     for phase in PHASES:
         for name, seconds in timings[phase].items():
             key = f"{phase}_{name}"
@@ -171,9 +171,8 @@ def measure(args: argparse.Namespace, axis: str, value: int, cfg: ModelConfig, b
         return row(axis, value, cfg, batch, args, time_setting(args, cfg, batch))
     except Exception as exc:  # report it, keep the settings already measured and to come
         log(f"{axis} = {value} failed: {exc}")
-        return {"axis": axis, "value": value, "batch": batch, "steps": cfg.steps,
-                "canvas": cfg.height, "other_processes_cores": None,
-                "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+        return setting_fields(axis, value, cfg, batch) | {
+            "other_processes_cores": None, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -182,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     print(TABLE_HEAD, flush=True)
     rows = []
-    for axis, value, cfg, batch in settings(args, base_config(args)):
+    for axis, value, cfg, batch in settings(args, model_config(args)):
         rows.append(measure(args, axis, value, cfg, batch))
         print("\n".join(table_lines(rows[-1])), flush=True)
     loads = [r["other_processes_cores"] for r in rows if r["other_processes_cores"] is not None]
