@@ -4,17 +4,20 @@
     python benchmarks/ab_trees.py --a /tmp/base --b . [--compile] [--repeats 11]
     python benchmarks/ab_trees.py --a . --b . --compile --inductor-b cpp_wrapper=true
     python benchmarks/ab_trees.py --a . --b . --compile --plain-a --precision bf16
+    python benchmarks/ab_trees.py --a . --b . --compile --gemm-b aten
 
 Each tree runs in a worker process of its own (its ``src/`` and ``benchmarks/`` first on the
 path), built like ``throughput.py``'s library variant (same preset, seed, batch of random
 inputs, trainer step). The two workers take turns, one step each (``throughput.round_robin``,
 after a first, timed call: with ``--compile`` the compile), so both see the same machine; the
-waiting one sleeps on a pipe. Other processes' load is measured as in ``throughput.py``
-(``busy`` in the JSON, and a warning). ``--inductor-a`` / ``--inductor-b KEY=VALUE`` set
+waiting one sleeps on a pipe. Other processes' load is measured as in ``throughput.py``, over
+the timed rounds only (``busy`` in the JSON, and a warning). ``--inductor-a`` / ``--inductor-b KEY=VALUE`` set
 ``torch._inductor.config`` entries in one worker before it compiles (VALUE as JSON, else a
 string), so the same tree can also be compared with itself under other compiler settings;
 ``--plain-a`` / ``--plain-b`` compile that worker's model with plain ``torch.compile``, without
-``aligndraw.compiler``'s graph pass. ``--precision bf16`` runs both under autocast.
+``aligndraw.compiler``'s graph pass; ``--gemm-a`` / ``--gemm-b`` choose that worker's CPU fp32
+product backend (``aligndraw.gemm``: ``onednn`` or ``aten``, set as ``ALIGNDRAW_CPU_GEMM``
+before it imports the library). ``--precision bf16`` runs both under autocast.
 Prints medians, min/max, B's speed-up by medians and by paired runs and how often B was the
 faster of a pair, then one JSON line last (with the package directory each worker imported).
 This is how a change to the library is measured against the code before it, compiled code
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -52,8 +56,11 @@ def worker(tree: Path, args: argparse.Namespace, inductor: dict) -> None:
     """Serve steps of ``tree``'s library model: say where its ``aligndraw`` came from, then read a
     phase name per line and print the step's wall and CPU seconds.
 
-    In a worker process its own settings are the "a" ones (``--inductor-a``, ``--plain-a``)."""
+    In a worker process its own settings are the "a" ones (``--inductor-a``, ``--plain-a``,
+    ``--gemm-a``)."""
     sys.path[:0] = [str(tree / "src"), str(tree)]
+    if args.gemm_a:
+        os.environ["ALIGNDRAW_CPU_GEMM"] = args.gemm_a  # read when aligndraw.gemm is imported
     import torch
     import torch._inductor.config as inductor_config
 
@@ -73,7 +80,9 @@ def worker(tree: Path, args: argparse.Namespace, inductor: dict) -> None:
     torch.manual_seed(0)
     variant = Variant(tree.name, AlignDraw(cfg), args.precision, inputs, seed=0, compiled=args.compile,
                       stack_products=not args.plain_a)
-    print(f"ready {Path(aligndraw.__file__).resolve().parent}", flush=True)
+    from aligndraw import gemm
+
+    print(f"ready {gemm.backend()} {Path(aligndraw.__file__).resolve().parent}", flush=True)
     for line in sys.stdin:
         wall, cpu = time.perf_counter(), time.process_time()
         getattr(variant, f"{line.strip()}_step")()
@@ -84,16 +93,18 @@ class _Worker:
     """One tree's worker process, with a variant's interface (``train_step``, ``sample_step``,
     ``pids``, ``worker_cpu_s``) for ``throughput.round_robin``."""
 
-    def __init__(self, name: str, tree: Path, inductor: list[str], plain: bool,
+    def __init__(self, name: str, tree: Path, inductor: list[str], plain: bool, gemm: str | None,
                  args: argparse.Namespace) -> None:
         cmd = [sys.executable, __file__, "--worker", str(tree), "--preset", args.preset,
                "--threads", str(args.threads), "--precision", args.precision]
         cmd += ["--compile"] * args.compile + ["--smoke"] * args.smoke + ["--plain-a"] * plain
         cmd += [f"--inductor-a={item}" for item in inductor]
+        cmd += ["--gemm-a", gemm] if gemm else []
         self.name, self.worker_cpu_s = name, 0.0
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.pids = (self.proc.pid,)
-        self.package = self._read().removeprefix("ready ")  # where its aligndraw came from
+        # its product backend and where its aligndraw came from
+        self.gemm, self.package = self._read().removeprefix("ready ").split(" ", 1)
 
     def _read(self) -> str:
         line = self.proc.stdout.readline()
@@ -127,26 +138,30 @@ def compare(args: argparse.Namespace) -> dict:
 
     cpu = torch.device("cpu")
     workers = [_Worker(name, getattr(args, name), getattr(args, f"inductor_{name}"),
-                       getattr(args, f"plain_{name}"), args) for name in ("a", "b")]
+                       getattr(args, f"plain_{name}"), getattr(args, f"gemm_{name}"), args)
+               for name in ("a", "b")]
     result: dict = {"a": str(args.a), "b": str(args.b), "compile": args.compile, "preset": args.preset,
                     "precision": args.precision, "plain_a": args.plain_a, "plain_b": args.plain_b,
                     "inductor_a": inductor_settings(args.inductor_a),
                     "inductor_b": inductor_settings(args.inductor_b)}
     result |= {f"{w.name}_package": w.package for w in workers}
-    try:
-        with OtherLoad(own_pids=[w.pids[0] for w in workers]) as others:
-            for phase in PHASES:
-                for w in workers:  # with --compile: the compile
-                    result[f"{phase}_{w.name}_first_s"] = timed(getattr(w, f"{phase}_step"), cpu)
+    result |= {f"{w.name}_gemm": w.gemm for w in workers}
+    loads = []  # other processes' cores per phase, over the timed rounds only: a compile's
+    try:        # worker processes (children of a worker) would count as others
+        for phase in PHASES:
+            for w in workers:  # with --compile: the compile
+                result[f"{phase}_{w.name}_first_s"] = timed(getattr(w, f"{phase}_step"), cpu)
+            with OtherLoad(own_pids=[w.pids[0] for w in workers]) as others:
                 walls, _ = round_robin(workers, phase, 1, args.repeats, cpu)
-                result |= _summary(phase, walls["a"], walls["b"])
+            loads.append(others.cores)
+            result |= _summary(phase, walls["a"], walls["b"])
     finally:
         for w in workers:
             w.close()
-    result["other_processes_cores"] = others.cores
+    result["other_processes_cores"] = None if None in loads else max(loads)
     result["busy"] = others.cores is not None and others.cores > BUSY_CORES
     if result["busy"]:
-        print(f"WARNING: the machine was busy (other processes used {others.cores:.2f} cores on "
+        print(f"WARNING: the machine was busy (other processes used {max(loads):.2f} cores on "
               "average): the times are unreliable; rerun on an idle machine")
     print(json.dumps(result))
     return result
@@ -183,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                        help=f"a torch._inductor.config setting for {name.upper()}'s worker (repeatable)")
         p.add_argument(f"--plain-{name}", action="store_true",
                        help=f"compile {name.upper()} with plain torch.compile (no aligndraw.compiler pass)")
+        p.add_argument(f"--gemm-{name}", choices=("onednn", "aten"),
+                       help=f"{name.upper()}'s CPU fp32 product backend (default: the library's)")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:

@@ -72,8 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time a torch.compile'd library model and report its compile time")
     p.add_argument("--skip-naive", action="store_true", help="time the library model only")
     p.add_argument("--gemm-baseline", action="store_true",
-                   help="also time the eager fp32 library with PyTorch's default BLAS for its "
-                        "products (variant library_aten_fp32) instead of oneDNN (aligndraw.gemm)")
+                   help="also time the eager fp32 library with the other CPU product backend "
+                        "than aligndraw.gemm's default (variant library_aten_fp32 where the "
+                        "default is oneDNN, library_onednn_fp32 where it is aten: Intel)")
     p.add_argument("--compile-baseline", action="store_true",
                    help="with --compile, also time the fp32 library under plain torch.compile "
                         "(variant library_plaincompiled_fp32), without aligndraw.compiler's graph pass")
@@ -295,11 +296,13 @@ def build_variants(args, cfg: ModelConfig, inputs, device: torch.device, precisi
         lib = AlignDraw(cfg).to(device)
         lib.load_state_dict(reference.state_dict())
         variants.append(Variant(f"library_{precision}", lib, precision, inputs, args.seed))
-        if args.gemm_baseline and precision == "fp32" and device.type == "cpu":
+        other = "aten" if gemm.backend() == "onednn" else "onednn"
+        if (args.gemm_baseline and precision == "fp32" and device.type == "cpu"
+                and (other == "aten" or torch.backends.mkldnn.is_available())):
             lib = AlignDraw(cfg).to(device)
             lib.load_state_dict(reference.state_dict())
-            variants.append(Variant(f"library_aten_{precision}", lib, precision, inputs, args.seed,
-                                    gemm_backend="aten"))
+            variants.append(Variant(f"library_{other}_{precision}", lib, precision, inputs, args.seed,
+                                    gemm_backend=other))
         if not args.skip_naive:
             naive = load_from_library(NaiveAlignDraw(cfg).to(device), reference)
             variants.append(Variant(f"naive_{precision}", naive, precision, inputs, args.seed))
@@ -401,6 +404,7 @@ def print_table(report: dict) -> None:
     peak, flops = report["peak_gflops"], report["flops_per_image"]
     print(f"preset {report['preset']}  batch {report['batch']}  threads {report['threads']}  "
           f"device {report['device']}  torch {report['torch']}  load avg {report['loadavg_before']}")
+    print(f"cpu {report['cpu_vendor'] or report['cpu']}  library's fp32 products: {report['gemm_backend']}")
     if report["busy"]:
         print(f"WARNING: the machine was busy: other processes used {report['other_processes_cores']:.2f} "
               f"of {report['cores']} cores on average while timing. With several threads "
@@ -535,7 +539,8 @@ def main(argv: list[str] | None = None) -> dict:
         "preset": "smoke" if args.smoke else args.preset, "batch": args.batch, "cores": cores,
         "busy": busy, "other_processes_cores": others.cores,
         "caption_len": args.caption_len, "threads": threads, "device": str(device),
-        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(), "cpu_vendor": gemm.cpu_vendor(),
+        "gemm_backend": gemm.backend(), "torch": torch.__version__,
         "repeats": args.repeats, "warmup": args.warmup, "loadavg_before": load_before,
         "loadavg_after": load_after, "peak_size": args.peak_size,
         "peak_gflops": peak, "flops_per_image": flops, "check": check, "compile_s": compile_s,

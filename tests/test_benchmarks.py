@@ -188,10 +188,13 @@ def test_throughput_smoke_prints_json_last() -> None:
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN")
 def test_throughput_gemm_baseline_and_both_fp32_peaks() -> None:
     report = last_json(run_throughput("--gemm-baseline", "--skip-naive"))
-    assert set(report["results"]) == {"library_fp32", "library_aten_fp32"}
+    default = report["gemm_backend"]  # the library's: aten on Intel, else oneDNN
+    assert default == ("aten" if report["cpu_vendor"] == "GenuineIntel" else "onednn")
+    other = {"aten": "onednn", "onednn": "aten"}[default]
+    assert set(report["results"]) == {"library_fp32", f"library_{other}_fp32"}
     peak = report["peak_gflops"]
     assert peak["fp32"] == max(peak["fp32_aten"], peak["fp32_onednn"]) > 0 and peak["bf16"] > 0
-    assert report["results"]["library_aten_fp32"]["train"]["images_per_s"] > 0
+    assert report["results"][f"library_{other}_fp32"]["train"]["images_per_s"] > 0
 
 
 def test_throughput_compile_baseline_needs_compile() -> None:
@@ -243,6 +246,15 @@ def test_ab_trees_times_two_trees_in_turn_each_with_its_own_package(tmp_path: Pa
         assert report[f"{phase}_a_median_ms"] > 0 and report[f"{phase}_b_median_ms"] > 0
         assert 0 <= report[f"{phase}_b_faster_pairs"] <= 3 and report[f"{phase}_b_over_a_paired"] > 0
     assert report["other_processes_cores"] is None or report["other_processes_cores"] >= 0
+
+
+def test_ab_trees_gives_each_worker_its_own_product_backend() -> None:
+    report = last_json(run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--smoke",
+                                     "--repeats", "1", "--threads", "1",
+                                     "--gemm-a", "aten", "--gemm-b", "onednn"))
+    assert (report["a_gemm"], report["b_gemm"]) == ("aten", "onednn")
+    bad = run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--gemm-b", "mkl")
+    assert bad.returncode == 2 and "--gemm-b" in bad.stderr and "'onednn', 'aten'" in bad.stderr
 
 
 def test_ab_trees_rejects_a_directory_that_is_no_source_tree(tmp_path: Path) -> None:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,6 +108,22 @@ def test_backend_names_are_checked(monkeypatch):
     with gemm.using("aten"):
         assert gemm.backend() == "aten"
     assert gemm.backend() == before
+
+
+def test_the_default_backend_is_mkl_on_intel_else_onednn(monkeypatch):
+    monkeypatch.delenv("ALIGNDRAW_CPU_GEMM", raising=False)
+    assert gemm._default_backend("GenuineIntel") == "aten"
+    onednn = "onednn" if torch.backends.mkldnn.is_available() else "aten"
+    assert gemm._default_backend("AuthenticAMD") == onednn and gemm._default_backend("") == onednn
+    monkeypatch.setenv("ALIGNDRAW_CPU_GEMM", "onednn" if onednn == "onednn" else "aten")
+    assert gemm._default_backend("GenuineIntel") == onednn  # the environment decides first
+
+
+def test_cpu_vendor_is_read_from_cpuinfo():
+    vendor = gemm.cpu_vendor()
+    assert isinstance(vendor, str)
+    if Path("/proc/cpuinfo").is_file() and "vendor_id" in Path("/proc/cpuinfo").read_text():
+        assert vendor and vendor in Path("/proc/cpuinfo").read_text()
 
 
 def test_step_linear_in_fp32_equals_float64_autograd(backend):

@@ -7,8 +7,13 @@ on this project's AMD EPYC (Zen 5) it multiplies fp32 matrices about 2.2× faste
 (``python benchmarks/gemm.py``). Same fp32 arithmetic, another summation order: results agree
 with ``F.linear`` to fp32 rounding (tests check 1e-5 relative).
 
+On Intel processors MKL runs its own AVX-512 kernels and was as fast as oneDNN or faster at
+every one of the model's shapes (an Intel Xeon with AMX, 2026-12-02: ``benchmarks/gemm.py``),
+so there the default stays MKL.
+
 The backend is chosen once per process: ``ALIGNDRAW_CPU_GEMM=onednn|aten`` in the environment,
-or ``set_backend``; the default is oneDNN where PyTorch has it. Only CPU fp32 products with
+or ``set_backend``; the default is ``aten`` on Intel processors, else oneDNN where PyTorch has
+it. Only CPU fp32 products with
 both sides of the weight at least ``MIN_SIZE`` go through oneDNN (on small outputs its call
 costs more than MKL's); everything else (GPU, bf16 and autocast, small heads) is plain PyTorch.
 """
@@ -16,6 +21,7 @@ costs more than MKL's); everything else (GPU, bf16 and autocast, small heads) is
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -27,10 +33,28 @@ BACKENDS = ("onednn", "aten")
 MIN_SIZE = 64  # weights with a side smaller than this stay with the default BLAS
 
 
-def _default_backend() -> str:
+def cpu_vendor() -> str:
+    """The CPU's vendor id (``"GenuineIntel"``, ``"AuthenticAMD"``, …), or ``""`` if unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == "vendor_id":
+                    return value.strip()
+    except OSError:
+        pass
+    # elsewhere (Windows): e.g. "Intel64 Family 6 Model 143 Stepping 8, GenuineIntel"
+    return platform.processor().rpartition(",")[2].strip()
+
+
+def _default_backend(vendor: str | None = None) -> str:
+    """``ALIGNDRAW_CPU_GEMM`` if set; else ``aten`` on Intel (``vendor``, default this CPU's),
+    oneDNN elsewhere where PyTorch has it."""
     name = os.environ.get("ALIGNDRAW_CPU_GEMM", "").strip().lower()
     if name:
         return _checked(name)
+    if (cpu_vendor() if vendor is None else vendor) == "GenuineIntel":
+        return "aten"
     return "onednn" if torch.backends.mkldnn.is_available() else "aten"
 
 
