@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=25, help="rows of the op table")
     p.add_argument("--naive", action="store_true", help="profile the naive reference instead")
     p.add_argument("--compile", action="store_true", help="profile the library under torch.compile")
+    p.add_argument("--shapes", action="store_true",
+                   help="also a table of the products (mm, addmm, bmm, baddbmm) by input shape")
     p.add_argument("--trace-dir", type=Path, default=None, help="write Chrome traces here")
     p.add_argument("--smoke", action="store_true", help="tiny config and batch (for CI)")
     args = p.parse_args(argv)
@@ -61,11 +63,32 @@ def op_counts(prof: profile) -> dict[str, int]:
     return counts
 
 
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def product_shapes(prof: profile, device: torch.device) -> list[dict]:
+    """The products' time by op and input shapes, largest first: name, shapes, calls, ms."""
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = [{"name": e.key, "shapes": str(e.input_shapes), "calls": e.count,
+             "ms": getattr(e, attr) / 1e3}
+            for e in prof.key_averages(group_by_input_shape=True) if e.key in PRODUCTS]
+    return sorted(rows, key=lambda r: -r["ms"])
+
+
+def print_product_shapes(prof: profile, device: torch.device) -> None:
+    rows = product_shapes(prof, device)
+    total = sum(r["ms"] for r in rows)
+    print(f"products by input shape ({total:.1f} ms in all):")
+    for r in rows:
+        print(f"  {r['ms']:8.2f} ms  {r['calls']:5d} calls  {r['ms'] * 1e3 / r['calls']:8.1f} µs each  "
+              f"{r['name']:14s} {r['shapes']}")
+
+
 def profile_phase(variant: Variant, phase: str, device: torch.device, args) -> None:
     step = getattr(variant, f"{phase}_step")
     step()  # warm-up: allocator, optimiser state, one-time dispatch costs
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=args.shapes) as prof:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -77,6 +100,8 @@ def profile_phase(variant: Variant, phase: str, device: torch.device, args) -> N
     print("op counts: " + ", ".join(f"{k} {v} ({v / steps:.0f} per drawing step)" for k, v in counts.items()))
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=40))
+    if args.shapes:
+        print_product_shapes(prof, device)
     if args.trace_dir is not None:
         args.trace_dir.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(args.trace_dir / f"{variant.name}_{phase}.json"))

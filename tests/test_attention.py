@@ -103,3 +103,49 @@ def test_write_onto_equals_canvas_plus_write(channels):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the canvas keeps its precision
         assert attention.write_onto(canvas.float(), patch.float(), fx.float(), fy.float(),
                                     w.gamma.float()).dtype == torch.float32
+
+
+def _narrow_windows(dtype):
+    """Narrow filters (σ² from 0.05 to 2) at spread-out centres on a 60-pixel axis: their far
+    weights fall through fp32's subnormal range (e^u for u down to −36,000)."""
+    g = torch.linspace(-5.0, 66.0, 12, dtype=dtype)
+    sigma2 = torch.logspace(-1.3, 0.3, 12, dtype=dtype)
+    return g, torch.full((12,), 3.0, dtype=dtype), sigma2
+
+
+def _subnormal(t):
+    return (t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fp32_filterbank_has_no_subnormal_weights_and_equals_float64(compiled):
+    g, delta, sigma2 = _narrow_windows(torch.float64)
+    exact = naive_filterbank(g, delta, sigma2, 60, 8)
+    assert _subnormal(exact.float()).any()  # the plain formula in fp32 does form them
+    bank = torch.compile(attention.filterbank) if compiled else attention.filterbank
+    f = bank(g.float(), delta.float(), sigma2.float(), 60, 8)
+    assert not _subnormal(f).any()
+    torch.testing.assert_close(f.double(), exact, rtol=1e-5, atol=1e-7)
+    # what is dropped: weights under e^flush before normalisation, i.e. under √tiny
+    dropped = (f == 0) & (exact > 0)
+    assert dropped.any()
+    limit = torch.finfo(torch.float32).tiny ** 0.5 / 1e-4  # before normalisation by ≥ eps
+    assert exact[dropped].max() < limit
+
+
+def test_flushed_filterbank_gradients_are_finite_and_equal_float64():
+    g, delta, sigma2 = (t.requires_grad_() for t in _narrow_windows(torch.float64))
+    g32, delta32, sigma32 = (t.detach().float().requires_grad_() for t in (g, delta, sigma2))
+    weights = torch.rand(12, 8, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    (naive_filterbank(g, delta, sigma2, 60, 8) * weights).sum().backward()
+    (attention.filterbank(g32, delta32, sigma32, 60, 8) * weights.float()).sum().backward()
+    for fast, exact in ((g32, g), (delta32, delta), (sigma32, sigma2)):
+        assert torch.isfinite(fast.grad).all()
+        torch.testing.assert_close(fast.grad.double(), exact.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_flush_exponent_by_dtype():
+    assert attention.flush_exponent(torch.float32) == pytest.approx(-43.67, abs=0.01)
+    assert attention.flush_exponent(torch.bfloat16) == attention.flush_exponent(torch.float32)
+    assert attention.flush_exponent(torch.float64) is None  # float64 keeps every weight
+    assert attention.flush_exponent(torch.float16) is None
