@@ -46,6 +46,7 @@ class WorkerSpec:
     precision: str
     seed: int
     compiled: bool
+    flush_denormal: bool = False  # torch.set_flush_denormal(True) in the worker, before its threads
 
 
 def shard(batch: int, rank: int, world: int) -> slice:
@@ -76,6 +77,8 @@ def _worker(rank: int, world: int, port: int, conn, spec: WorkerSpec) -> None:
     """One replica: set up, then run the commands the main process sends until "stop"."""
     from benchmarks.throughput import Variant  # spawn: imported in the child
 
+    if spec.flush_denormal:
+        torch.set_flush_denormal(True)
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,

@@ -82,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="N > 1: also time library and naive models data-parallel in N worker "
                         "processes × 1 thread, each on batch/N images (as `torchrun "
                         "--nproc-per-node N aligndraw train --num-threads 1`)")
+    p.add_argument("--flush-denormal", action="store_true",
+                   help="treat subnormal numbers as 0 in this process and its workers, for both "
+                        "models (torch.set_flush_denormal: the x86 FTZ and DAZ modes), set "
+                        "before any thread starts")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--peak-size", type=int, default=2048, help="side of the square peak matmul")
     p.add_argument("--seed", type=int, default=0)
@@ -340,7 +344,8 @@ def data_parallel_variants(args, cfg: ModelConfig, reference: AlignDraw, inputs,
     for kind, compiled in kinds:
         name = f"{kind}_dp{n}{'_compiled' if compiled else ''}_{precision}"
         log(f"starting {n} worker processes for {name} …")
-        spec = WorkerSpec(kind, cfg, reference.state_dict(), inputs, precision, args.seed, compiled)
+        spec = WorkerSpec(kind, cfg, reference.state_dict(), inputs, precision, args.seed, compiled,
+                          args.flush_denormal)
         variant = DataParallelVariant(name, spec, n)
         if compiled:
             compile_s[name] = compile_variant(variant, torch.device("cpu"))
@@ -404,7 +409,8 @@ def print_table(report: dict) -> None:
     peak, flops = report["peak_gflops"], report["flops_per_image"]
     print(f"preset {report['preset']}  batch {report['batch']}  threads {report['threads']}  "
           f"device {report['device']}  torch {report['torch']}  load avg {report['loadavg_before']}")
-    print(f"cpu {report['cpu_vendor'] or report['cpu']}  library's fp32 products: {report['gemm_backend']}")
+    print(f"cpu {report['cpu_vendor'] or report['cpu']}  library's fp32 products: {report['gemm_backend']}"
+          + ("  subnormal numbers flushed to 0 (--flush-denormal)" if report["flush_denormal"] else ""))
     if report["busy"]:
         print(f"WARNING: the machine was busy: other processes used {report['other_processes_cores']:.2f} "
               f"of {report['cores']} cores on average while timing. With several threads "
@@ -497,11 +503,21 @@ def fp32_targets(all_ratios: dict, check: dict) -> dict:
     return targets
 
 
+def subnormals_flushed() -> bool:
+    """Whether this process treats subnormal numbers as 0 (FTZ/DAZ) in every thread: a subnormal
+    times 2 over enough elements that each of the threads takes a share."""
+    x = torch.full((1 << 16,), 1e-39)  # (65536,), subnormal in fp32
+    return bool(((x * 2) == 0).all())
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = args.threads or cores
+    # before the first parallel region: OpenMP's threads take the mode from this one at creation
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        raise SystemExit("--flush-denormal: this CPU has no flush-to-zero mode PyTorch can set")
     if device.type == "cpu":
         torch.set_num_threads(threads)
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
@@ -540,7 +556,9 @@ def main(argv: list[str] | None = None) -> dict:
         "busy": busy, "other_processes_cores": others.cores,
         "caption_len": args.caption_len, "threads": threads, "device": str(device),
         "cpu": platform.processor() or platform.machine(), "cpu_vendor": gemm.cpu_vendor(),
-        "gemm_backend": gemm.backend(), "torch": torch.__version__,
+        "gemm_backend": gemm.backend(), "flush_denormal": args.flush_denormal,
+        "subnormals_flushed": subnormals_flushed(),
+        "torch": torch.__version__,
         "repeats": args.repeats, "warmup": args.warmup, "loadavg_before": load_before,
         "loadavg_after": load_after, "peak_size": args.peak_size,
         "peak_gflops": peak, "flops_per_image": flops, "check": check, "compile_s": compile_s,

@@ -248,6 +248,14 @@ def test_ab_trees_times_two_trees_in_turn_each_with_its_own_package(tmp_path: Pa
     assert report["other_processes_cores"] is None or report["other_processes_cores"] >= 0
 
 
+def test_throughput_flush_denormal_flushes_in_every_thread() -> None:
+    """Two threads: the mode must reach OpenMP's worker thread too (set before it starts)."""
+    report = last_json(run_throughput("--flush-denormal", "--threads", "2", "--skip-naive"))
+    assert report["flush_denormal"] and report["subnormals_flushed"]
+    plain = last_json(run_throughput("--threads", "2", "--skip-naive"))
+    assert not plain["flush_denormal"] and not plain["subnormals_flushed"]
+
+
 def test_ab_trees_gives_each_worker_its_own_product_backend() -> None:
     report = last_json(run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--smoke",
                                      "--repeats", "1", "--threads", "1",
