@@ -159,7 +159,8 @@ def compare(args: argparse.Namespace) -> dict:
         for w in workers:
             w.close()
     result["other_processes_cores"] = None if None in loads else max(loads)
-    result["busy"] = others.cores is not None and others.cores > BUSY_CORES
+    load = result["other_processes_cores"]
+    result["busy"] = load is not None and load > BUSY_CORES
     if result["busy"]:
         print(f"WARNING: the machine was busy (other processes used {max(loads):.2f} cores on "
               "average): the times are unreliable; rerun on an idle machine")

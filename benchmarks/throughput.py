@@ -506,7 +506,8 @@ def fp32_targets(all_ratios: dict, check: dict) -> dict:
 def subnormals_flushed() -> bool:
     """Whether this process treats subnormal numbers as 0 (FTZ/DAZ) in every thread: a subnormal
     times 2 over enough elements that each of the threads takes a share."""
-    x = torch.full((1 << 16,), 1e-39)  # (65536,), subnormal in fp32
+    # the smallest subnormal fp32 from its bits, so no conversion in this thread can flush it
+    x = torch.ones(1 << 20, dtype=torch.int32).view(torch.float32)  # (2^20,) × 1.4e-45
     return bool(((x * 2) == 0).all())
 
 

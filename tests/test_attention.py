@@ -107,7 +107,7 @@ def test_write_onto_equals_canvas_plus_write(channels):
 
 def _narrow_windows(dtype):
     """Narrow filters (σ² from 0.05 to 2) at spread-out centres on a 60-pixel axis: their far
-    weights fall through fp32's subnormal range (e^u for u down to −36,000)."""
+    weights fall through fp32's subnormal range (e^u for u down to about −57,000)."""
     g = torch.linspace(-5.0, 66.0, 12, dtype=dtype)
     sigma2 = torch.logspace(-1.3, 0.3, 12, dtype=dtype)
     return g, torch.full((12,), 3.0, dtype=dtype), sigma2
@@ -129,7 +129,7 @@ def test_fp32_filterbank_has_no_subnormal_weights_and_equals_float64(compiled):
     # what is dropped: weights under e^flush before normalisation, i.e. under √tiny
     dropped = (f == 0) & (exact > 0)
     assert dropped.any()
-    limit = torch.finfo(torch.float32).tiny ** 0.5 / 1e-4  # before normalisation by ≥ eps
+    limit = torch.finfo(torch.float32).tiny ** 0.5 / 1e-4  # √tiny, divided by the row sum + eps
     assert exact[dropped].max() < limit
 
 
@@ -149,3 +149,11 @@ def test_flush_exponent_by_dtype():
     assert attention.flush_exponent(torch.bfloat16) == attention.flush_exponent(torch.float32)
     assert attention.flush_exponent(torch.float64) is None  # float64 keeps every weight
     assert attention.flush_exponent(torch.float16) is None
+
+
+def test_a_nan_window_stays_nan_through_the_flush():
+    """The flush must not turn a broken window (NaN σ²) into a silent all-zero filterbank."""
+    g, delta, sigma2 = (torch.tensor([30.0, 30.0]), torch.tensor([2.0, 2.0]),
+                        torch.tensor([1.0, float("nan")]))
+    f = attention.filterbank(g, delta, sigma2, 60, 8)
+    assert torch.isfinite(f[0]).all() and torch.isnan(f[1]).all()

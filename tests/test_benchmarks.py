@@ -8,6 +8,8 @@ gradients for every parameter, same samples, on the same weights and noise.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -189,7 +191,9 @@ def test_throughput_smoke_prints_json_last() -> None:
 def test_throughput_gemm_baseline_and_both_fp32_peaks() -> None:
     report = last_json(run_throughput("--gemm-baseline", "--skip-naive"))
     default = report["gemm_backend"]  # the library's: aten on Intel, else oneDNN
-    assert default == ("aten" if report["cpu_vendor"] == "GenuineIntel" else "onednn")
+    expected = os.environ.get("ALIGNDRAW_CPU_GEMM", "").strip().lower() or (
+        "aten" if report["cpu_vendor"] == "GenuineIntel" else "onednn")
+    assert default == expected
     other = {"aten": "onednn", "onednn": "aten"}[default]
     assert set(report["results"]) == {"library_fp32", f"library_{other}_fp32"}
     peak = report["peak_gflops"]
@@ -248,6 +252,8 @@ def test_ab_trees_times_two_trees_in_turn_each_with_its_own_package(tmp_path: Pa
     assert report["other_processes_cores"] is None or report["other_processes_cores"] >= 0
 
 
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="flush-to-zero as torch.set_flush_denormal sets it is an x86 mode")
 def test_throughput_flush_denormal_flushes_in_every_thread() -> None:
     """Two threads: the mode must reach OpenMP's worker thread too (set before it starts)."""
     report = last_json(run_throughput("--flush-denormal", "--threads", "2", "--skip-naive"))
@@ -256,13 +262,14 @@ def test_throughput_flush_denormal_flushes_in_every_thread() -> None:
     assert not plain["flush_denormal"] and not plain["subnormals_flushed"]
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN")
 def test_ab_trees_gives_each_worker_its_own_product_backend() -> None:
     report = last_json(run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--smoke",
                                      "--repeats", "1", "--threads", "1",
                                      "--gemm-a", "aten", "--gemm-b", "onednn"))
     assert (report["a_gemm"], report["b_gemm"]) == ("aten", "onednn")
     bad = run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--gemm-b", "mkl")
-    assert bad.returncode == 2 and "--gemm-b" in bad.stderr and "'onednn', 'aten'" in bad.stderr
+    assert bad.returncode == 2 and "--gemm-b" in bad.stderr and "'mkl'" in bad.stderr
 
 
 def test_ab_trees_rejects_a_directory_that_is_no_source_tree(tmp_path: Path) -> None:

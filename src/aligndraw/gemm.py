@@ -41,10 +41,12 @@ def cpu_vendor() -> str:
                 key, sep, value = line.partition(":")
                 if sep and key.strip() == "vendor_id":
                     return value.strip()
+        return ""  # Linux without a vendor id (e.g. ARM)
     except OSError:
         pass
-    # elsewhere (Windows): e.g. "Intel64 Family 6 Model 143 Stepping 8, GenuineIntel"
-    return platform.processor().rpartition(",")[2].strip()
+    # no /proc (Windows): e.g. "Intel64 Family 6 Model 143 Stepping 8, GenuineIntel"
+    vendor = platform.processor().rpartition(",")[2].strip()
+    return vendor if vendor in ("GenuineIntel", "AuthenticAMD") else ""
 
 
 def _default_backend(vendor: str | None = None) -> str:
@@ -206,8 +208,9 @@ class _Linear(torch.autograd.Function):
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``, differentiable: (..., K), (N, K), (N,) → (..., N).
 
-    CPU fp32 products with a large weight run through oneDNN (forward and both gradients);
-    everything else is ``F.linear``. Traceable by ``torch.compile``.
+    CPU fp32 products with a large weight run through oneDNN when that is the backend (the
+    default except on Intel processors; forward and both gradients); everything else is
+    ``F.linear``. Traceable by ``torch.compile``.
     """
     if not uses_onednn(x, weight):
         return F.linear(x, weight, bias)
