@@ -114,7 +114,7 @@ def test_onednn_weight_gradients_are_stacked_over_their_rows():
     torch.testing.assert_close(gm(*args).double(), want, rtol=1e-5, atol=1e-5)
 
 
-def _eager_and_compiled_grads(monkeypatch, autocast: bool):
+def _eager_and_compiled_grads(monkeypatch, autocast: bool, backend: str = "onednn"):
     """Parameter gradients of a small model, eager and through ``compiler.compile``, and how
     many sums the pass rewrote in each compiled graph."""
     config = tiny_config(lang_hidden=32, align_dim=64, enc_hidden=64, dec_hidden=64, z_dim=64)
@@ -126,9 +126,10 @@ def _eager_and_compiled_grads(monkeypatch, autocast: bool):
     noise = _rand(4, config.steps, config.z_dim, seed=2)
     changed = []
     stack = compiler.stack_products
-    monkeypatch.setattr(compiler, "stack_products", lambda graph: changed.append(stack(graph)))
+    monkeypatch.setattr(compiler, "stack_products",
+                        lambda graph, *rest: changed.append(stack(graph, *rest)))
     # caches off, so that the pass runs even where an earlier run compiled this graph
-    products = contextlib.nullcontext() if autocast else gemm.using("onednn")
+    products = contextlib.nullcontext() if autocast else gemm.using(backend)
     with (products, torch.compiler.config.patch(force_disable_caches=True),
           torch.autocast("cpu", torch.bfloat16, enabled=autocast)):
         want = torch.autograd.grad(model(images, tokens, lengths, noise=noise).loss,
@@ -159,9 +160,48 @@ def test_compiled_model_stacks_its_step_gradients_and_keeps_them_equal(monkeypat
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
 
 
+def test_compiled_model_with_mkl_products_keeps_its_fp32_step_products_and_equals_eager(monkeypatch):
+    want, got, changed = _eager_and_compiled_grads(monkeypatch, autocast=False, backend="aten")
+    # only the context mix's batched products are stacked: no fp32 mm sum is rewritten
+    assert max(changed) >= 1
+    assert _relative_distance(got, want) <= 1e-5
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
+
+
 def test_compiled_model_stacks_its_bf16_step_gradients(monkeypatch):
     # under autocast the per-step products are bf16 ``mm``s, which inductor's patterns would
     # fold into addmm chains had the pass run after them (it then rewrote nothing)
     want, got, changed = _eager_and_compiled_grads(monkeypatch, autocast=True)
     assert max(changed) >= 4  # projection, encoder input, posterior, z's gates
     assert _relative_distance(got, want) <= BF16_TOLERANCE
+
+
+def _sum_of_mms_and_outer_products(a1, b1, a2, b2, w1, g1, w2, g2):
+    return a1 @ b1 + a2 @ b2, _sum_of_outer_products(w1, g1, w2, g2)
+
+
+def test_with_mkl_products_cpu_fp32_mm_sums_are_left_alone():
+    """``cpu_fp32_mm=False`` (the pass's setting while the CPU backend is MKL's): fp32 ``mm``
+    sums stay as they are; batched products and bf16 ``mm`` sums are still stacked."""
+    args = (_rand(5, 3), _rand(3, 7, seed=1), _rand(5, 4, seed=2), _rand(4, 7, seed=3),
+            _rand(4, 6, seed=4), _rand(4, 9, seed=5), _rand(4, 6, seed=6), _rand(4, 9, seed=7))
+    gm = _traced(_sum_of_mms_and_outer_products, *args)
+    assert compiler.stack_products(gm.graph, cpu_fp32_mm=False) == 1  # the bmm sum only
+    gm.recompile()
+    assert _count(gm, torch.ops.aten.mm.default) == 2 and _count(gm, torch.ops.aten.bmm.default) == 1
+    for got, want in zip(gm(*args), _sum_of_mms_and_outer_products(*args), strict=True):
+        torch.testing.assert_close(got, want)
+    half = [a.bfloat16() for a in args[:4]]
+    gm = _traced(_sum_of_mms, *half, half[0], half[1])
+    assert compiler.stack_products(gm.graph, cpu_fp32_mm=False) == 1
+
+
+def test_the_pass_follows_the_cpu_product_backend():
+    with gemm.using("aten"):
+        assert not compiler.stacks_cpu_fp32_mm()
+    if torch.backends.mkldnn.is_available():
+        with gemm.using("onednn"):
+            assert compiler.stacks_cpu_fp32_mm()
+    off, on = compiler.StackProducts(False), compiler.StackProducts(True)
+    assert off.uuid() != on.uuid()  # inductor's cache tells the two graphs apart

@@ -17,7 +17,9 @@ inductor's own post-grad patterns (``post_grad_custom_pre_pass``): those fold ``
 into ``addmm(C, A, B)``, which would turn the plain bf16 ``mm`` gradients of autocast into a
 chain addmm(addmm(mm(A_1, B_1), A_2, B_2), …) that is no longer a sum. Run first, the pass
 stacks them too: one bf16 product over T·B rows, rounded once, instead of T − 1 bf16
-roundings of a running sum.
+roundings of a running sum. While the library's CPU fp32 products are MKL's (the default on
+Intel processors), sums of CPU fp32 ``aten.mm`` are left to inductor (``stacks_cpu_fp32_mm``):
+there the stacking measured slower.
 
 Symbols: R rows of one step's product (B, or 1 for the shared initial state), N/K a weight's
 output/input size.
@@ -89,17 +91,21 @@ def _product(term: fx.Node) -> tuple[fx.Node, fx.Node | None]:
     return term, None
 
 
-def _group_key(node: fx.Node) -> tuple | None:
-    """Products that can be stacked together share a key; None for anything else."""
+def _group_key(node: fx.Node, cpu_fp32_mm: bool = True) -> tuple | None:
+    """Products that can be stacked together share a key; None for anything else (and, with
+    ``cpu_fp32_mm`` False, for CPU fp32 ``mm``)."""
     node, view = _product(node)
     if view is not None:
-        key = _group_key(node)
+        key = _group_key(node, cpu_fp32_mm)
         return None if key is None else (*key, view.target, _shape(_val(view)))
     if node.op != "call_function" or node.target not in CONCAT_DIMS or len(node.users) != 1:
         return None
     if node.kwargs or len(node.args) != 2 or not all(isinstance(_val(a), torch.Tensor) for a in node.args):
         return None
     a, b = (_val(x) for x in node.args)
+    if (not cpu_fp32_mm and node.target is aten.mm.default and a.device.type == "cpu"
+            and a.dtype == b.dtype == torch.float32):
+        return None
     da, db = CONCAT_DIMS[node.target]
     return (node.target, _shape(a, skip=da), _shape(b, skip=db), a.dtype, b.dtype)
 
@@ -128,8 +134,10 @@ def _stacked(graph: fx.Graph, terms: list[fx.Node]) -> fx.Node:
     return out if view is None else _call(graph, view.target, out, *view.args[1:])
 
 
-def stack_products(graph: fx.Graph) -> int:
-    """Rewrite every sum of ≥ 2 stackable products in ``graph``; returns how many sums changed."""
+def stack_products(graph: fx.Graph, cpu_fp32_mm: bool = True) -> int:
+    """Rewrite every sum of ≥ 2 stackable products in ``graph``; returns how many sums changed.
+
+    ``cpu_fp32_mm`` False leaves sums of CPU fp32 ``aten.mm`` alone (``stacks_cpu_fp32_mm``)."""
     changed = 0
     for root in reversed(list(graph.nodes)):  # outermost sums first: inner ones are absorbed
         if not _is_sum(root):
@@ -139,7 +147,7 @@ def stack_products(graph: fx.Graph) -> int:
         terms = _terms(root)
         groups: dict[tuple, list[fx.Node]] = {}
         for term in terms:
-            key = _group_key(term) if isinstance(term, fx.Node) else None
+            key = _group_key(term, cpu_fp32_mm) if isinstance(term, fx.Node) else None
             if key is not None:
                 groups.setdefault(key, []).append(term)
         stackable = [g for g in groups.values() if len(g) >= 2]
@@ -158,19 +166,33 @@ def stack_products(graph: fx.Graph) -> int:
     return changed
 
 
+def stacks_cpu_fp32_mm() -> bool:
+    """Whether the pass should stack CPU fp32 ``mm`` sums: not while the library's CPU products
+    are MKL's (``gemm.backend()`` "aten", the default on Intel processors). There MKL forms the
+    T products of B rows about as fast as one of T·B rows, and gathering the stacked operands
+    costs more than it saves (mnist-captions on an Intel Xeon: compiled training 1.04–1.09×
+    faster without any stacking, coco32 unchanged; ``docs/performance.md``). oneDNN's weight
+    gradients, batched products and bf16 sums are stacked either way."""
+    return gemm.backend() != "aten"
+
+
 class StackProducts(CustomGraphPass):
-    """``stack_products`` as inductor's post-grad pass (keyed by this file and ``gemm``'s for
-    inductor's cache)."""
+    """``stack_products`` as inductor's post-grad pass (keyed by this file, ``gemm``'s and the
+    ``cpu_fp32_mm`` choice for inductor's cache)."""
+
+    def __init__(self, cpu_fp32_mm: bool = True) -> None:
+        self.cpu_fp32_mm = cpu_fp32_mm
 
     def __call__(self, graph: fx.Graph) -> None:
-        stack_products(graph)
+        stack_products(graph, self.cpu_fp32_mm)
 
     def uuid(self) -> bytes:
-        return get_hash_for_files((__file__, gemm.__file__))
+        return get_hash_for_files((__file__, gemm.__file__)) + bytes([self.cpu_fp32_mm])
 
 
 def compile(model: Any, **kwargs: Any) -> Any:  # noqa: A001 - mirrors torch.compile
     """``torch.compile(model, **kwargs)`` with ``StackProducts`` as inductor's first post-grad pass."""
     # before inductor's patterns: they fold mm + C into addmm, hiding bf16 sums (module docstring)
-    options = {"post_grad_custom_pre_pass": StackProducts(), **kwargs.pop("options", {})}
+    options = {"post_grad_custom_pre_pass": StackProducts(stacks_cpu_fp32_mm()),
+               **kwargs.pop("options", {})}
     return torch.compile(model, options=options, **kwargs)
