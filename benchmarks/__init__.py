@@ -6,6 +6,7 @@ Scripts (run from the repository root):
     python benchmarks/scaling.py                               cost against batch, T and canvas
     python benchmarks/ab_trees.py --a TREE --b TREE            one change, A/B in two processes
     python benchmarks/gemm.py                                  the model's products, MKL vs oneDNN
+    python benchmarks/subnormals.py                            subnormal values per op, their cost
 
 The small "which form is faster" benchmarks (``alignment_scores``, ``filterbank_exp``,
 ``context_mix``) time equal forms of one computation through ``forms``.

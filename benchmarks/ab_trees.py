@@ -162,7 +162,7 @@ def compare(args: argparse.Namespace) -> dict:
     load = result["other_processes_cores"]
     result["busy"] = load is not None and load > BUSY_CORES
     if result["busy"]:
-        print(f"WARNING: the machine was busy (other processes used {max(loads):.2f} cores on "
+        print(f"WARNING: the machine was busy (other processes used {load:.2f} cores on "
               "average): the times are unreliable; rerun on an idle machine")
     print(json.dumps(result))
     return result

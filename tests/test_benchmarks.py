@@ -272,6 +272,23 @@ def test_ab_trees_gives_each_worker_its_own_product_backend() -> None:
     assert bad.returncode == 2 and "--gemm-b" in bad.stderr and "'mkl'" in bad.stderr
 
 
+def test_subnormal_outputs_are_counted_per_op() -> None:
+    from benchmarks.subnormals import SubnormalOutputs
+
+    with SubnormalOutputs() as mode:
+        torch.tensor([1e-40, 1.0, 0.0]) * 1.0  # one subnormal product, unless the CPU flushes
+        torch.tensor([1e-40]).view(1, 1)  # a view: not counted again
+    assert dict(mode.values) == {"aten.mul.Tensor": 1}
+
+
+def test_subnormals_benchmark_library_step_and_filterbank_have_none() -> None:
+    report = last_json(run_benchmark("subnormals.py", "--smoke", "--threads", "1"))
+    assert report["step_subnormals"]["library"] == {}
+    product = report["read_product"]
+    assert product["plain_subnormal_weights"] > 0 and product["library_subnormal_weights"] == 0
+    assert product["plain_us"] > 0 and product["library_us"] > 0
+
+
 def test_ab_trees_rejects_a_directory_that_is_no_source_tree(tmp_path: Path) -> None:
     proc = run_benchmark("ab_trees.py", "--a", str(tmp_path), "--b", str(ROOT))
     assert proc.returncode == 2 and "--a must be a source tree of this project" in proc.stderr

@@ -177,22 +177,19 @@ def stacks_cpu_fp32_mm() -> bool:
 
 
 class StackProducts(CustomGraphPass):
-    """``stack_products`` as inductor's post-grad pass (keyed by this file, ``gemm``'s and the
-    ``cpu_fp32_mm`` choice for inductor's cache)."""
-
-    def __init__(self, cpu_fp32_mm: bool = True) -> None:
-        self.cpu_fp32_mm = cpu_fp32_mm
+    """``stack_products`` as inductor's post-grad pass, CPU fp32 ``mm`` sums included as
+    ``stacks_cpu_fp32_mm()`` says when it runs (just after the graph was traced, under the same
+    CPU product backend). Keyed by this file, ``gemm``'s and that backend for inductor's cache."""
 
     def __call__(self, graph: fx.Graph) -> None:
-        stack_products(graph, self.cpu_fp32_mm)
+        stack_products(graph, stacks_cpu_fp32_mm())
 
     def uuid(self) -> bytes:
-        return get_hash_for_files((__file__, gemm.__file__)) + bytes([self.cpu_fp32_mm])
+        return get_hash_for_files((__file__, gemm.__file__)) + gemm.backend().encode()
 
 
 def compile(model: Any, **kwargs: Any) -> Any:  # noqa: A001 - mirrors torch.compile
     """``torch.compile(model, **kwargs)`` with ``StackProducts`` as inductor's first post-grad pass."""
     # before inductor's patterns: they fold mm + C into addmm, hiding bf16 sums (module docstring)
-    options = {"post_grad_custom_pre_pass": StackProducts(stacks_cpu_fp32_mm()),
-               **kwargs.pop("options", {})}
+    options = {"post_grad_custom_pre_pass": StackProducts(), **kwargs.pop("options", {})}
     return torch.compile(model, options=options, **kwargs)
