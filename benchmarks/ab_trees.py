@@ -9,8 +9,11 @@
 Each tree runs in a worker process of its own (its ``src/`` and ``benchmarks/`` first on the
 path), built like ``throughput.py``'s library variant (same preset, seed, batch of random
 inputs, trainer step). The two workers take turns, one step each (``throughput.round_robin``,
-after a first, timed call: with ``--compile`` the compile), so both see the same machine; the
-waiting one sleeps on a pipe. Other processes' load is measured as in ``throughput.py``, over
+after a first, timed call), so both see the same machine; the waiting one sleeps on a pipe.
+With ``--compile`` each tree first compiles in a worker of its own, which then exits, and the
+timed workers load the graphs from inductor's cache: a worker that compiled cold was measured
+3–5 % slower than one that loaded the same code from the cache (``--no-warm-cache`` skips
+this). Other processes' load is measured as in ``throughput.py``, over
 the timed rounds only (``busy`` in the JSON, and a warning). ``--inductor-a`` / ``--inductor-b KEY=VALUE`` set
 ``torch._inductor.config`` entries in one worker before it compiles (VALUE as JSON, else a
 string), so the same tree can also be compared with itself under other compiler settings;
@@ -137,13 +140,28 @@ def compare(args: argparse.Namespace) -> dict:
     from benchmarks.throughput import round_robin
 
     cpu = torch.device("cpu")
-    workers = [_Worker(name, getattr(args, name), getattr(args, f"inductor_{name}"),
+
+    def start(name: str) -> _Worker:
+        return _Worker(name, getattr(args, name), getattr(args, f"inductor_{name}"),
                        getattr(args, f"plain_{name}"), getattr(args, f"gemm_{name}"), args)
-               for name in ("a", "b")]
+
+    warm_up_s = {}
+    if args.compile and not args.no_warm_cache:
+        # a worker that compiled cold ran its steps 3–5 % slower than one that loaded the same
+        # graphs from inductor's cache (docs/performance.md): compile both first, in processes
+        # of their own, so that the timed workers both load from the cache
+        for name in ("a", "b"):
+            w = start(name)
+            try:
+                warm_up_s[name] = timed(lambda w=w: (w.train_step(), w.sample_step()), cpu)
+            finally:
+                w.close()
+    workers = [start(name) for name in ("a", "b")]
     result: dict = {"a": str(args.a), "b": str(args.b), "compile": args.compile, "preset": args.preset,
                     "precision": args.precision, "plain_a": args.plain_a, "plain_b": args.plain_b,
                     "inductor_a": inductor_settings(args.inductor_a),
                     "inductor_b": inductor_settings(args.inductor_b)}
+    result |= {f"warm_up_{name}_s": seconds for name, seconds in warm_up_s.items()}
     result |= {f"{w.name}_package": w.package for w in workers}
     result |= {f"{w.name}_gemm": w.gemm for w in workers}
     loads = []  # other processes' cores per phase, over the timed rounds only: a compile's
@@ -194,6 +212,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 = torch.autocast(bfloat16) around forward / sample, in both")
     p.add_argument("--smoke", action="store_true", help="tiny config and batch (for CI)")
+    p.add_argument("--no-warm-cache", action="store_true",
+                   help="with --compile: time the workers that compiled (by default each tree "
+                        "compiles first in a process of its own, and the timed workers load "
+                        "from inductor's cache)")
     for name in ("a", "b"):
         p.add_argument(f"--inductor-{name}", action="append", default=[], metavar="KEY=VALUE",
                        help=f"a torch._inductor.config setting for {name.upper()}'s worker (repeatable)")

@@ -8,8 +8,9 @@ inference LSTM's input (1200, 428), z's decoder gates (1200, 150)), times:
 
 - ``addmm_chain``: acc = addmm(acc, g_tᵀ, x_t) step after step, each into a new tensor (what
   inductor makes of such a sum): every step first copies the running sum;
-- ``in_place``: acc.addmm_(g_tᵀ, x_t) (what ``aligndraw.compiler`` makes of it while the CPU
-  products are MKL's);
+- ``in_place``: acc.addmm_(g_tᵀ, x_t) (what a trial version of ``aligndraw.compiler`` made of
+  it while the CPU products are MKL's; not kept: no gain in the whole compiled model,
+  docs/performance.md);
 - ``stacked``: one product over T·B rows, the operands concatenated first (what the pass makes
   of it with oneDNN products).
 
@@ -35,14 +36,14 @@ SHAPES = {"projection": (3286, 300), "encoder_input": (1200, 428), "decoder_z": 
 
 def addmm_chain(gs: list[torch.Tensor], xs: list[torch.Tensor]) -> torch.Tensor:
     acc = gs[0].t() @ xs[0]
-    for g, x in zip(gs[1:], xs[1:]):
+    for g, x in zip(gs[1:], xs[1:], strict=True):
         acc = torch.addmm(acc, g.t(), x)  # (N, K) + (N, B)·(B, K), a new tensor
     return acc
 
 
 def in_place(gs: list[torch.Tensor], xs: list[torch.Tensor]) -> torch.Tensor:
     acc = gs[0].t() @ xs[0]
-    for g, x in zip(gs[1:], xs[1:]):
+    for g, x in zip(gs[1:], xs[1:], strict=True):
         acc.addmm_(g.t(), x)
     return acc
 

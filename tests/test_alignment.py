@@ -85,20 +85,6 @@ def test_doubled_scores_equal_tanh_scores():
                                atol=1e-5, rtol=1e-5)
 
 
-def test_doubled_scores_gradients_equal_those_of_tanh_scores():
-    """The scores' own backward (v's gradient as one product) against autograd through the
-    paper's tanh form, float64, and a gradient check of the custom backward."""
-    g = torch.Generator().manual_seed(1)
-    x = (torch.randn(3, 5, 8, generator=g, dtype=torch.float64) * 2).requires_grad_()
-    v = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
-    upstream = torch.randn(3, 5, generator=g, dtype=torch.float64)
-    want = torch.autograd.grad((torch.tanh(x) @ v * upstream).sum(), (x, v))
-    got = torch.autograd.grad((doubled_scores(2 * x, v) * upstream).sum(), (x, v))
-    for a, e in zip(got, want, strict=True):
-        torch.testing.assert_close(a, e)
-    assert torch.autograd.gradcheck(doubled_scores, (2 * x.detach().requires_grad_(), v))
-
-
 def _packed_reference(enc: CaptionEncoder, lstm: torch.nn.LSTM, tokens: torch.Tensor,
                       lengths: torch.Tensor) -> torch.Tensor:
     """h_lang from ``nn.LSTM`` over packed sequences (each caption reversed on its own)."""

@@ -234,6 +234,16 @@ def test_gemm_benchmark_times_both_backends_on_the_models_products() -> None:
     assert "square_forward_onednn_sliced_weight_ms" not in report
 
 
+def test_accumulate_benchmark_times_three_forms_of_a_weight_gradient_sum() -> None:
+    report = last_json(run_benchmark("accumulate.py", "--batch", "4", "--steps", "3", "--scale", "50",
+                                     "--threads", "1", "--min-time", "0.01"))
+    assert report["steps"] == 3
+    for shape in ("projection", "encoder_input", "decoder_z"):
+        for form in ("addmm_chain", "in_place", "stacked"):  # the same sum, three ways
+            assert report[f"{shape}_{form}_eager_ms"] > 0
+            assert report[f"{shape}_{form}_eager_diff"] < 1e-5
+
+
 def test_ab_trees_times_two_trees_in_turn_each_with_its_own_package(tmp_path: Path) -> None:
     """B is a copy of this tree: each worker must import the aligndraw of its own tree (an
     installed copy earlier on the path would make an A/B compare a tree with itself)."""
@@ -250,6 +260,16 @@ def test_ab_trees_times_two_trees_in_turn_each_with_its_own_package(tmp_path: Pa
         assert report[f"{phase}_a_median_ms"] > 0 and report[f"{phase}_b_median_ms"] > 0
         assert 0 <= report[f"{phase}_b_faster_pairs"] <= 3 and report[f"{phase}_b_over_a_paired"] > 0
     assert report["other_processes_cores"] is None or report["other_processes_cores"] >= 0
+
+
+def test_ab_trees_compiles_each_tree_first_in_a_process_of_its_own() -> None:
+    """With --compile the timed workers load their graphs from inductor's cache: each tree was
+    compiled (and its first steps run) in a worker of its own before."""
+    report = last_json(run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--smoke",
+                                     "--compile", "--repeats", "1", "--threads", "1"))
+    assert report["compile"] and report["warm_up_a_s"] > 0 and report["warm_up_b_s"] > 0
+    for phase in ("train", "sample"):
+        assert report[f"{phase}_a_median_ms"] > 0 and report[f"{phase}_b_median_ms"] > 0
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),

@@ -1,6 +1,5 @@
 import contextlib
 
-import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -9,10 +8,6 @@ from aligndraw.model import AlignDraw
 
 from conftest import needs_onednn, random_batch, tiny_config
 from conftest import seeded_randn as _rand
-
-
-ACCUMULATE_MM = torch.ops.aten.addmm_.default  # acc += a @ b in place
-ACCUMULATE_SUM = torch.ops.aten.add_.Tensor  # acc += a row sum in place
 
 
 def _traced(f, *args):
@@ -85,14 +80,10 @@ def _product_used_twice(a1, b1, a2, b2):
     return p + a2 @ b2, p * 2  # p is needed on its own too: stacking would compute it twice
 
 
-@pytest.mark.parametrize("cpu_fp32_mm", [True, False])  # stacked / accumulated in place
-def test_products_used_elsewhere_are_left_alone(cpu_fp32_mm):
+def test_products_used_elsewhere_are_left_alone():
     args = (_rand(5, 3), _rand(3, 7, seed=1), _rand(5, 3, seed=2), _rand(3, 7, seed=3))
-    gm = _traced(_product_used_twice, *args)
-    # in place, p would also be overwritten before ``p * 2`` reads it
-    assert compiler.stack_products(gm.graph, cpu_fp32_mm) == 0
-    gm.recompile()
-    assert _count(gm, torch.ops.aten.mm.default) == 2 and _count(gm, ACCUMULATE_MM) == 0
+    gm, changed = _rewritten(_product_used_twice, *args)
+    assert changed == 0 and _count(gm, torch.ops.aten.mm.default) == 2
     for got, want in zip(gm(*args), _product_used_twice(*args), strict=True):
         torch.testing.assert_close(got, want)
 
@@ -169,18 +160,14 @@ def test_compiled_model_stacks_its_step_gradients_and_keeps_them_equal(monkeypat
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
 
 
-def test_compiled_model_with_mkl_products_accumulates_its_fp32_step_products_and_equals_eager(monkeypatch):
-    stacked, accumulated = [], []  # the op of every group the pass stacks / accumulates
-    for name, record in (("_stacked", stacked), ("_accumulated", accumulated)):
-        rewrite = getattr(compiler, name)
-        monkeypatch.setattr(compiler, name, lambda graph, terms, rewrite=rewrite, record=record: (
-            record.append(compiler._product(terms[0])[0].target), rewrite(graph, terms))[1])
+def test_compiled_model_with_mkl_products_keeps_its_fp32_step_products_and_equals_eager(monkeypatch):
+    stacked = []  # the product op of every group the pass stacks
+    stack = compiler._stacked
+    monkeypatch.setattr(compiler, "_stacked", lambda graph, terms: (
+        stacked.append(compiler._product(terms[0])[0].target), stack(graph, terms))[1])
     want, got, changed = _eager_and_compiled_grads(monkeypatch, autocast=False, backend="aten")
-    # the context mix's batched products are stacked; the shared weights' fp32 products
-    # (v's among them) and the biases' row sums are accumulated in place
+    # the context mix's batched products are stacked, no fp32 mm sum is
     assert torch.ops.aten.bmm.default in stacked and torch.ops.aten.mm.default not in stacked
-    assert accumulated.count(torch.ops.aten.mm.default) >= 5
-    assert accumulated.count(torch.ops.aten.sum.dim_IntList) >= 2
     assert _relative_distance(got, want) <= 1e-5
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
@@ -198,57 +185,20 @@ def _sum_of_mms_and_outer_products(a1, b1, a2, b2, w1, g1, w2, g2):
     return a1 @ b1 + a2 @ b2, _sum_of_outer_products(w1, g1, w2, g2)
 
 
-def test_with_mkl_products_cpu_fp32_mm_sums_are_accumulated_in_place():
-    """``cpu_fp32_mm=False`` (the pass's setting while the CPU backend is MKL's): an fp32
-    ``mm`` sum becomes its first product with the others added into it in place; batched
-    products and bf16 ``mm`` sums are still stacked."""
+def test_with_mkl_products_cpu_fp32_mm_sums_are_left_alone():
+    """``cpu_fp32_mm=False`` (the pass's setting while the CPU backend is MKL's): fp32 ``mm``
+    sums stay as they are; batched products and bf16 ``mm`` sums are still stacked."""
     args = (_rand(5, 3), _rand(3, 7, seed=1), _rand(5, 4, seed=2), _rand(4, 7, seed=3),
             _rand(4, 6, seed=4), _rand(4, 9, seed=5), _rand(4, 6, seed=6), _rand(4, 9, seed=7))
     gm = _traced(_sum_of_mms_and_outer_products, *args)
-    assert compiler.stack_products(gm.graph, cpu_fp32_mm=False) == 2
+    assert compiler.stack_products(gm.graph, cpu_fp32_mm=False) == 1  # the bmm sum only
     gm.recompile()
-    assert _count(gm, torch.ops.aten.mm.default) == 1 and _count(gm, ACCUMULATE_MM) == 1
-    assert _count(gm, torch.ops.aten.bmm.default) == 1
+    assert _count(gm, torch.ops.aten.mm.default) == 2 and _count(gm, torch.ops.aten.bmm.default) == 1
     for got, want in zip(gm(*args), _sum_of_mms_and_outer_products(*args), strict=True):
         torch.testing.assert_close(got, want)
     half = [a.bfloat16() for a in args[:4]]
     gm = _traced(_sum_of_mms, *half, half[0], half[1])
     assert compiler.stack_products(gm.graph, cpu_fp32_mm=False) == 1
-
-
-def _bias_gradients(g1, g2, g3, x1, x2):
-    # a bias's per-step gradients (sums over rows), and sums over columns, which stay
-    return g1.sum(0) + g2.sum(0) + g3.sum(0), x1.sum(1) + x2.sum(1)
-
-
-def test_with_mkl_products_bias_gradients_are_accumulated_in_place():
-    args = (_rand(4, 6), _rand(4, 6, seed=1), _rand(4, 6, seed=2), _rand(3, 5, seed=3),
-            _rand(3, 5, seed=4))
-    gm = _traced(_bias_gradients, *args)
-    assert compiler.stack_products(gm.graph, cpu_fp32_mm=False) == 1
-    gm.recompile()
-    assert _count(gm, ACCUMULATE_SUM) == 2
-    for got, want in zip(gm(*args), _bias_gradients(*args), strict=True):
-        torch.testing.assert_close(got, want)
-    gm = _traced(_bias_gradients, *args)
-    assert compiler.stack_products(gm.graph, cpu_fp32_mm=True) == 0  # oneDNN: left to inductor
-
-
-def test_accumulation_runs_compiled_where_each_product_was():
-    """Under inductor the in-place additions run at the products' places and the sum's
-    readers after the last of them (a compiled function equals eager)."""
-    def f(a1, b1, a2, b2, a3, b3, c):
-        s = a1 @ b1
-        t = torch.tanh(s) + a2 @ b2  # s read before the sum exists
-        return torch.sigmoid(s + a3 @ b3 + t @ b1.T @ b1) * c, t
-
-    args = (_rand(5, 3), _rand(3, 7, seed=1), _rand(5, 4, seed=2), _rand(4, 7, seed=3),
-            _rand(5, 2, seed=4), _rand(2, 7, seed=5), _rand(5, 7, seed=6))
-    torch._dynamo.reset()
-    with gemm.using("aten"), torch.compiler.config.patch(force_disable_caches=True):
-        got = compiler.compile(f)(*args)
-    for a, e in zip(got, f(*args), strict=True):
-        torch.testing.assert_close(a, e)
 
 
 def test_the_pass_follows_the_cpu_product_backend():
@@ -260,3 +210,24 @@ def test_the_pass_follows_the_cpu_product_backend():
             onednn = compiler.StackProducts().uuid()
         with gemm.using("aten"):
             assert compiler.StackProducts().uuid() != onednn  # inductor's cache tells them apart
+
+
+def test_models_on_the_cpu_compile_with_the_cpp_wrapper(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, options, **kw: seen.append(options) or model)
+    model = torch.nn.Linear(3, 2)
+    compiler.compile(model)
+    compiler.compile(model.forward)
+    compiler.compile(lambda x: x * 2)
+    compiler.compile(model, cpp_wrapper=False)
+    compiler.compile(model, options={"cpp_wrapper": False})  # the caller's options last
+    assert [o.get("cpp_wrapper") for o in seen] == [True, True, True, None, False]
+    assert all(isinstance(o["post_grad_custom_pre_pass"], compiler.StackProducts) for o in seen)
+    assert seen[0]["cpp_wrapper_build_separate"]
+
+
+def test_on_cpu_looks_at_the_modules_parameters():
+    model = torch.nn.Linear(3, 2)
+    assert compiler.on_cpu(model) and compiler.on_cpu(model.forward) and compiler.on_cpu(len)
+    model.to("meta")  # any other device
+    assert not compiler.on_cpu(model) and not compiler.on_cpu(model.forward)

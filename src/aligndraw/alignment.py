@@ -20,31 +20,6 @@ from torch import Tensor, nn
 from aligndraw import gemm
 
 
-class _SigmoidScores(torch.autograd.Function):
-    """2·σ(x2)ᵀv: (…, A), (A,) → (…), with v's gradient as one product per call.
-
-    Autograd's own backward of ``σ @ v`` gives v's gradient as a sum over the rows of σ·g,
-    which the compiler fuses, for a v shared by T steps, into one pass over the T saved σ
-    after the last step; as 2·σᵀg (an (A, R)·(R, 1) product) it is a product that
-    ``aligndraw.compiler`` accumulates at each step, while that step's σ is fresh in cache.
-    """
-
-    @staticmethod
-    def forward(ctx, x2: Tensor, v: Tensor) -> Tensor:
-        sig = torch.sigmoid(x2)
-        ctx.save_for_backward(sig, v)
-        return (sig @ v) * 2
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
-        sig, v = ctx.saved_tensors
-        grad2 = (grad * 2).to(sig.dtype)  # (…)
-        grad_x2 = grad2[..., None] * v.to(sig.dtype) * sig * (1 - sig)  # (…, A)
-        rows = sig.reshape(-1, sig.shape[-1])  # (R, A), R = Π…
-        grad_v = (rows.t() @ grad2.reshape(-1, 1)).view(sig.shape[-1])  # (A, R)·(R, 1) → (A,)
-        return grad_x2, grad_v.to(v.dtype)
-
-
 def doubled_scores(x2: Tensor, v: Tensor) -> Tensor:
     """vᵀ tanh(x) from x2 = 2x, as 2·vᵀσ(x2) − Σv: (…, A), (A,) → (…).
 
@@ -52,7 +27,7 @@ def doubled_scores(x2: Tensor, v: Tensor) -> Tensor:
     than tanh on the (B, L, A) tensor of every step (``benchmarks/alignment_scores.py``;
     compiled about 4×); taking 2x as given keeps it one pass over that tensor.
     """
-    return _SigmoidScores.apply(x2, v) - v.sum()
+    return (torch.sigmoid(x2) @ v) * 2 - v.sum()
 
 
 def doubled_align_weights(keys2: Tensor, query2: Tensor, v: Tensor, mask: Tensor) -> Tensor:

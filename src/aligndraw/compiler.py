@@ -18,12 +18,8 @@ into ``addmm(C, A, B)``, which would turn the plain bf16 ``mm`` gradients of aut
 chain addmm(addmm(mm(A_1, B_1), A_2, B_2), …) that is no longer a sum. Run first, the pass
 stacks them too: one bf16 product over T·B rows, rounded once, instead of T − 1 bf16
 roundings of a running sum. While the library's CPU fp32 products are MKL's (the default on
-Intel processors), sums of CPU fp32 ``aten.mm`` are not stacked (``stacks_cpu_fp32_mm``: there
-the stacking measured slower) but accumulated in place, each product where it was, as are the
-biases' per-step row sums (``_accumulated``): left to inductor, a sum of products becomes a
-chain of ``addmm``s, each of which first copies the running sum into a new buffer (a
-weight-sized copy per step), and the row sums are formed after the last step, from tensors
-long gone from cache.
+Intel processors), sums of CPU fp32 ``aten.mm`` are left to inductor (``stacks_cpu_fp32_mm``):
+there the stacking measured slower.
 
 Symbols: R rows of one step's product (B, or 1 for the shared initial state), N/K a weight's
 output/input size.
@@ -90,70 +86,28 @@ def _product(term: fx.Node) -> tuple[fx.Node, fx.Node | None]:
     """(product, the view of it that is the addend, or None): a batched product's result is
     often reshaped (``_unsafe_view``) before it is added."""
     if (term.op == "call_function" and term.target in _VIEWS and len(term.users) == 1
-            and isinstance(term.args[0], fx.Node)
-            and (term.args[0].target in CONCAT_DIMS or term.args[0].target in _ACCUMULATED)):
+            and isinstance(term.args[0], fx.Node) and term.args[0].target in CONCAT_DIMS):
         return term.args[0], term
     return term, None
 
 
-def _group_key(node: fx.Node) -> tuple | None:
-    """Products that can be stacked together share a key; None for anything else."""
+def _group_key(node: fx.Node, cpu_fp32_mm: bool = True) -> tuple | None:
+    """Products that can be stacked together share a key; None for anything else (and, with
+    ``cpu_fp32_mm`` False, for CPU fp32 ``mm``)."""
     node, view = _product(node)
     if view is not None:
-        key = _group_key(node)
+        key = _group_key(node, cpu_fp32_mm)
         return None if key is None else (*key, view.target, _shape(_val(view)))
     if node.op != "call_function" or node.target not in CONCAT_DIMS or len(node.users) != 1:
         return None
     if node.kwargs or len(node.args) != 2 or not all(isinstance(_val(a), torch.Tensor) for a in node.args):
         return None
     a, b = (_val(x) for x in node.args)
+    if (not cpu_fp32_mm and node.target is aten.mm.default and a.device.type == "cpu"
+            and a.dtype == b.dtype == torch.float32):
+        return None
     da, db = CONCAT_DIMS[node.target]
     return (node.target, _shape(a, skip=da), _shape(b, skip=db), a.dtype, b.dtype)
-
-
-# summed ops whose sums are accumulated in place (while the CPU products are MKL's)
-_ACCUMULATED = (aten.mm.default, aten.sum.dim_IntList)
-
-
-def _accumulate_key(term: fx.Node, cpu_fp32_mm: bool) -> tuple | None:
-    """Addends accumulated in place together share a key; None for anything else. While
-    ``cpu_fp32_mm`` is False (MKL products): CPU fp32 ``mm`` products and row sums (the
-    bias gradients), maybe viewed, that nothing else reads."""
-    if cpu_fp32_mm or term.op != "call_function":
-        return None
-    op, view = _product(term)
-    if op.op != "call_function" or op.target not in _ACCUMULATED or len(op.users) != 1 or op.kwargs:
-        return None
-    if op.target is aten.sum.dim_IntList and not (
-            _val(op.args[0]).dim() == 2 and list(op.args[1]) in ([0], [-2])):
-        return None  # only a bias gradient's sum over rows (other sums would need their input stored)
-    vals = [_val(a) for a in (op, *op.args) if isinstance(a, fx.Node)]
-    if not all(isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dtype == torch.float32
-               for v in vals):
-        return None
-    key = ("accumulate", op.target, _shape(vals[0]))
-    return key if view is None else (*key, view.target, _shape(_val(view)))
-
-
-def _accumulated(graph: fx.Graph, terms: list[fx.Node]) -> fx.Node:
-    """The sum of ``terms`` (one op, maybe viewed the same way) as the first op's result (in
-    graph order) with the others added into it in place, each where its op was: a product
-    as ``addmm_`` (no product of its own), a row sum with ``add_`` after it. Its operands
-    are then fresh in cache, and the sum is read (after every addition) only by the sum
-    tree's users. (``torch.addmm(acc, a, b)``, what inductor makes of such a sum, first
-    copies acc into its new output: for the projection's (3286, 300) weight gradient that
-    copy costs about a fifth of a B-row product, ``benchmarks/accumulate.py``.)"""
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    first, *rest = sorted((_product(t)[0] for t in terms), key=order.__getitem__)
-    for op in rest:
-        if op.target is aten.mm.default:
-            with graph.inserting_before(op):
-                _call(graph, aten.addmm_.default, first, *op.args)
-        else:
-            with graph.inserting_after(op):
-                _call(graph, aten.add_.Tensor, first, op)
-    view = _product(terms[0])[1]
-    return first if view is None else _call(graph, view.target, first, *view.args[1:])
 
 
 def _call(graph: fx.Graph, target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
@@ -183,8 +137,7 @@ def _stacked(graph: fx.Graph, terms: list[fx.Node]) -> fx.Node:
 def stack_products(graph: fx.Graph, cpu_fp32_mm: bool = True) -> int:
     """Rewrite every sum of ≥ 2 stackable products in ``graph``; returns how many sums changed.
 
-    ``cpu_fp32_mm`` False accumulates sums of CPU fp32 ``aten.mm`` (and of row sums) in place
-    instead of stacking them (``stacks_cpu_fp32_mm``, ``_accumulated``)."""
+    ``cpu_fp32_mm`` False leaves sums of CPU fp32 ``aten.mm`` alone (``stacks_cpu_fp32_mm``)."""
     changed = 0
     for root in reversed(list(graph.nodes)):  # outermost sums first: inner ones are absorbed
         if not _is_sum(root):
@@ -194,18 +147,15 @@ def stack_products(graph: fx.Graph, cpu_fp32_mm: bool = True) -> int:
         terms = _terms(root)
         groups: dict[tuple, list[fx.Node]] = {}
         for term in terms:
-            if not isinstance(term, fx.Node):
-                continue
-            key = _accumulate_key(term, cpu_fp32_mm) or _group_key(term)
+            key = _group_key(term, cpu_fp32_mm) if isinstance(term, fx.Node) else None
             if key is not None:
                 groups.setdefault(key, []).append(term)
-        stackable = [(key, g) for key, g in groups.items() if len(g) >= 2]
+        stackable = [g for g in groups.values() if len(g) >= 2]
         if not stackable:
             continue
         with graph.inserting_before(root):
-            stacked_terms = {id(p) for _, g in stackable for p in g}
-            new = [_accumulated(graph, g) if key[0] == "accumulate" else _stacked(graph, g)
-                   for key, g in stackable]
+            stacked_terms = {id(p) for g in stackable for p in g}
+            new = [_stacked(graph, g) for g in stackable]
             new += [t for t in terms if id(t) not in stacked_terms]
             total = new[0]
             for term in new[1:]:
@@ -221,9 +171,8 @@ def stacks_cpu_fp32_mm() -> bool:
     are MKL's (``gemm.backend()`` "aten", the default on Intel processors). There MKL forms the
     T products of B rows about as fast as one of T·B rows, and gathering the stacked operands
     costs more than it saves (mnist-captions on an Intel Xeon: compiled training 1.04–1.09×
-    faster without any stacking, coco32 unchanged; ``docs/performance.md``); such sums are
-    accumulated in place instead. oneDNN's weight gradients, batched products and bf16 sums are
-    stacked either way."""
+    faster without any stacking, coco32 unchanged; ``docs/performance.md``). oneDNN's weight
+    gradients, batched products and bf16 sums are stacked either way."""
     return gemm.backend() != "aten"
 
 
@@ -239,8 +188,32 @@ class StackProducts(CustomGraphPass):
         return get_hash_for_files((__file__, gemm.__file__)) + gemm.backend().encode()
 
 
-def compile(model: Any, **kwargs: Any) -> Any:  # noqa: A001 - mirrors torch.compile
-    """``torch.compile(model, **kwargs)`` with ``StackProducts`` as inductor's first post-grad pass."""
+# inductor's C++ wrapper: the generated code calls its kernels from C++, not Python (built
+# apart from the kernels: built together, the model's wrapper took longer than 15 minutes)
+CPP_WRAPPER = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
+
+
+def on_cpu(model: Any) -> bool:
+    """Whether ``model`` (a module, a module's bound method or a plain function) computes on
+    the CPU: all of its module's parameters are there (a function without one counts as CPU)."""
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
+    if not isinstance(module, torch.nn.Module):
+        return True
+    return all(p.device.type == "cpu" for p in module.parameters())
+
+
+def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any:  # noqa: A001 - mirrors torch.compile
+    """``torch.compile(model, **kwargs)`` with ``StackProducts`` as inductor's first post-grad pass.
+
+    ``cpp_wrapper`` (None: when ``on_cpu(model)``) compiles with inductor's C++ wrapper
+    (``CPP_WRAPPER``): a step of mnist-captions runs a few thousand kernels and products, and
+    calling them from the generated Python code cost the Intel Xeon's compiled training 1.05×
+    (sampling 1.04×) against calling them from C++ (``docs/performance.md``); a cold compile
+    takes about 1.4× as long, a compile from inductor's cache as long as without.
+    """
     # before inductor's patterns: they fold mm + C into addmm, hiding bf16 sums (module docstring)
-    options = {"post_grad_custom_pre_pass": StackProducts(), **kwargs.pop("options", {})}
+    options = {"post_grad_custom_pre_pass": StackProducts()}
+    if cpp_wrapper if cpp_wrapper is not None else on_cpu(model):
+        options |= CPP_WRAPPER
+    options |= kwargs.pop("options", {})
     return torch.compile(model, options=options, **kwargs)
