@@ -13,7 +13,7 @@ after a first, timed call), so both see the same machine; the waiting one sleeps
 With ``--compile`` each tree first compiles in a worker of its own, which then exits, and the
 timed workers load the graphs from inductor's cache: a worker that compiled cold was measured
 3–5 % slower than one that loaded the same code from the cache (``--no-warm-cache`` skips
-this). Other processes' load is measured as in ``throughput.py``, over
+this; ``recompiled`` in the JSON, and a warning, tells when a timed worker still compiled). Other processes' load is measured as in ``throughput.py``, over
 the timed rounds only (``busy`` in the JSON, and a warning). ``--inductor-a`` / ``--inductor-b KEY=VALUE`` set
 ``torch._inductor.config`` entries in one worker before it compiles (VALUE as JSON, else a
 string), so the same tree can also be compared with itself under other compiler settings;
@@ -57,7 +57,8 @@ def inductor_settings(items: list[str]) -> dict:
 
 def worker(tree: Path, args: argparse.Namespace, inductor: dict) -> None:
     """Serve steps of ``tree``'s library model: say where its ``aligndraw`` came from, then read a
-    phase name per line and print the step's wall and CPU seconds.
+    phase name per line and print the step's wall and CPU seconds and how many graphs inductor
+    compiled so far (its graph cache's misses).
 
     In a worker process its own settings are the "a" ones (``--inductor-a``, ``--plain-a``,
     ``--gemm-a``)."""
@@ -89,7 +90,8 @@ def worker(tree: Path, args: argparse.Namespace, inductor: dict) -> None:
     for line in sys.stdin:
         wall, cpu = time.perf_counter(), time.process_time()
         getattr(variant, f"{line.strip()}_step")()
-        print(time.perf_counter() - wall, time.process_time() - cpu, flush=True)
+        misses = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_miss"]
+        print(time.perf_counter() - wall, time.process_time() - cpu, misses, flush=True)
 
 
 class _Worker:
@@ -103,7 +105,7 @@ class _Worker:
         cmd += ["--compile"] * args.compile + ["--smoke"] * args.smoke + ["--plain-a"] * plain
         cmd += [f"--inductor-a={item}" for item in inductor]
         cmd += ["--gemm-a", gemm] if gemm else []
-        self.name, self.worker_cpu_s = name, 0.0
+        self.name, self.worker_cpu_s, self.compiled_graphs = name, 0.0, 0
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.pids = (self.proc.pid,)
         # its product backend and where its aligndraw came from
@@ -118,7 +120,8 @@ class _Worker:
     def _step(self, phase: str) -> None:
         self.proc.stdin.write(phase + "\n")
         self.proc.stdin.flush()
-        self.worker_cpu_s = float(self._read().split()[1])  # the wall time is the caller's
+        fields = self._read().split()  # the wall time is the caller's
+        self.worker_cpu_s, self.compiled_graphs = float(fields[1]), int(fields[2])
 
     def train_step(self) -> None:
         self._step("train")
@@ -132,7 +135,8 @@ class _Worker:
 
 
 def compare(args: argparse.Namespace) -> dict:
-    """Both workers, first calls (compile) timed, then ``round_robin``; medians and pairs."""
+    """With --compile a warm-up worker per tree first; then both timed workers, first calls
+    timed, then ``round_robin``; medians and pairs."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's benchmarks
     import torch
 
@@ -156,18 +160,20 @@ def compare(args: argparse.Namespace) -> dict:
                 warm_up_s[name] = timed(lambda w=w: (w.train_step(), w.sample_step()), cpu)
             finally:
                 w.close()
-    workers = [start(name) for name in ("a", "b")]
+    workers: list[_Worker] = []
     result: dict = {"a": str(args.a), "b": str(args.b), "compile": args.compile, "preset": args.preset,
                     "precision": args.precision, "plain_a": args.plain_a, "plain_b": args.plain_b,
                     "inductor_a": inductor_settings(args.inductor_a),
                     "inductor_b": inductor_settings(args.inductor_b)}
     result |= {f"warm_up_{name}_s": seconds for name, seconds in warm_up_s.items()}
-    result |= {f"{w.name}_package": w.package for w in workers}
-    result |= {f"{w.name}_gemm": w.gemm for w in workers}
     loads = []  # other processes' cores per phase, over the timed rounds only: a compile's
     try:        # worker processes (children of a worker) would count as others
+        for name in ("a", "b"):
+            workers.append(start(name))
+        result |= {f"{w.name}_package": w.package for w in workers}
+        result |= {f"{w.name}_gemm": w.gemm for w in workers}
         for phase in PHASES:
-            for w in workers:  # with --compile: the compile
+            for w in workers:  # with --compile: loading the graphs (or, without the warm-up, the compile)
                 result[f"{phase}_{w.name}_first_s"] = timed(getattr(w, f"{phase}_step"), cpu)
             with OtherLoad(own_pids=[w.pids[0] for w in workers]) as others:
                 walls, _ = round_robin(workers, phase, 1, args.repeats, cpu)
@@ -176,6 +182,11 @@ def compare(args: argparse.Namespace) -> dict:
     finally:
         for w in workers:
             w.close()
+    if warm_up_s:  # graphs a timed worker compiled although its warm-up had
+        result["recompiled"] = {w.name: w.compiled_graphs > 0 for w in workers}
+        for name in (n for n, again in result["recompiled"].items() if again):
+            print(f"WARNING: worker {name} compiled again after its warm-up (inductor's cache "
+                  "did not serve its graphs): it may run slower than a worker that loaded them")
     result["other_processes_cores"] = None if None in loads else max(loads)
     load = result["other_processes_cores"]
     result["busy"] = load is not None and load > BUSY_CORES
@@ -237,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                 "cpp_wrapper_build_separate, cpp.threads)")
     if (args.plain_a or args.plain_b) and not args.compile:
         p.error("--plain-a / --plain-b choose how to compile: add --compile")
+    if args.no_warm_cache and not args.compile:
+        p.error("--no-warm-cache concerns compiled graphs: add --compile")
     if args.worker is not None:
         worker(args.worker, args, settings["a"])
         return None

@@ -268,6 +268,8 @@ def test_ab_trees_compiles_each_tree_first_in_a_process_of_its_own() -> None:
     report = last_json(run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--smoke",
                                      "--compile", "--repeats", "1", "--threads", "1"))
     assert report["compile"] and report["warm_up_a_s"] > 0 and report["warm_up_b_s"] > 0
+    # the timed workers loaded what the warm-up compiled (they did not compile again)
+    assert report["recompiled"] == {"a": False, "b": False}
     for phase in ("train", "sample"):
         assert report[f"{phase}_a_median_ms"] > 0 and report[f"{phase}_b_median_ms"] > 0
 
@@ -321,8 +323,9 @@ def test_ab_trees_checks_inductor_settings(setting: str, message: str) -> None:
     assert proc.returncode == 2 and message in proc.stderr
 
 
-def test_ab_trees_plain_compile_needs_compile() -> None:
-    proc = run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--plain-b")
+@pytest.mark.parametrize("flag", ["--plain-b", "--no-warm-cache"])
+def test_ab_trees_compile_flags_need_compile(flag) -> None:
+    proc = run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), flag)
     assert proc.returncode == 2 and "add --compile" in proc.stderr
 
 

@@ -221,7 +221,8 @@ def test_models_on_the_cpu_compile_with_the_cpp_wrapper(monkeypatch):
     compiler.compile(lambda x: x * 2)
     compiler.compile(model, cpp_wrapper=False)
     compiler.compile(model, options={"cpp_wrapper": False})  # the caller's options last
-    assert [o.get("cpp_wrapper") for o in seen] == [True, True, True, None, False]
+    compiler.compile(model, options=None)
+    assert [o.get("cpp_wrapper") for o in seen] == [True, True, True, None, False, True]
     assert all(isinstance(o["post_grad_custom_pre_pass"], compiler.StackProducts) for o in seen)
     assert seen[0]["cpp_wrapper_build_separate"]
 
@@ -231,3 +232,5 @@ def test_on_cpu_looks_at_the_modules_parameters():
     assert compiler.on_cpu(model) and compiler.on_cpu(model.forward) and compiler.on_cpu(len)
     model.to("meta")  # any other device
     assert not compiler.on_cpu(model) and not compiler.on_cpu(model.forward)
+    norm = torch.nn.BatchNorm1d(3, affine=False)  # buffers only
+    assert compiler.on_cpu(norm) and not compiler.on_cpu(norm.to("meta"))

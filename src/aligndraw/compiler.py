@@ -189,31 +189,34 @@ class StackProducts(CustomGraphPass):
 
 
 # inductor's C++ wrapper: the generated code calls its kernels from C++, not Python (built
-# apart from the kernels: built together, the model's wrapper took longer than 15 minutes)
-CPP_WRAPPER = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
+# apart from the kernels: built together, the model's wrapper took longer than 15 minutes;
+# a PyTorch without that setting compiles without the wrapper)
+CPP_WRAPPER = ({"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
+               if hasattr(torch._inductor.config, "cpp_wrapper_build_separate") else {})
 
 
 def on_cpu(model: Any) -> bool:
-    """Whether ``model`` (a module, a module's bound method or a plain function) computes on
-    the CPU: all of its module's parameters are there (a function without one counts as CPU)."""
+    """Whether ``model`` (a module or a module's bound method) computes on the CPU: all of its
+    module's parameters and buffers are there. Any other callable counts as CPU (pass
+    ``cpp_wrapper`` to ``compile`` for one that wraps a model elsewhere)."""
     module = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
     if not isinstance(module, torch.nn.Module):
         return True
-    return all(p.device.type == "cpu" for p in module.parameters())
+    return all(t.device.type == "cpu" for t in (*module.parameters(), *module.buffers()))
 
 
 def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any:  # noqa: A001 - mirrors torch.compile
     """``torch.compile(model, **kwargs)`` with ``StackProducts`` as inductor's first post-grad pass.
 
     ``cpp_wrapper`` (None: when ``on_cpu(model)``) compiles with inductor's C++ wrapper
-    (``CPP_WRAPPER``): a step of mnist-captions runs a few thousand kernels and products, and
-    calling them from the generated Python code cost the Intel Xeon's compiled training 1.05×
-    (sampling 1.04×) against calling them from C++ (``docs/performance.md``); a cold compile
-    takes about 1.4× as long, a compile from inductor's cache as long as without.
+    (``CPP_WRAPPER``): a step of mnist-captions makes a few thousand kernel and product calls,
+    and making them from the generated Python code cost the Intel Xeon's compiled training
+    1.05× (sampling 1.04×) against making them from C++ (``docs/performance.md``). A cold
+    compile also builds the wrapper; loading from inductor's cache takes as long as without.
     """
     # before inductor's patterns: they fold mm + C into addmm, hiding bf16 sums (module docstring)
     options = {"post_grad_custom_pre_pass": StackProducts()}
     if cpp_wrapper if cpp_wrapper is not None else on_cpu(model):
         options |= CPP_WRAPPER
-    options |= kwargs.pop("options", {})
+    options |= kwargs.pop("options", None) or {}
     return torch.compile(model, options=options, **kwargs)
