@@ -13,8 +13,9 @@ after a first, timed call), so both see the same machine; the waiting one sleeps
 With ``--compile`` each tree first compiles in a worker of its own, which then exits, and the
 timed workers load the graphs from inductor's cache: a worker that compiled cold was measured
 3–5 % slower than one that loaded the same code from the cache (``--no-warm-cache`` skips
-this; ``recompiled`` in the JSON, and a warning, tells when a timed worker still compiled). Other processes' load is measured as in ``throughput.py``, over
-the timed rounds only (``busy`` in the JSON, and a warning). ``--inductor-a`` / ``--inductor-b KEY=VALUE`` set
+this; ``recompiled`` in the JSON, and a warning, tells when a timed worker still compiled).
+Other processes' load is measured as in ``throughput.py``, over the timed rounds only
+(``busy`` in the JSON, and a warning). ``--inductor-a`` / ``--inductor-b KEY=VALUE`` set
 ``torch._inductor.config`` entries in one worker before it compiles (VALUE as JSON, else a
 string), so the same tree can also be compared with itself under other compiler settings;
 ``--plain-a`` / ``--plain-b`` compile that worker's model with plain ``torch.compile``, without
