@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.accumulate import weight_shapes  # noqa: E402
 from benchmarks.flops import flops_per_image  # noqa: E402
 from benchmarks.naive_reference import (  # noqa: E402
     NaiveAlignDraw,
@@ -238,6 +239,9 @@ def test_accumulate_benchmark_times_three_forms_of_a_weight_gradient_sum() -> No
     report = last_json(run_benchmark("accumulate.py", "--batch", "4", "--steps", "3", "--scale", "50",
                                      "--threads", "1", "--min-time", "0.01"))
     assert report["steps"] == 3
+    # the preset's weights, as the docs quote them
+    assert weight_shapes("mnist-captions") == (32, {"projection": (3286, 300), "encoder_input": (1200, 428),
+                                                    "decoder_z": (1200, 150)})
     for shape in ("projection", "encoder_input", "decoder_z"):
         for form in ("addmm_chain", "in_place", "stacked"):  # the same sum, three ways
             assert report[f"{shape}_{form}_eager_ms"] > 0
