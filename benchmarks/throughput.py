@@ -522,6 +522,8 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(threads)
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    if "bf16" in precisions and (why := gemm.bf16_warning(device)):
+        log(f"warning: {why}")
     cfg = model_config(args)
     flops = flops_per_image(cfg, args.caption_len, args.batch)
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -557,7 +559,8 @@ def main(argv: list[str] | None = None) -> dict:
         "busy": busy, "other_processes_cores": others.cores,
         "caption_len": args.caption_len, "threads": threads, "device": str(device),
         "cpu": platform.processor() or platform.machine(), "cpu_vendor": gemm.cpu_vendor(),
-        "gemm_backend": gemm.backend(), "flush_denormal": args.flush_denormal,
+        "gemm_backend": gemm.backend(), "cpu_bf16_native": gemm.cpu_bf16_native(),
+        "flush_denormal": args.flush_denormal,
         "subnormals_flushed": subnormals_flushed(),
         "torch": torch.__version__,
         "repeats": args.repeats, "warmup": args.warmup, "loadavg_before": load_before,

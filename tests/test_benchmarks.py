@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from aligndraw import gemm
 from aligndraw.config import ModelConfig, preset
 from aligndraw.model import AlignDraw
 
@@ -195,6 +196,7 @@ def test_throughput_gemm_baseline_and_both_fp32_peaks() -> None:
     expected = os.environ.get("ALIGNDRAW_CPU_GEMM", "").strip().lower() or (
         "aten" if report["cpu_vendor"] == "GenuineIntel" else "onednn")
     assert default == expected
+    assert report["cpu_bf16_native"] is gemm.cpu_bf16_native()
     other = {"aten": "onednn", "onednn": "aten"}[default]
     assert set(report["results"]) == {"library_fp32", f"library_{other}_fp32"}
     peak = report["peak_gflops"]

@@ -115,8 +115,9 @@ def test_onednn_weight_gradients_are_stacked_over_their_rows():
 
 
 def _eager_and_compiled_grads(monkeypatch, autocast: bool, backend: str = "onednn"):
-    """Parameter gradients of a small model, eager and through ``compiler.compile``, and how
-    many sums the pass rewrote in each compiled graph."""
+    """Parameter gradients of a small model, eager and through ``compiler.compile``, how
+    many sums the pass rewrote in each compiled graph, and the names of the ops a compiled
+    step calls."""
     config = tiny_config(lang_hidden=32, align_dim=64, enc_hidden=64, dec_hidden=64, z_dim=64)
     model = AlignDraw(config)
     with torch.no_grad():  # away from the zero init, so that every gradient is informative
@@ -138,7 +139,9 @@ def _eager_and_compiled_grads(monkeypatch, autocast: bool, backend: str = "onedn
         compiled = compiler.compile(model)
         got = torch.autograd.grad(compiled(images, tokens, lengths, noise=noise).loss,
                                   list(model.parameters()))
-    return want, got, changed
+        with torch.profiler.profile() as prof:  # the ops a compiled step calls, once compiled
+            compiled(images, tokens, lengths, noise=noise).loss.backward()
+    return want, got, changed, {e.name for e in prof.events()}
 
 
 BF16_TOLERANCE = 0.02  # bf16 rounds to 8 bits; eager and compiled sum in other orders (0.008 measured)
@@ -151,10 +154,12 @@ def _relative_distance(got, want) -> float:
 
 @needs_onednn
 def test_compiled_model_stacks_its_step_gradients_and_keeps_them_equal(monkeypatch):
-    want, got, changed = _eager_and_compiled_grads(monkeypatch, autocast=False)
+    want, got, changed, ops = _eager_and_compiled_grads(monkeypatch, autocast=False)
     # the backward graph: at least the four step-shared weights (projection, encoder input,
     # posterior, z's gates) and the context mix's values
     assert max(changed) >= 5
+    # the products call oneDNN's op directly, not the custom op's Python body
+    assert "mkldnn::_linear_pointwise" in ops and "aligndraw::onednn_linear" not in ops
     assert _relative_distance(got, want) <= 1e-5
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
@@ -165,7 +170,7 @@ def test_compiled_model_with_mkl_products_keeps_its_fp32_step_products_and_equal
     stack = compiler._stacked
     monkeypatch.setattr(compiler, "_stacked", lambda graph, terms: (
         stacked.append(compiler._product(terms[0])[0].target), stack(graph, terms))[1])
-    want, got, changed = _eager_and_compiled_grads(monkeypatch, autocast=False, backend="aten")
+    want, got, changed, _ = _eager_and_compiled_grads(monkeypatch, autocast=False, backend="aten")
     # the context mix's batched products are stacked, no fp32 mm sum is
     assert torch.ops.aten.bmm.default in stacked and torch.ops.aten.mm.default not in stacked
     assert _relative_distance(got, want) <= 1e-5
@@ -176,7 +181,7 @@ def test_compiled_model_with_mkl_products_keeps_its_fp32_step_products_and_equal
 def test_compiled_model_stacks_its_bf16_step_gradients(monkeypatch):
     # under autocast the per-step products are bf16 ``mm``s, which inductor's patterns would
     # fold into addmm chains had the pass run after them (it then rewrote nothing)
-    want, got, changed = _eager_and_compiled_grads(monkeypatch, autocast=True)
+    want, got, changed, _ = _eager_and_compiled_grads(monkeypatch, autocast=True)
     assert max(changed) >= 4  # projection, encoder input, posterior, z's gates
     assert _relative_distance(got, want) <= BF16_TOLERANCE
 

@@ -197,3 +197,25 @@ def test_the_model_runs_its_products_through_the_chosen_backend():
     # per-parameter check against the naive model, perturbed weights, is the "wide" config of
     # tests/test_benchmarks.py)
     assert (flat["onednn"] - flat["aten"]).norm() <= 1e-5 * flat["aten"].norm()
+
+
+def test_bf16_warning_only_on_cpus_without_native_bf16_products(monkeypatch):
+    monkeypatch.setattr(gemm, "cpu_bf16_native", lambda: False)
+    why = gemm.bf16_warning("cpu")
+    assert "no native bf16 matrix products" in why and "fp32" in why
+    assert gemm.bf16_warning(torch.device("cuda")) is None  # not a CPU: oneDNN is not asked
+    monkeypatch.setattr(gemm, "cpu_bf16_native", lambda: True)
+    assert gemm.bf16_warning("cpu") is None
+
+
+def test_cpu_bf16_native_agrees_with_the_processor_flags():
+    flags = set()
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    if {"avx512bw", "avx512vl", "avx512dq"} <= flags:
+        assert gemm.cpu_bf16_native()  # oneDNN's AVX-512 (and AMX) bf16 kernels
+    elif "avx2" in flags and "avx512f" not in flags:
+        assert not gemm.cpu_bf16_native()  # an AVX2-only x86 processor: the scalar fallback

@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from aligndraw import gemm
 from aligndraw.config import TrainConfig
 from aligndraw.model import AlignDraw
 from aligndraw.trainer import (
@@ -229,3 +230,17 @@ def test_two_processes_average_to_the_full_batch_gradient(tmp_path):
             torch.testing.assert_close(rank["params"][name], p.detach(), rtol=0, atol=0)
             torch.testing.assert_close(rank["grads"][name], p.grad, rtol=1e-10, atol=1e-14)
     assert float(model.canvas0.grad.abs().max()) > 0  # the comparison is not between zeros
+
+
+def test_bf16_on_a_cpu_without_native_bf16_products_is_warned_about(tmp_path, synthetic_data,
+                                                                     monkeypatch, caplog):
+    config = tiny_run_config(precision="bf16")
+    monkeypatch.setattr(gemm, "cpu_bf16_native", lambda: False)
+    with caplog.at_level("WARNING", logger="aligndraw.train"):
+        Trainer(config, tmp_path / "slow", data=synthetic_data(config), progress_bar=False)
+    assert any("no native bf16 matrix products" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    monkeypatch.setattr(gemm, "cpu_bf16_native", lambda: True)
+    with caplog.at_level("WARNING", logger="aligndraw.train"):
+        Trainer(config, tmp_path / "fast", data=synthetic_data(config), progress_bar=False)
+    assert not any("bf16" in r.getMessage() for r in caplog.records)

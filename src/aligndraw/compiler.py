@@ -27,6 +27,7 @@ output/input size.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -195,6 +196,26 @@ CPP_WRAPPER = ({"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
                if hasattr(torch._inductor.config, "cpp_wrapper_build_separate") else {})
 
 
+@functools.cache
+def lower_onednn_linear() -> bool:
+    """Have inductor call oneDNN's own op for ``aligndraw::onednn_linear`` (one extern kernel,
+    called from the C++ wrapper through PyTorch's dispatcher) rather than the custom op, whose
+    body is Python: per product that cost 233 µs of CPU on an AVX2 AMD EPYC (61 ms of a
+    compiled training step's 1125, 262 calls; ``docs/performance.md``). Same oneDNN call, same
+    operands (the op keeps its traced strides). Registered once; False where this PyTorch's
+    inductor lacks the hooks used (the custom op then runs as before)."""
+    try:
+        from torch._inductor.lowering import fallback_handler, register_lowering
+    except ImportError:  # another PyTorch's inductor
+        return False
+    pointwise = fallback_handler(torch.ops.mkldnn._linear_pointwise.default,
+                                 add_to_fallback_set=False)
+    # replaces the plain fallback that an earlier torch.compile may have registered for the op
+    register_lowering(torch.ops.aligndraw.onednn_linear.default, type_promotion_kind=None)(
+        lambda x, weight, bias: pointwise(x, weight, bias, "none", [], ""))
+    return True
+
+
 def on_cpu(model: Any) -> bool:
     """Whether ``model`` (a module or a module's bound method) computes on the CPU: all of its
     module's parameters and buffers are there. Any other callable counts as CPU (pass
@@ -216,6 +237,7 @@ def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any: 
     """
     # before inductor's patterns: they fold mm + C into addmm, hiding bf16 sums (module docstring)
     options = {"post_grad_custom_pre_pass": StackProducts()}
+    lower_onednn_linear()
     if cpp_wrapper if cpp_wrapper is not None else on_cpu(model):
         options |= CPP_WRAPPER
     options |= kwargs.pop("options", None) or {}

@@ -73,6 +73,24 @@ def _checked(name: str) -> str:
 _backend = _default_backend()
 
 
+def cpu_bf16_native() -> bool:
+    """Whether this CPU multiplies bf16 matrices with oneDNN's vector kernels (AVX-512 or
+    AMX on x86, bf16 instructions on ARM). Without them (e.g. an AVX2-only processor) PyTorch
+    multiplies bf16 with a scalar fallback: on an AVX2-only AMD EPYC, 0.29 GFLOP/s against
+    89 for fp32 (``benchmarks/throughput.py``'s peak), so bf16 autocast is far slower there."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def bf16_warning(device: torch.device | str) -> str | None:
+    """A message saying why bf16 autocast on ``device`` would be slow, or None if it is not
+    (any non-CPU device, or a CPU with native bf16 products)."""
+    if torch.device(device).type != "cpu" or cpu_bf16_native():
+        return None
+    return ("bf16 autocast asked for, but this CPU has no native bf16 matrix products "
+            "(oneDNN needs AVX-512 or AMX on x86): PyTorch multiplies bf16 here with a scalar "
+            "fallback, hundreds of times slower than fp32; use precision fp32 on this machine")
+
+
 def backend() -> str:
     """The CPU fp32 GEMM backend in use: ``"onednn"`` or ``"aten"`` (PyTorch's default BLAS)."""
     return _backend
@@ -107,7 +125,10 @@ def uses_onednn(x: Tensor, weight: Tensor) -> bool:
             and x.dim() >= 2 and x.numel() > 0)  # a single vector or an empty batch: plain
 
 
-@torch.library.custom_op("aligndraw::onednn_linear", mutates_args=())
+# needs_exact_strides (the default for custom ops, named so that inductor keeps it also under
+# ``aligndraw.compiler``'s lowering of the op): the operands keep their traced, dense strides
+@torch.library.custom_op("aligndraw::onednn_linear", mutates_args=(),
+                         tags=(torch.Tag.needs_exact_strides,))
 def _onednn_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 

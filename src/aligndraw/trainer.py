@@ -212,6 +212,8 @@ class Trainer:
         if config.train.batch_size % self.dist.world_size:
             raise ValueError(f"train.batch_size={config.train.batch_size} must divide evenly "
                              f"over {self.dist.world_size} processes")
+        if config.train.precision == "bf16" and (why := gemm.bf16_warning(self.device)):
+            log.warning(why)
         torch.manual_seed(config.train.seed)
         self.model = build_model(config.model).to(self.device)
         if self.dist.world_size > 1:
