@@ -76,8 +76,9 @@ _backend = _default_backend()
 def cpu_bf16_native() -> bool:
     """Whether this CPU multiplies bf16 matrices with oneDNN's vector kernels (AVX-512 or
     AMX on x86, bf16 instructions on ARM). Without them (e.g. an AVX2-only processor) PyTorch
-    multiplies bf16 with a scalar fallback: on an AVX2-only AMD EPYC, 0.29 GFLOP/s against
-    89 for fp32 (``benchmarks/throughput.py``'s peak), so bf16 autocast is far slower there."""
+    multiplies bf16 with a scalar fallback: on an AVX2-only AMD EPYC (Zen 3), 0.28 GFLOP/s
+    against 115–139 for fp32 (``benchmarks/throughput.py``'s peaks), so bf16 autocast is
+    hundreds of times slower there."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
