@@ -197,23 +197,22 @@ CPP_WRAPPER = ({"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
 
 
 @functools.cache
-def lower_onednn_linear() -> bool:
+def lower_onednn_linear() -> None:
     """Have inductor call oneDNN's own op for ``aligndraw::onednn_linear`` (one extern kernel,
     called from the C++ wrapper through PyTorch's dispatcher) rather than the custom op, whose
     body is Python: per product that cost 233 µs of CPU on an AVX2 AMD EPYC (61 ms of a
     compiled training step's 1125, 262 calls; ``docs/performance.md``). Same oneDNN call, same
-    operands (the op keeps its traced strides). Registered once; False where this PyTorch's
-    inductor lacks the hooks used (the custom op then runs as before)."""
+    operands (the op keeps its traced strides). Registered once; where this PyTorch's inductor
+    lacks the hooks used, nothing is registered and the custom op runs as before."""
     try:
         from torch._inductor.lowering import fallback_handler, register_lowering
     except ImportError:  # another PyTorch's inductor
-        return False
+        return
     pointwise = fallback_handler(torch.ops.mkldnn._linear_pointwise.default,
                                  add_to_fallback_set=False)
     # replaces the plain fallback that an earlier torch.compile may have registered for the op
     register_lowering(torch.ops.aligndraw.onednn_linear.default, type_promotion_kind=None)(
         lambda x, weight, bias: pointwise(x, weight, bias, "none", [], ""))
-    return True
 
 
 def on_cpu(model: Any) -> bool:
