@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--naive", action="store_true", help="profile the naive reference instead")
     p.add_argument("--compile", action="store_true", help="profile the library under torch.compile")
     p.add_argument("--shapes", action="store_true",
-                   help="also a table of the products (mm, addmm, bmm, baddbmm) by input shape")
+                   help="also a table of the products (mm, addmm, bmm, baddbmm) and copies by input shape")
     p.add_argument("--trace-dir", type=Path, default=None, help="write Chrome traces here")
     p.add_argument("--smoke", action="store_true", help="tiny config and batch (for CI)")
     args = p.parse_args(argv)
@@ -64,21 +64,22 @@ def op_counts(prof: profile) -> dict[str, int]:
 
 
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+SHAPED = PRODUCTS + ("aten::copy_",)  # copies too: a layout change shows up as one
 
 
 def product_shapes(prof: profile, device: torch.device) -> list[dict]:
-    """The products' time by op and input shapes, largest first: name, shapes, calls, ms."""
+    """The products' and copies' time by op and input shapes, largest first: name, shapes, calls, ms."""
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     rows = [{"name": e.key, "shapes": str(e.input_shapes), "calls": e.count,
              "ms": getattr(e, attr) / 1e3}
-            for e in prof.key_averages(group_by_input_shape=True) if e.key in PRODUCTS]
+            for e in prof.key_averages(group_by_input_shape=True) if e.key in SHAPED]
     return sorted(rows, key=lambda r: -r["ms"])
 
 
 def print_product_shapes(prof: profile, device: torch.device) -> None:
     rows = product_shapes(prof, device)
     total = sum(r["ms"] for r in rows)
-    print(f"products by input shape ({total:.1f} ms in all):")
+    print(f"products and copies by input shape ({total:.1f} ms in all):")
     for r in rows:
         print(f"  {r['ms']:8.2f} ms  {r['calls']:5d} calls  {r['ms'] * 1e3 / r['calls']:8.1f} µs each  "
               f"{r['name']:14s} {r['shapes']}")

@@ -105,6 +105,29 @@ def test_write_onto_equals_canvas_plus_write(channels):
                                     w.gamma.float()).dtype == torch.float32
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_write_sum_equals_the_steps_written_one_by_one(channels):
+    b, t, h, w, m = 3, 5, 10, 12, 4
+    params = _random_window(batch=b * t, seed=4)
+    win = attention.window_params(params, h, w, m)
+    fx, fy = attention.filterbanks(win, h, w, m)  # (B·T, M, W), (B·T, M, H)
+    patches = torch.rand(b, t, channels, m, m, dtype=torch.float64)
+    canvas = torch.randn(b, channels, h, w, dtype=torch.float64)
+    gamma = win.gamma.view(b, t)
+    fx, fy = fx.view(b, t, m, w), fy.view(b, t, m, h)
+    out = attention.write_sum(canvas, patches, fx, fy, gamma)
+    expected = canvas.clone()
+    for step in range(t):  # the sampling loop's order: c_t = c_{t−1} + write_t
+        expected = expected + attention.write(patches[:, step], fx[:, step], fy[:, step], gamma[:, step])
+    assert out.shape == canvas.shape
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert (out - canvas).abs().max() > 0.1  # the patches were added
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the canvas keeps its precision
+        low = attention.write_sum(canvas.float(), patches.float(), fx.float(), fy.float(), gamma.float())
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low.double(), expected, rtol=2e-2, atol=2e-2)
+
+
 def _narrow_windows(dtype):
     """Narrow filters (σ² from 0.05 to 2) at spread-out centres on a 60-pixel axis: their far
     weights fall through fp32's subnormal range (e^u for u down to about −57,000)."""

@@ -95,10 +95,13 @@ def test_sample_shapes_ranges_and_seeded_determinism(tiny):
     # Padding positions receive no attention.
     mask = torch.arange(6)[None] < lengths[:, None]
     assert (s1.alignments.permute(1, 0, 2)[:, ~mask] == 0).all()
-    # history=False: the same images and alignments, no per-step canvases.
+    # history=False: the same images (the T writes summed in one product: another order of
+    # fp32 additions) and alignments, no per-step canvases.
     s4 = model.sample(tokens, lengths, generator=torch.Generator().manual_seed(7), history=False)
     assert s4.canvases is None
-    assert torch.equal(s4.images, s1.images) and torch.equal(s4.alignments, s1.alignments)
+    torch.testing.assert_close(s4.images, s1.images, rtol=1e-5, atol=1e-6)
+    assert torch.equal(s4.alignments, s1.alignments)
+    assert torch.equal(s4.write_windows, s1.write_windows)
 
 
 def test_sample_uses_the_prior_not_the_encoder(tiny):

@@ -194,6 +194,35 @@ def write_onto(canvas: Tensor, patch: Tensor, f_x: Tensor, f_y: Tensor, gamma: T
     return out.view(b, c, h, w)
 
 
+def write_sum(canvas: Tensor, patches: Tensor, f_x: Tensor, f_y: Tensor, gamma: Tensor) -> Tensor:
+    """canvas + Σ_t write(patch_t, f_x_t, f_y_t, γ_t): T steps' writes as one product per image.
+
+    The sum over steps and each write's sum over its M patch rows are one contraction of
+    length T·M: c + [F̂_y1ᵀ … F̂_yTᵀ]·[(w_1/γ_1)F̂_x1; …; (w_T/γ_T)F̂_xT], per image and
+    channel. For when nothing reads the canvas between steps (sampling without history): one
+    (H × T·M)·(T·M × W) product instead of T products with M = 8 terms each.
+
+    Args:
+        canvas: (B, C, H, W). patches: (B, T, C, M, M). f_x: (B, T, M, W). f_y: (B, T, M, H).
+        gamma: (B, T).
+
+    Returns:
+        (B, C, H, W). Under autocast the canvas is added in its own precision, as in
+        ``write_onto``.
+    """
+    b, c, h, w = canvas.shape
+    t, m = patches.shape[1], patches.shape[-1]
+    scaled = patches.transpose(1, 2) / gamma[:, None, :, None, None]  # (B, C, T, M, M)
+    right = (scaled @ f_x[:, None]).reshape(b * c, t * m, w)  # (B·C, T·M, W)
+    left = f_y.reshape(b, t * m, h).transpose(1, 2)  # (B, H, T·M), a view
+    if c > 1:
+        left = left[:, None].expand(b, c, h, t * m).reshape(b * c, h, t * m)  # (B·C, H, T·M)
+    flat = canvas.reshape(b * c, h, w)  # (B·C, H, W)
+    if torch.is_autocast_enabled(canvas.device.type):
+        return (flat + torch.bmm(left, right)).view(b, c, h, w)
+    return torch.baddbmm(flat, left, right).view(b, c, h, w)
+
+
 def window_box(window: Window, n: int) -> Tensor:
     """The grid's extent as (x0, y0, x1, y1) in 0-based pixel coordinates, shape (B, 4).
 

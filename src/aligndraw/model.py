@@ -169,11 +169,16 @@ class AlignDraw(nn.Module):
         nn.init.constant_(self.canvas0, self.config.canvas_init)
 
     # ----------------------------------------------------------------------------- helpers
-    def _projection(self, with_encoder: bool) -> _Projection:
-        """Stack every linear map of h_dec into one weight (built once per call of forward)."""
+    def _projection(self, with_encoder: bool, with_write: bool = True) -> _Projection:
+        """Stack every linear map of h_dec into one weight (built once per call of forward).
+
+        ``with_write=False`` leaves out the write head and patch (``sample`` writes after the loop).
+        """
         parts: list[tuple[str, Tensor, Tensor | None]] = [
             ("write", self.write_head.weight, self.write_head.bias),
             ("patch", self.write_patch.weight, self.write_patch.bias),
+        ] if with_write else []
+        parts += [
             ("dec", self.dec_lstm.weight_hh, self.dec_lstm.bias_ih + self.dec_lstm.bias_hh),
             ("prior", self.prior.weight, self.prior.bias),
         ]
@@ -367,31 +372,57 @@ class AlignDraw(nn.Module):
         b = tokens.shape[0]
         h_lang, keys, mask = self.encode_captions(tokens, lengths)
         eps = self._noise(noise, b, h_lang, generator) * temperature
-        proj_fn = self._projection(with_encoder=False)
+        proj_fn = self._projection(with_encoder=False, with_write=False)
         dec_in = StepLinear(self.dec_lstm.weight_ih[:, :cfg.z_dim])
         context = self._context_step(keys, self.context_gates(h_lang), mask)
         st = self._initial_state(b)
+        canvas0 = st["canvas"]
         proj = proj_fn(self.h_dec0[None])  # (1, ·): h_dec_0 is the same for every image
-        # Filled in place: a list stacked after the loop costs a second full copy, and under
-        # torch.compile the stack recomputed every prefix sum c_0 + w_1 + … + w_t (O(T²)).
-        canvases = None
-        if history:
-            canvases = st["canvas"].new_empty(b, cfg.steps + 1, *st["canvas"].shape[1:])  # (B, T+1, C, H, W)
-            canvases[:, 0] = torch.sigmoid(st["canvas"])
-        alphas, boxes = [], []
+        h_decs, alphas = [], []
         for t in range(cfg.steps):
             mu_p, log_sigma_p = self._prior(proj, t)
             z = mu_p + log_sigma_p.exp() * eps[:, t]
             st, alpha = self._decode(st, proj, z, context, dec_in)
-            proj = proj_fn(st["h_dec"])
-            write_att = self._attention(proj, read=False)[0]
-            assert write_att is not None
-            st["canvas"] = self._write_onto(st["canvas"], proj, write_att)
-            if canvases is not None:
-                canvases[:, t + 1] = torch.sigmoid(st["canvas"])
+            h_decs.append(st["h_dec"])
             alphas.append(alpha)
-            boxes.append(attention.window_box(write_att.window, cfg.write_n))
-        images = canvases[:, -1] if canvases is not None else torch.sigmoid(st["canvas"])
+            if t + 1 < cfg.steps:
+                proj = proj_fn(st["h_dec"])
+        canvas, canvases, boxes = self._write_all(canvas0, torch.stack(h_decs, dim=1), history)
+        images = canvases[:, -1] if canvases is not None else torch.sigmoid(canvas)
         return DrawSample(images=images, canvases=canvases,
                           alignments=torch.stack(alphas, dim=1),  # (B, T, L)
-                          write_windows=torch.stack(boxes, dim=1))  # (B, T, 4)
+                          write_windows=boxes)  # (B, T, 4)
+
+    def _write_all(self, canvas: Tensor, h_dec: Tensor,
+                   history: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Every step's write, after the loop: sampling never reads the canvas in between.
+
+        The write heads of all T states are one product, their filterbanks one call, and
+        without history the T writes are one product per image (``attention.write_sum``).
+
+        Args:
+            canvas: (B, C, H, W) c_0. h_dec: (B, T, Dd) h_dec_1..h_dec_T.
+            history: also return σ(c_0), …, σ(c_T).
+
+        Returns:
+            c_T (B, C, H, W); σ(c_0..c_T) (B, T+1, C, H, W) or None; the write windows'
+            boxes (B, T, 4).
+        """
+        cfg = self.config
+        b, t = h_dec.shape[:2]
+        c, h, w, m = cfg.channels, cfg.height, cfg.width, cfg.write_n
+        weight = torch.cat([self.write_head.weight, self.write_patch.weight])  # (5 + C·M·M, Dd)
+        bias = torch.cat([self.write_head.bias, self.write_patch.bias])
+        params, patches = gemm.linear(h_dec, weight, bias).split([5, c * m * m], dim=-1)  # (B, T, ·)
+        window = attention.window_params(params.reshape(b * t, 5), h, w, m)  # fields (B·T,)
+        f_x, f_y = attention.filterbanks_batched([window], [m], h, w, cfg.filter_eps)[0]  # (B·T, M, W|H)
+        boxes = attention.window_box(window, m).view(b, t, 4)  # (B, T, 4)
+        patches = patches.reshape(b, t, c, m, m)  # (B, T, C, M, M)
+        if not history:
+            final = attention.write_sum(canvas, patches, f_x.view(b, t, m, w), f_y.view(b, t, m, h),
+                                        window.gamma.view(b, t))
+            return final, None, boxes
+        writes = attention.write(patches.reshape(b * t, c, m, m), f_x, f_y, window.gamma)  # (B·T, C, H, W)
+        # c_0, c_0 + w_1, (c_0 + w_1) + w_2, …: the loop's order of additions. (B, T+1, C, H, W)
+        canvases = torch.cat([canvas[:, None], writes.view(b, t, c, h, w)], dim=1).cumsum(dim=1)
+        return canvases[:, -1], torch.sigmoid(canvases), boxes
