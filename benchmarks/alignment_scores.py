@@ -1,12 +1,16 @@
-"""Alignment scores vᵀtanh(x) two ways, eager and under torch.compile.
+"""Alignment scores vᵀtanh(x) three ways, eager and under torch.compile.
 
     python benchmarks/alignment_scores.py [--batch 100] [--words 12] [--align 512] [--threads 1]
 
-Times ``torch.tanh(keys + query) @ v`` and the equal 2·vᵀσ(keys2 + query2) − Σv with
-keys2 = 2·keys and query2 = 2·query (``aligndraw.alignment.doubled_scores``, what the model
-runs: it doubles the keys once per caption and gets the query doubled from its fused
-projection) on one step's (B, L, A) tensors, each eagerly and compiled, and prints the medians
-(ms) and the largest absolute difference from the tanh form; one JSON line last.
+Times, on one step's (B, L, A) tensors, eagerly and compiled:
+- tanh: ``torch.tanh(keys + query) @ v``;
+- sigmoid: the equal 2·vᵀσ(keys2 + query2) − Σv with keys2 = 2·keys and query2 = 2·query
+  (``aligndraw.alignment.doubled_scores``; the model's form before the factored one);
+- factored: σ(keys2 + query2) as 1 / (1 + e^(−keys2)·e^(−query2)) with e^(−keys2) given
+  (``aligndraw.alignment.factored_scores``, what the model runs: the (B, L, A) exponentials
+  once per caption, ``key_factors``).
+Prints the medians (ms) and the largest absolute difference from the tanh form; one JSON line
+last.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aligndraw.alignment import doubled_scores  # noqa: E402
+from aligndraw.alignment import doubled_scores, factored_scores, key_factors  # noqa: E402
 from benchmarks.forms import compare_forms  # noqa: E402
 
 
@@ -31,6 +35,10 @@ def tanh_form(keys: torch.Tensor, query: torch.Tensor, v: torch.Tensor) -> torch
 
 def sigmoid_form(keys2: torch.Tensor, query2: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return doubled_scores(keys2 + query2[:, None, :], v)  # (B, L)
+
+
+def factored_form(factors: torch.Tensor, query2: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return factored_scores(factors, query2, v)  # (B, L)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     reference = tanh_form(keys, query, v)
     result: dict = {"shape": [args.batch, args.words, args.align], "threads": args.threads}
     result |= compare_forms([("tanh", tanh_form, (keys, query, v)),
-                             ("sigmoid", sigmoid_form, (2 * keys, 2 * query, v))],
+                             ("sigmoid", sigmoid_form, (2 * keys, 2 * query, v)),
+                             ("factored", factored_form, (key_factors(2 * keys), 2 * query, v))],
                             reference, lambda out, ref: float((out - ref).abs().max()), args.min_time)
     print(json.dumps(result))
     return result

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from aligndraw.alignment import Alignment, doubled_align_weights, doubled_scores, mean_context
+from aligndraw.alignment import (
+    Alignment,
+    doubled_scores,
+    factored_align_weights,
+    factored_scores,
+    key_factors,
+    mean_context,
+)
 from aligndraw.language import CaptionEncoder, padding_mask, reverse_index
 
 
@@ -14,7 +21,7 @@ def _setup(seed=0):
 
 
 def _weights(al, h_lang, h_dec, mask):
-    return doubled_align_weights(2 * al.keys(h_lang), 2 * al.W(h_dec), al.v.weight[0], mask)
+    return factored_align_weights(key_factors(2 * al.keys(h_lang)), 2 * al.W(h_dec), al.v.weight[0], mask)
 
 
 def test_alignment_weights_sum_to_one_over_real_words_only():
@@ -83,6 +90,52 @@ def test_doubled_scores_equal_tanh_scores():
     torch.testing.assert_close(doubled_scores(2 * x, v), ref)
     torch.testing.assert_close(doubled_scores(2 * x.float(), v.float()), ref.float(),
                                atol=1e-5, rtol=1e-5)
+
+
+def _tanh_scores(k, q, v):
+    return torch.tanh(k + q[:, None, :]) @ v  # (B, L)
+
+
+def test_factored_scores_and_gradients_equal_the_tanh_form():
+    g = torch.Generator().manual_seed(1)
+    k = (torch.randn(4, 7, 16, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    q = (torch.randn(4, 16, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    v = torch.randn(16, generator=g, dtype=torch.float64)
+    ref = _tanh_scores(k, q, v)
+    out = factored_scores(key_factors(2 * k), 2 * q, v)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad((ref * w).sum(), (k, q))
+    grads = torch.autograd.grad((out * w).sum(), (k, q))
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    low = factored_scores(key_factors(2 * k.detach().float()), 2 * q.detach().float(), v.float())
+    torch.testing.assert_close(low.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_factored_scores_hold_for_any_query_where_keys_are_within_31():
+    """The ±80 clamp on 2q only acts where σ is 1 in fp32 or below 1.5e-8 either way."""
+    g = torch.Generator().manual_seed(2)
+    k = (torch.rand(3, 5, 64, generator=g, dtype=torch.float64) * 2 - 1) * 31
+    q = torch.randn(3, 64, generator=g, dtype=torch.float64) * 500  # most beyond ±40
+    assert (q.abs() > 40).float().mean() > 0.9
+    v = torch.randn(64, generator=g, dtype=torch.float64)
+    ref = _tanh_scores(k, q, v)
+    out = factored_scores(key_factors(2 * k.float()), 2 * q.float(), v.float())
+    # Each of the 64 terms within 2·1.5e-8·|v| of the exact value, plus fp32 rounding.
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=64 * 3e-8 * float(v.abs().max()) + 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_factored_scores_stay_finite_for_extreme_pre_activations(dtype):
+    g = torch.Generator().manual_seed(3)
+    k = (torch.randn(3, 5, 32, generator=g, dtype=dtype) * 1e4).requires_grad_()
+    q = (torch.randn(3, 32, generator=g, dtype=dtype) * 1e4).requires_grad_()
+    v = torch.randn(32, generator=g, dtype=dtype)
+    out = factored_scores(key_factors(2 * k), 2 * q, v)
+    assert torch.isfinite(out).all() and (out.abs() <= v.abs().sum() + 1e-3).all()
+    grads = torch.autograd.grad(out.sum(), (k, q))
+    assert all(torch.isfinite(gr).all() for gr in grads)
 
 
 def _packed_reference(enc: CaptionEncoder, lstm: torch.nn.LSTM, tokens: torch.Tensor,

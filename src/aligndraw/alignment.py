@@ -6,8 +6,9 @@
 
 U h_lang_j + b does not depend on t, so ``Alignment.keys`` computes it once per caption and
 each step only adds the query W h_dec_{t−1} (which the model computes in its fused per-step
-projection of h_dec). Both come doubled, for the sigmoid form of the scores
-(``doubled_align_weights``).
+projection of h_dec). Both come doubled, for the sigmoid form of the scores, tanh(x) = 2σ(2x) − 1,
+and σ(2k + 2q) = 1 / (1 + e^(−2k)·e^(−2q)) takes its (B, L, A) exponentials once per caption
+(``key_factors``, ``factored_align_weights``).
 
 Symbols: B batch, L words, A alignment size, D2 = 2·D_lang.
 """
@@ -30,16 +31,49 @@ def doubled_scores(x2: Tensor, v: Tensor) -> Tensor:
     return (torch.sigmoid(x2) @ v) * 2 - v.sum()
 
 
-def doubled_align_weights(keys2: Tensor, query2: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """α_t: (B, L) weights summing to 1 over real words, from doubled keys and query.
+# Doubled pre-activations are clamped to ±FACTOR_BOUND before exp(−·): e^80 ≈ 5.5e34 is a normal
+# fp32 (and bf16) number (the largest is ≈ e^88.7), so neither factor overflows or vanishes.
+FACTOR_BOUND = 80.0
 
-    Args: keys2 (B, L, A) = 2·(U h_lang + b), doubled once per caption. query2 (B, A) =
-    2·W h_dec_{t−1}, doubled inside the model's fused projection. v (A,). mask (B, L) True on
-    real words. A step does one add, one sigmoid and one product over (B, L, A), as the
-    paper's tanh form would. (s_t = Σ_j α_j h_lang_j is never formed: the model mixes the
+
+def key_factors(keys2: Tensor) -> Tensor:
+    """e^(−keys2), once per caption: (B, L, A), for ``factored_scores``.
+
+    keys2 = 2·(U h_lang + b), clamped to ±``FACTOR_BOUND`` first (see ``factored_scores``).
+    """
+    return torch.exp(-keys2.clamp(-FACTOR_BOUND, FACTOR_BOUND))
+
+
+def factored_scores(factors: Tensor, query2: Tensor, v: Tensor) -> Tensor:
+    """vᵀ tanh(k + q) from e^(−2k) (``key_factors``) and 2q: (B, L, A), (B, A), (A,) → (B, L).
+
+    σ(2k + 2q) = 1 / (1 + e^(−2k)·e^(−2q)): with e^(−2k) computed once per caption, a step
+    takes B·A exponentials instead of B·L·A, and each (B, L, A) element is one product, one
+    sum and one division (``benchmarks/alignment_scores.py``). The scores are then
+    2·vᵀσ − Σv, as in ``doubled_scores``.
+
+    Exactness: both doubled pre-activations are clamped to ±80 so that the factors stay
+    finite and nonzero (no NaN, forward or backward). Where |k| ≤ 31 the result equals the
+    tanh form's to fp32 rounding whatever q is: a clamp on 2q then only acts where
+    |2k + 2q| > 18 either way, where σ is 1 in fp32 or below 1.5e-8. Only a unit whose key
+    and query both lie beyond ±31, with opposite signs, can differ (``tests/test_alignment.py``).
+    """
+    q = torch.exp(-query2.clamp(-FACTOR_BOUND, FACTOR_BOUND))  # (B, A)
+    # σ(2k + 2q), (B, L, A); in place on the one new tensor (eagerly: one allocation, not three)
+    s = (factors * q[:, None, :]).add_(1).reciprocal_()
+    return (s @ v) * 2 - v.sum()
+
+
+def factored_align_weights(factors: Tensor, query2: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """α_t: (B, L) weights summing to 1 over real words.
+
+    Args: factors (B, L, A) = ``key_factors(2·(U h_lang + b))``, once per caption. query2
+    (B, A) = 2·W h_dec_{t−1}, doubled inside the model's fused projection. v (A,). mask (B, L)
+    True on real words. A step does B·A exponentials and one product, one sum and one division
+    per (B, L, A) element. (s_t = Σ_j α_j h_lang_j is never formed: the model mixes the
     words' gate contributions instead, ``AlignDraw.context_gates``.)
     """
-    return masked_softmax(doubled_scores(keys2 + query2[:, None, :], v), mask)
+    return masked_softmax(factored_scores(factors, query2, v), mask)
 
 
 def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:

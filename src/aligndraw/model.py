@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from aligndraw import attention, gemm
-from aligndraw.alignment import Alignment, doubled_align_weights, uniform_weights
+from aligndraw.alignment import Alignment, factored_align_weights, key_factors, uniform_weights
 from aligndraw.config import ModelConfig
 from aligndraw.language import CaptionEncoder, lstm_update, padding_mask
 from aligndraw.losses import bernoulli_nll, gaussian_kl, gaussian_log_prob
@@ -183,7 +183,7 @@ class AlignDraw(nn.Module):
             ("prior", self.prior.weight, self.prior.bias),
         ]
         if self.alignment is not None:
-            # 2·W: the alignment takes its query doubled (``doubled_align_weights``); exact.
+            # 2·W: the alignment takes its query doubled (``factored_align_weights``); exact.
             parts.append(("query2", 2 * self.alignment.W.weight, None))
         if with_encoder:
             enc = self.enc_lstm
@@ -231,8 +231,8 @@ class AlignDraw(nn.Module):
             fixed = mix(uniform_weights(mask, mixer.values.dtype))
             return lambda query: fixed
         v = self.alignment.v.weight[0]
-        keys2 = 2 * keys  # (B, L, A), once per caption
-        return lambda query2: mix(doubled_align_weights(keys2, query2, v, mask))
+        factors = key_factors(2 * keys)  # (B, L, A): e^(−2k), once per caption
+        return lambda query2: mix(factored_align_weights(factors, query2, v, mask))
 
     def context_gates(self, h_lang: Tensor) -> Tensor:
         """(B, L, D2) → (B, L, 4·Dd): W_s h_lang_j, every word's share of the generative gates.
