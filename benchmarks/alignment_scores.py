@@ -37,8 +37,9 @@ def sigmoid_form(keys2: torch.Tensor, query2: torch.Tensor, v: torch.Tensor) -> 
     return doubled_scores(keys2 + query2[:, None, :], v)  # (B, L)
 
 
-def factored_form(factors: torch.Tensor, query2: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return factored_scores(factors, query2, v)  # (B, L)
+def factored_form(keys2: torch.Tensor, factors: torch.Tensor, query2: torch.Tensor,
+                  v: torch.Tensor) -> torch.Tensor:
+    return factored_scores(keys2, factors, query2, v)  # (B, L)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"shape": [args.batch, args.words, args.align], "threads": args.threads}
     result |= compare_forms([("tanh", tanh_form, (keys, query, v)),
                              ("sigmoid", sigmoid_form, (2 * keys, 2 * query, v)),
-                             ("factored", factored_form, (key_factors(2 * keys), 2 * query, v))],
+                             ("factored", factored_form, (2 * keys, key_factors(2 * keys), 2 * query, v))],
                             reference, lambda out, ref: float((out - ref).abs().max()), args.min_time)
     print(json.dumps(result))
     return result

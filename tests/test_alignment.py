@@ -21,7 +21,8 @@ def _setup(seed=0):
 
 
 def _weights(al, h_lang, h_dec, mask):
-    return factored_align_weights(key_factors(2 * al.keys(h_lang)), 2 * al.W(h_dec), al.v.weight[0], mask)
+    keys2 = 2 * al.keys(h_lang)
+    return factored_align_weights(keys2, key_factors(keys2), 2 * al.W(h_dec), al.v.weight[0], mask)
 
 
 def test_alignment_weights_sum_to_one_over_real_words_only():
@@ -100,16 +101,17 @@ def test_factored_scores_and_gradients_equal_the_tanh_form():
     g = torch.Generator().manual_seed(1)
     k = (torch.randn(4, 7, 16, generator=g, dtype=torch.float64) * 3).requires_grad_()
     q = (torch.randn(4, 16, generator=g, dtype=torch.float64) * 3).requires_grad_()
-    v = torch.randn(16, generator=g, dtype=torch.float64)
+    v = torch.randn(16, generator=g, dtype=torch.float64).requires_grad_()
     ref = _tanh_scores(k, q, v)
-    out = factored_scores(key_factors(2 * k), 2 * q, v)
+    out = factored_scores(2 * k, key_factors(2 * k), 2 * q, v)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     w = torch.randn(4, 7, generator=g, dtype=torch.float64)
-    ref_grads = torch.autograd.grad((ref * w).sum(), (k, q))
-    grads = torch.autograd.grad((out * w).sum(), (k, q))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (k, q, v))
+    grads = torch.autograd.grad((out * w).sum(), (k, q, v))
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    low = factored_scores(key_factors(2 * k.detach().float()), 2 * q.detach().float(), v.float())
+    k32, q32, v32 = k.detach().float(), q.detach().float(), v.detach().float()
+    low = factored_scores(2 * k32, key_factors(2 * k32), 2 * q32, v32)
     torch.testing.assert_close(low.double(), ref.detach(), rtol=1e-5, atol=1e-5)
 
 
@@ -121,7 +123,7 @@ def test_factored_scores_hold_for_any_query_where_keys_are_within_31():
     assert (q.abs() > 40).float().mean() > 0.9
     v = torch.randn(64, generator=g, dtype=torch.float64)
     ref = _tanh_scores(k, q, v)
-    out = factored_scores(key_factors(2 * k.float()), 2 * q.float(), v.float())
+    out = factored_scores(2 * k.float(), key_factors(2 * k.float()), 2 * q.float(), v.float())
     # Each of the 64 terms within 2·1.5e-8·|v| of the exact value, plus fp32 rounding.
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=64 * 3e-8 * float(v.abs().max()) + 1e-5)
 
@@ -132,7 +134,7 @@ def test_factored_scores_stay_finite_for_extreme_pre_activations(dtype):
     k = (torch.randn(3, 5, 32, generator=g, dtype=dtype) * 1e4).requires_grad_()
     q = (torch.randn(3, 32, generator=g, dtype=dtype) * 1e4).requires_grad_()
     v = torch.randn(32, generator=g, dtype=dtype)
-    out = factored_scores(key_factors(2 * k), 2 * q, v)
+    out = factored_scores(2 * k, key_factors(2 * k), 2 * q, v)
     assert torch.isfinite(out).all() and (out.abs() <= v.abs().sum() + 1e-3).all()
     grads = torch.autograd.grad(out.sum(), (k, q))
     assert all(torch.isfinite(gr).all() for gr in grads)

@@ -44,36 +44,56 @@ def key_factors(keys2: Tensor) -> Tensor:
     return torch.exp(-keys2.clamp(-FACTOR_BOUND, FACTOR_BOUND))
 
 
-def factored_scores(factors: Tensor, query2: Tensor, v: Tensor) -> Tensor:
-    """vᵀ tanh(k + q) from e^(−2k) (``key_factors``) and 2q: (B, L, A), (B, A), (A,) → (B, L).
+def factored_scores(keys2: Tensor, factors: Tensor, query2: Tensor, v: Tensor) -> Tensor:
+    """vᵀ tanh(k + q) from 2k, e^(−2k) (``key_factors(keys2)``) and 2q: (B, L, A) twice, (B, A),
+    (A,) → (B, L).
 
     σ(2k + 2q) = 1 / (1 + e^(−2k)·e^(−2q)): with e^(−2k) computed once per caption, a step
     takes B·A exponentials instead of B·L·A, and each (B, L, A) element is one product, one
     sum and one division (``benchmarks/alignment_scores.py``). The scores are then
-    2·vᵀσ − Σv, as in ``doubled_scores``.
+    2·vᵀσ − Σv, as in ``doubled_scores``. ``keys2`` carries the keys' gradient: the backward
+    is σ' = s(1 − s) from the forward's s, the sigmoid form's own, with no factor in it.
 
     Exactness: both doubled pre-activations are clamped to ±80 so that the factors stay
-    finite and nonzero (no NaN, forward or backward). Where |k| ≤ 31 the result equals the
-    tanh form's to fp32 rounding whatever q is: a clamp on 2q then only acts where
-    |2k + 2q| > 18 either way, where σ is 1 in fp32 or below 1.5e-8. Only a unit whose key
-    and query both lie beyond ±31, with opposite signs, can differ (``tests/test_alignment.py``).
+    finite and nonzero (no NaN). Where |k| ≤ 31 the result equals the tanh form's to fp32
+    rounding whatever q is: a clamp on 2q then only acts where |2k + 2q| > 18 either way,
+    where σ is 1 in fp32 or below 1.5e-8. Only a unit whose key and query both lie beyond
+    ±31, with opposite signs, can differ (``tests/test_alignment.py``).
     """
-    q = torch.exp(-query2.clamp(-FACTOR_BOUND, FACTOR_BOUND))  # (B, A)
-    # σ(2k + 2q), (B, L, A); in place on the one new tensor (eagerly: one allocation, not three)
-    s = (factors * q[:, None, :]).add_(1).reciprocal_()
-    return (s @ v) * 2 - v.sum()
+    return _FactoredScores.apply(keys2, factors, query2, v)
 
 
-def factored_align_weights(factors: Tensor, query2: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+class _FactoredScores(torch.autograd.Function):
+    """``factored_scores`` with the gradient of σ(keys2 + query2) as s(1 − s)."""
+
+    @staticmethod
+    def forward(ctx, keys2: Tensor, factors: Tensor, query2: Tensor, v: Tensor) -> Tensor:
+        q = torch.exp(-query2.clamp(-FACTOR_BOUND, FACTOR_BOUND))  # (B, A)
+        # σ(2k + 2q), (B, L, A); in place on the one new tensor (eagerly: one allocation, not three)
+        s = (factors * q[:, None, :]).add_(1).reciprocal_()
+        ctx.save_for_backward(s, v)
+        return (s @ v) * 2 - v.sum()  # (B, L)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, Tensor, Tensor]:
+        s, v = ctx.saved_tensors
+        dy = torch.addcmul(s, s, s, value=-1).mul_(grad[..., None]).mul_(2 * v)  # (B, L, A): 2g·v·s(1 − s)
+        dv = 2 * (grad[:, None, :] @ s).sum((0, 1)) - grad.sum()  # (A,)
+        return dy, None, dy.sum(1), dv
+
+
+def factored_align_weights(keys2: Tensor, factors: Tensor, query2: Tensor, v: Tensor,
+                           mask: Tensor) -> Tensor:
     """α_t: (B, L) weights summing to 1 over real words.
 
-    Args: factors (B, L, A) = ``key_factors(2·(U h_lang + b))``, once per caption. query2
+    Args: keys2 (B, L, A) = 2·(U h_lang + b) and factors = ``key_factors(keys2)``, once per
+    caption. query2
     (B, A) = 2·W h_dec_{t−1}, doubled inside the model's fused projection. v (A,). mask (B, L)
     True on real words. A step does B·A exponentials and one product, one sum and one division
     per (B, L, A) element. (s_t = Σ_j α_j h_lang_j is never formed: the model mixes the
     words' gate contributions instead, ``AlignDraw.context_gates``.)
     """
-    return masked_softmax(factored_scores(factors, query2, v), mask)
+    return masked_softmax(factored_scores(keys2, factors, query2, v), mask)
 
 
 def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:

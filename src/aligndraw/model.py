@@ -231,8 +231,9 @@ class AlignDraw(nn.Module):
             fixed = mix(uniform_weights(mask, mixer.values.dtype))
             return lambda query: fixed
         v = self.alignment.v.weight[0]
-        factors = key_factors(2 * keys)  # (B, L, A): e^(−2k), once per caption
-        return lambda query2: mix(factored_align_weights(factors, query2, v, mask))
+        keys2 = 2 * keys  # (B, L, A), once per caption
+        factors = key_factors(keys2)  # e^(−2k)
+        return lambda query2: mix(factored_align_weights(keys2, factors, query2, v, mask))
 
     def context_gates(self, h_lang: Tensor) -> Tensor:
         """(B, L, D2) → (B, L, 4·Dd): W_s h_lang_j, every word's share of the generative gates.
