@@ -110,14 +110,25 @@ def test_backend_names_are_checked(monkeypatch):
     assert gemm.backend() == before
 
 
-def test_the_default_backend_is_mkl_on_intel_else_onednn(monkeypatch):
+def test_the_default_backend_is_onednn_only_on_non_intel_cpus_with_avx512(monkeypatch):
     monkeypatch.delenv("ALIGNDRAW_CPU_GEMM", raising=False)
-    assert gemm._default_backend("GenuineIntel") == "aten"
+    avx512, avx2 = frozenset({"avx2", "avx512f"}), frozenset({"avx2", "fma"})
+    assert gemm._default_backend("GenuineIntel", avx512) == "aten"
     onednn = "onednn" if torch.backends.mkldnn.is_available() else "aten"
-    assert gemm._default_backend("AuthenticAMD") == onednn and gemm._default_backend("") == onednn
+    assert gemm._default_backend("AuthenticAMD", avx512) == onednn
+    assert gemm._default_backend("", avx512) == onednn
+    assert gemm._default_backend("AuthenticAMD", avx2) == "aten"  # Zen 3: MKL's AVX2 is faster
+    assert gemm._default_backend("", frozenset()) == "aten"  # flags unknown (e.g. ARM)
     if torch.backends.mkldnn.is_available():
         monkeypatch.setenv("ALIGNDRAW_CPU_GEMM", "onednn")
-        assert gemm._default_backend("GenuineIntel") == "onednn"  # the environment decides first
+        assert gemm._default_backend("GenuineIntel", avx2) == "onednn"  # the environment decides first
+
+
+def test_cpu_flags_are_read_from_cpuinfo():
+    flags = gemm.cpu_flags()
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), None)
+    assert flags == (frozenset(line.split(":", 1)[1].split()) if line else frozenset())
 
 
 def test_cpu_vendor_is_read_from_cpuinfo():

@@ -9,11 +9,13 @@ with ``F.linear`` to fp32 rounding (tests check 1e-5 relative).
 
 On Intel processors MKL runs its own AVX-512 kernels and was as fast as oneDNN or faster at
 every one of the model's shapes (an Intel Xeon with AMX, 2026-12-02: ``benchmarks/gemm.py``),
-so there the default stays MKL.
+so there the default stays MKL; so it does on processors without AVX-512, where oneDNN has no
+wider kernels than MKL's AVX2 ones (an AVX2-only AMD EPYC Zen 3: MKL's fp32 peak 1.2–1.4×
+oneDNN's, compiled training 1.069× faster with it).
 
 The backend is chosen once per process: ``ALIGNDRAW_CPU_GEMM=onednn|aten`` in the environment,
-or ``set_backend``; the default is ``aten`` on Intel processors, else oneDNN where PyTorch has
-it. Only CPU fp32 products with
+or ``set_backend``; the default is oneDNN on non-Intel processors with AVX-512 where PyTorch
+has it, else ``aten``. Only CPU fp32 products with
 both sides of the weight at least ``MIN_SIZE`` go through oneDNN (on small outputs its call
 costs more than MKL's); everything else (GPU, bf16 and autocast, small heads) is plain PyTorch.
 """
@@ -49,13 +51,32 @@ def cpu_vendor() -> str:
     return vendor if vendor in ("GenuineIntel", "AuthenticAMD") else ""
 
 
-def _default_backend(vendor: str | None = None) -> str:
-    """``ALIGNDRAW_CPU_GEMM`` if set; else ``aten`` on Intel (``vendor``, default this CPU's),
-    oneDNN elsewhere where PyTorch has it."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``avx2``, ``avx512f``, …) from /proc/cpuinfo; empty if unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _default_backend(vendor: str | None = None, flags: frozenset[str] | None = None) -> str:
+    """``ALIGNDRAW_CPU_GEMM`` if set; else oneDNN on a non-Intel CPU with AVX-512 (``vendor``
+    and ``flags``, default this CPU's) where PyTorch has it, ``aten`` otherwise.
+
+    Without AVX-512 oneDNN has no wider kernels than MKL's AVX2 ones, and on an AVX2-only AMD
+    EPYC (Zen 3) MKL was the faster: compiled training 1.069× and sampling 1.104× with it
+    (docs/performance.md, item 1)."""
     name = os.environ.get("ALIGNDRAW_CPU_GEMM", "").strip().lower()
     if name:
         return _checked(name)
-    if (cpu_vendor() if vendor is None else vendor) == "GenuineIntel":
+    vendor = cpu_vendor() if vendor is None else vendor
+    flags = cpu_flags() if flags is None else flags
+    if vendor == "GenuineIntel" or "avx512f" not in flags:
         return "aten"
     return "onednn" if torch.backends.mkldnn.is_available() else "aten"
 
