@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gemm-baseline", action="store_true",
                    help="also time the eager fp32 library with the other CPU product backend "
                         "than aligndraw.gemm's default (variant library_aten_fp32 where the "
-                        "default is oneDNN, library_onednn_fp32 where it is aten: Intel)")
+                        "default is oneDNN, library_onednn_fp32 where it is aten: Intel, and CPUs "
+                        "without AVX-512)")
     p.add_argument("--compile-baseline", action="store_true",
                    help="with --compile, also time the fp32 library under plain torch.compile "
                         "(variant library_plaincompiled_fp32), without aligndraw.compiler's graph pass")
