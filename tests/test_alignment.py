@@ -3,7 +3,6 @@ import torch
 
 from aligndraw.alignment import (
     Alignment,
-    doubled_scores,
     factored_align_weights,
     factored_scores,
     key_factors,
@@ -80,17 +79,6 @@ def test_encoder_padding_does_not_change_real_word_states():
     h0 = (enc.h0[1:2], enc.c0[1:2])
     out, _ = fwd_only(emb, h0)
     torch.testing.assert_close(alone[0, :, 5:], out[0].flip(0))
-
-
-def test_doubled_scores_equal_tanh_scores():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 7, 16, generator=g, dtype=torch.float64) * 3
-    v = torch.randn(16, generator=g, dtype=torch.float64)
-    ref = torch.stack([torch.stack([sum(v[a] * torch.tanh(x[b, j, a]) for a in range(16))
-                                    for j in range(7)]) for b in range(4)])  # (4, 7)
-    torch.testing.assert_close(doubled_scores(2 * x, v), ref)
-    torch.testing.assert_close(doubled_scores(2 * x.float(), v.float()), ref.float(),
-                               atol=1e-5, rtol=1e-5)
 
 
 def _tanh_scores(k, q, v):

@@ -20,24 +20,14 @@ from torch import Tensor, nn
 
 from aligndraw import gemm
 
-
-def doubled_scores(x2: Tensor, v: Tensor) -> Tensor:
-    """vᵀ tanh(x) from x2 = 2x, as 2·vᵀσ(x2) − Σv: (…, A), (A,) → (…).
-
-    The same value as ``torch.tanh(x) @ v`` (tanh(x) = 2σ(2x) − 1). CPU sigmoid is faster
-    than tanh on the (B, L, A) tensor of every step (``benchmarks/alignment_scores.py``;
-    compiled about 4×); taking 2x as given keeps it one pass over that tensor.
-    """
-    return (torch.sigmoid(x2) @ v) * 2 - v.sum()
-
-
 # Doubled pre-activations are clamped to ±FACTOR_BOUND before exp(−·): e^80 ≈ 5.5e34 is a normal
 # fp32 (and bf16) number (the largest is ≈ e^88.7), so neither factor overflows or vanishes.
 FACTOR_BOUND = 80.0
 
 
 def key_factors(keys2: Tensor) -> Tensor:
-    """e^(−keys2), once per caption: (B, L, A), for ``factored_scores``.
+    """e^(−keys2), once per caption: (B, L, A), for ``factored_scores`` (which takes the
+    query's e^(−query2) the same way, every step).
 
     keys2 = 2·(U h_lang + b), clamped to ±``FACTOR_BOUND`` first (see ``factored_scores``).
     """
@@ -51,7 +41,7 @@ def factored_scores(keys2: Tensor, factors: Tensor, query2: Tensor, v: Tensor) -
     σ(2k + 2q) = 1 / (1 + e^(−2k)·e^(−2q)): with e^(−2k) computed once per caption, a step
     takes B·A exponentials instead of B·L·A, and each (B, L, A) element is one product, one
     sum and one division (``benchmarks/alignment_scores.py``). The scores are then
-    2·vᵀσ − Σv, as in ``doubled_scores``. ``keys2`` carries the keys' gradient: the backward
+    2·vᵀσ − Σv (tanh(x) = 2σ(2x) − 1). ``keys2`` carries the keys' gradient: the backward
     is σ' = s(1 − s) from the forward's s, the sigmoid form's own, with no factor in it.
 
     Exactness: both doubled pre-activations are clamped to ±80 so that the factors stay
@@ -68,7 +58,7 @@ class _FactoredScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, keys2: Tensor, factors: Tensor, query2: Tensor, v: Tensor) -> Tensor:
-        q = torch.exp(-query2.clamp(-FACTOR_BOUND, FACTOR_BOUND))  # (B, A)
+        q = key_factors(query2)  # (B, A): e^(−2q), clamped as the keys' factors are
         # σ(2k + 2q), (B, L, A); in place on the one new tensor (eagerly: one allocation, not three)
         s = (factors * q[:, None, :]).add_(1).reciprocal_()
         ctx.save_for_backward(s, v)

@@ -377,7 +377,6 @@ class AlignDraw(nn.Module):
         dec_in = StepLinear(self.dec_lstm.weight_ih[:, :cfg.z_dim])
         context = self._context_step(keys, self.context_gates(h_lang), mask)
         st = self._initial_state(b)
-        canvas0 = st["canvas"]
         proj = proj_fn(self.h_dec0[None])  # (1, ·): h_dec_0 is the same for every image
         h_decs, alphas = [], []
         for t in range(cfg.steps):
@@ -388,7 +387,8 @@ class AlignDraw(nn.Module):
             alphas.append(alpha)
             if t + 1 < cfg.steps:
                 proj = proj_fn(st["h_dec"])
-        canvas, canvases, boxes = self._write_all(canvas0, torch.stack(h_decs, dim=1), history)
+        # the loop never changes st["canvas"]: it is still c_0
+        canvas, canvases, boxes = self._write_all(st["canvas"], torch.stack(h_decs, dim=1), history)
         images = canvases[:, -1] if canvases is not None else torch.sigmoid(canvas)
         return DrawSample(images=images, canvases=canvases,
                           alignments=torch.stack(alphas, dim=1),  # (B, T, L)
