@@ -42,7 +42,8 @@ def factored_scores(keys2: Tensor, factors: Tensor, query2: Tensor, v: Tensor) -
     takes B·A exponentials instead of B·L·A, and each (B, L, A) element is one product, one
     sum and one division (``benchmarks/alignment_scores.py``). The scores are then
     2·vᵀσ − Σv (tanh(x) = 2σ(2x) − 1). ``keys2`` carries the keys' gradient: the backward
-    is σ' = s(1 − s) from the forward's s, the sigmoid form's own, with no factor in it.
+    is σ' = s(1 − s), the sigmoid form's own, with no factor in it (s computed again from
+    the factors: ``_FactoredScores``).
 
     Exactness: both doubled pre-activations are clamped to ±80 so that the factors stay
     finite and nonzero (no NaN). Where |k| ≤ 31 the result equals the tanh form's to fp32
@@ -53,22 +54,41 @@ def factored_scores(keys2: Tensor, factors: Tensor, query2: Tensor, v: Tensor) -
     return _FactoredScores.apply(keys2, factors, query2, v)
 
 
+def _sigmoids(factors: Tensor, q: Tensor) -> Tensor:
+    """σ(2k + 2q) = 1 / (1 + e^(−2k)·e^(−2q)) from the factors (B, L, A) and (B, A): (B, L, A),
+    in place on the one new tensor (eagerly: one allocation, not three)."""
+    return (factors * q[:, None, :]).add_(1).reciprocal_()
+
+
 class _FactoredScores(torch.autograd.Function):
-    """``factored_scores`` with the gradient of σ(keys2 + query2) as s(1 − s)."""
+    """``factored_scores`` with the gradient of σ(keys2 + query2) as s(1 − s).
+
+    Keeps no (B, L, A) tensor per step: the backward computes s again from the caption's
+    factors (kept once for all T steps) and the step's (B, A) query factors. Kept, the T
+    steps' s would be T·B·L·A floats (79 MB for mnist-captions) written in the forward and
+    read back in the backward; computed again, the forward is one pass over the factors that
+    never stores s, and the backward another.
+    """
 
     @staticmethod
     def forward(ctx, keys2: Tensor, factors: Tensor, query2: Tensor, v: Tensor) -> Tensor:
         q = key_factors(query2)  # (B, A): e^(−2q), clamped as the keys' factors are
-        # σ(2k + 2q), (B, L, A); in place on the one new tensor (eagerly: one allocation, not three)
-        s = (factors * q[:, None, :]).add_(1).reciprocal_()
-        ctx.save_for_backward(s, v)
-        return (s @ v) * 2 - v.sum()  # (B, L)
+        s = _sigmoids(factors, q)  # (B, L, A)
+        ctx.save_for_backward(factors, q, v)
+        # compiled: a sum the compiler fuses with s (never stored); eagerly: one matrix-vector product
+        weighted = (s * v).sum(-1) if torch.compiler.is_compiling() else s @ v  # (B, L)
+        return weighted * 2 - v.sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, Tensor, Tensor]:
-        s, v = ctx.saved_tensors
-        dy = torch.addcmul(s, s, s, value=-1).mul_(grad[..., None]).mul_(2 * v)  # (B, L, A): 2g·v·s(1 − s)
-        dv = 2 * (grad[:, None, :] @ s).sum((0, 1)) - grad.sum()  # (A,)
+        factors, q, v = ctx.saved_tensors
+        # (B, L, A), the forward's s again; the product's operands in the other order, so that
+        # the compiler's common-subexpression pass does not merge it with the forward's s and
+        # then keep that one for the backward (T steps' s stored and read back)
+        s = (q[:, None, :] * factors).add_(1).reciprocal_()
+        gs = s * grad[..., None]  # g·s
+        dv = 2 * gs.sum(1).sum(0) - grad.sum()  # (A,): the sum over L first, as for the query's
+        dy = s.neg_().add_(1).mul_(gs).mul_(2 * v)  # (B, L, A): 2g·v·s(1 − s), in place on s
         return dy, None, dy.sum(1), dv
 
 

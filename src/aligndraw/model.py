@@ -169,23 +169,28 @@ class AlignDraw(nn.Module):
         nn.init.constant_(self.canvas0, self.config.canvas_init)
 
     # ----------------------------------------------------------------------------- helpers
-    def _projection(self, with_encoder: bool, with_write: bool = True) -> _Projection:
+    def _projection(self, with_encoder: bool, with_write: bool = True,
+                    with_step: bool = True) -> _Projection:
         """Stack every linear map of h_dec into one weight (built once per call of forward).
 
-        ``with_write=False`` leaves out the write head and patch (``sample`` writes after the loop).
+        ``with_write=False`` leaves out the write head and patch (``sample`` writes after the
+        loop); ``with_step=False`` keeps only those, what the last state h_dec_T is used for
+        (the parts that feed a next step: the generative gates, prior, query, read head and
+        inference gates).
         """
         parts: list[tuple[str, Tensor, Tensor | None]] = [
             ("write", self.write_head.weight, self.write_head.bias),
             ("patch", self.write_patch.weight, self.write_patch.bias),
         ] if with_write else []
-        parts += [
-            ("dec", self.dec_lstm.weight_hh, self.dec_lstm.bias_ih + self.dec_lstm.bias_hh),
-            ("prior", self.prior.weight, self.prior.bias),
-        ]
-        if self.alignment is not None:
+        if with_step:
+            parts += [
+                ("dec", self.dec_lstm.weight_hh, self.dec_lstm.bias_ih + self.dec_lstm.bias_hh),
+                ("prior", self.prior.weight, self.prior.bias),
+            ]
+        if with_step and self.alignment is not None:
             # 2·W: the alignment takes its query doubled (``factored_align_weights``); exact.
             parts.append(("query2", 2 * self.alignment.W.weight, None))
-        if with_encoder:
+        if with_step and with_encoder:
             enc = self.enc_lstm
             parts += [("read", self.read_head.weight, self.read_head.bias),
                       ("enc", enc.weight_ih[:, self.read_size:], enc.bias_ih + enc.bias_hh)]
@@ -307,6 +312,7 @@ class AlignDraw(nn.Module):
         h_lang, keys, mask = self.encode_captions(tokens, lengths, h_lang)
         eps = self._noise(noise, b, images, generator)
         proj_fn = self._projection(with_encoder=True)
+        last_fn = self._projection(with_encoder=False, with_step=False)  # h_dec_T: its write only
         enc = self.enc_lstm
         # [r_t, h_enc] → encoder gates; the h_dec part of the gates is in the projection.
         enc_in = StepLinear(torch.cat([enc.weight_ih[:, : self.read_size], enc.weight_hh], dim=1))
@@ -329,7 +335,7 @@ class AlignDraw(nn.Module):
             if log_weight:  # log p(z_t | ·) − log q(z_t | ·); the 2π terms cancel
                 log_ratios.append(gaussian_log_prob(z, *prior) - gaussian_log_prob(z, mu_q, log_sigma_q))
             st = self._decode(st, proj, z, context, dec_in)[0]
-            proj = proj_fn(st["h_dec"])
+            proj = (proj_fn if t + 1 < cfg.steps else last_fn)(st["h_dec"])
             write_att, read_att = self._attention(proj, read=t + 1 < cfg.steps)
             assert write_att is not None
             st["canvas"] = self._write_onto(st["canvas"], proj, write_att)
@@ -412,9 +418,8 @@ class AlignDraw(nn.Module):
         cfg = self.config
         b, t = h_dec.shape[:2]
         c, h, w, m = cfg.channels, cfg.height, cfg.width, cfg.write_n
-        weight = torch.cat([self.write_head.weight, self.write_patch.weight])  # (5 + C·M·M, Dd)
-        bias = torch.cat([self.write_head.bias, self.write_patch.bias])
-        params, patches = gemm.linear(h_dec, weight, bias).split([5, c * m * m], dim=-1)  # (B, T, ·)
+        proj = self._projection(with_encoder=False, with_step=False)(h_dec)  # (B, T, ·) each
+        params, patches = proj["write"], proj["patch"]
         window = attention.window_params(params.reshape(b * t, 5), h, w, m)  # fields (B·T,)
         f_x, f_y = attention.filterbanks_batched([window], [m], h, w, cfg.filter_eps)[0]  # (B·T, M, W|H)
         boxes = attention.window_box(window, m).view(b, t, 4)  # (B, T, 4)
