@@ -464,17 +464,25 @@ def print_table(report: dict) -> None:
         print(f"targets: {report['targets']}")
 
 
-def matmul_peaks(size: int, device: torch.device, repeats: int) -> dict[str, float]:
-    """GFLOP/s of a square product: bf16, and fp32 through PyTorch's ``@`` (``fp32_aten``) and,
-    on a CPU with oneDNN, through ``aligndraw.gemm``'s oneDNN path (``fp32_onednn``); ``fp32``
-    is the faster of the two fp32 figures: the machine's fp32 peak, which shares of peak and
-    the ceiling are measured against."""
+def matmul_peaks(size: int, device: torch.device, repeats: int, bf16: bool = True) -> dict[str, float]:
+    """GFLOP/s of a square product: fp32 through PyTorch's ``@`` (``fp32_aten``) and, on a CPU
+    with oneDNN, through ``aligndraw.gemm``'s oneDNN path (``fp32_onednn``), and with ``bf16``
+    bf16; ``fp32`` is the faster of the two fp32 figures: the machine's fp32 peak, which shares
+    of peak and the ceiling are measured against."""
     peak = {"fp32_aten": matmul_peak(torch.float32, size, device, repeats)}
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         peak["fp32_onednn"] = matmul_peak(torch.float32, size, device, repeats, gemm_backend="onednn")
     peak["fp32"] = max(peak.values())
-    peak["bf16"] = matmul_peak(torch.bfloat16, size, device, repeats)
+    if bf16:
+        peak["bf16"] = matmul_peak(torch.bfloat16, size, device, repeats)
     return peak
+
+
+def wants_bf16_peak(precisions: list[str], device: torch.device) -> bool:
+    """Whether to measure the bf16 peak: for bf16 variants, and wherever bf16 products are
+    native (a CPU without bf16 kernels multiplies a 2048² bf16 product in about a minute
+    through a scalar fallback: seven of them would add minutes to an fp32 run)."""
+    return "bf16" in precisions or device.type != "cpu" or gemm.cpu_bf16_native()
 
 
 def fp32_ceiling(results: dict, flops: dict, peak: dict) -> dict:
@@ -529,7 +537,8 @@ def main(argv: list[str] | None = None) -> dict:
     flops = flops_per_image(cfg, args.caption_len, args.batch)
     load_before = [round(x, 2) for x in os.getloadavg()]
     log(f"measuring matmul peak ({args.peak_size}²) …")
-    peak = matmul_peaks(args.peak_size, device, repeats=2 if args.smoke else 7)
+    peak = matmul_peaks(args.peak_size, device, repeats=2 if args.smoke else 7,
+                        bf16=wants_bf16_peak(precisions, device))
     inputs = random_inputs(cfg, args.batch, args.caption_len, device, args.seed)
     reference, variants, compile_s = build_variants(args, cfg, inputs, device, precisions)
     workers = [v for v in variants if v.pids]
