@@ -174,9 +174,9 @@ class AlignDraw(nn.Module):
         """Stack every linear map of h_dec into one weight (built once per call of forward).
 
         ``with_write=False`` leaves out the write head and patch (``sample`` writes after the
-        loop); ``with_step=False`` keeps only those, what the last state h_dec_T is used for
-        (the parts that feed a next step: the generative gates, prior, query, read head and
-        inference gates).
+        loop); ``with_step=False`` keeps only those (all that h_dec_T is used for) and leaves
+        out what feeds a next step: the generative gates, prior, query, read head and
+        inference gates.
         """
         parts: list[tuple[str, Tensor, Tensor | None]] = [
             ("write", self.write_head.weight, self.write_head.bias),
