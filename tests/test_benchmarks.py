@@ -397,6 +397,44 @@ def test_context_mix_benchmark_times_both_precisions() -> None:
         assert report[f"{form}_eager_ms"] > 0 and report[f"{form}_eager_diff"] < 1e-5
 
 
+def test_neighbours_benchmark_times_every_setting() -> None:
+    report = last_json(run_benchmark("neighbours.py", "--smoke", "--rounds", "2", "--passes", "2",
+                                     "--threads", "1"))
+    assert report["preset"] == "smoke" and report["compiled"] is False
+    for p in (1, 2):
+        for setting in ("alone", "after_naive", "after_eager", "after_both"):
+            figures = report[f"pass{p}_{setting}"]
+            assert 0 < figures["min_ms"] <= figures["median_ms"]
+            assert figures["faults_per_step"] >= 0
+    assert report["busy"] in (True, False)
+    assert report["other_processes_cores"] is None or report["other_processes_cores"] >= 0
+
+
+def test_neighbours_runs_the_other_steps_before_each_timed_step() -> None:
+    from benchmarks.neighbours import run_setting
+
+    calls: list[str] = []
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def train_step(self) -> None:
+            calls.append(self.name)
+
+    figures = run_setting(Recorder("subject"), [Recorder("eager"), Recorder("naive")], rounds=2)
+    assert calls == ["eager", "naive", "subject"] * 2
+    assert figures["min_ms"] <= figures["median_ms"]
+
+
+def test_neighbours_rejects_no_rounds(capsys) -> None:
+    from benchmarks.neighbours import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--rounds", "0"])
+    assert "--rounds" in capsys.readouterr().err
+
+
 def test_scaling_benchmark_sweeps_batch_steps_and_canvas() -> None:
     import dataclasses
 
