@@ -24,7 +24,6 @@ import json
 import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,13 +31,13 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aligndraw.config import ModelConfig, preset  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
-from benchmarks.machine import BUSY_CORES, OtherLoad  # noqa: E402
+from benchmarks.machine import BUSY_CORES, OtherLoad, timed  # noqa: E402
 from benchmarks.naive_reference import NaiveAlignDraw, load_from_library  # noqa: E402
-from benchmarks.throughput import PRESETS, SMOKE_CONFIG, Variant, log, random_inputs  # noqa: E402
+from benchmarks.throughput import PRESETS, Variant, log, model_config, random_inputs  # noqa: E402
 
 SETTINGS = ("alone", "after_naive", "after_eager", "after_both")
+CPU = torch.device("cpu")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,9 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def timed_step(variant: Variant) -> tuple[float, int]:
     """(wall seconds, minor page faults of this process) of one training step."""
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    start = time.perf_counter()
-    variant.train_step()
-    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    wall = timed(variant.train_step, CPU)
+    return wall, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
 def run_setting(subject: Variant, before: list[Variant], rounds: int) -> dict[str, float]:
@@ -80,8 +78,8 @@ def run_setting(subject: Variant, before: list[Variant], rounds: int) -> dict[st
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = ModelConfig(**SMOKE_CONFIG) if args.smoke else preset(args.preset).model
-    inputs = random_inputs(cfg, 8 if args.smoke else 100, 6 if args.smoke else 12, torch.device("cpu"), 0)
+    cfg = model_config(args)
+    inputs = random_inputs(cfg, 8 if args.smoke else 100, 6 if args.smoke else 12, CPU, 0)
     torch.manual_seed(0)
     reference = AlignDraw(cfg)
 
@@ -93,9 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     subject = Variant("subject", library(), "fp32", inputs, 0, compiled=args.compile)
     naive = Variant("naive", load_from_library(NaiveAlignDraw(cfg), reference), "fp32", inputs, 0)
     eager = Variant("eager", library(), "fp32", inputs, 0)
-    start = time.perf_counter()
-    subject.train_step()  # compiles with --compile
-    log(f"first library step {time.perf_counter() - start:.1f}s")
+    log(f"first library step {timed(subject.train_step, CPU):.1f}s")  # compiles with --compile
     for variant in (naive, eager, subject):  # warm-up
         variant.train_step()
     before = {"alone": [], "after_naive": [naive], "after_eager": [eager], "after_both": [eager, naive]}
