@@ -7,10 +7,11 @@ Both models get the preset's ``ModelConfig``, the same weights and the same batc
 inputs (no data loading is timed). A training step is what the trainer does: zero_grad,
 forward, backward, per-tensor gradient clipping at 10, ``PaperRMSprop`` step. A sampling batch
 is ``model.sample`` under no_grad. Timed runs of every variant (library / naive, fp32 / bf16,
-compiled, data-parallel) alternate round-robin within ONE run, so the ratios hold on a noisy
-machine (with ``--processes N`` a variant's N workers run one step each while the rest wait);
-medians and min/max are reported. Achieved GFLOP/s use the analytic FLOP counts of
-``benchmarks/flops.py`` and are given as a share of the machine's measured matmul peak.
+compiled, data-parallel) alternate round-robin within ONE run (every other round in reverse
+order), so the ratios hold on a noisy machine (with ``--processes N`` a variant's N workers
+run one step each while the rest wait); medians and min/max are reported. Achieved GFLOP/s
+use the analytic FLOP counts of ``benchmarks/flops.py`` and are given as a share of the
+machine's measured matmul peak.
 
 Output: a readable table, then ONE JSON line with every figure (last line of stdout).
 Progress messages go to stderr.
@@ -192,18 +193,24 @@ def round_robin(variants: list[Variant], phase: str, warmup: int, repeats: int,
                 device: torch.device) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Alternate the variants run by run; returns wall and CPU seconds per variant (no warm-up).
 
+    Every other round runs them in reverse order, so that no variant is always the first of a
+    round while the machine's speed drifts (the log lists them in ``variants``' order).
     CPU seconds cover all threads of this process, spin-waits at OpenMP barriers included: at
     one thread they are the work done; with several on a busy machine they grow with wall time.
     """
     walls: dict[str, list[float]] = {v.name: [] for v in variants}
     cpus: dict[str, list[float]] = {v.name: [] for v in variants}
     for r in range(warmup + repeats):
-        this_round = {v.name: _timed_variant(v, phase, device) for v in variants}
+        reverse = r % 2 == 1 and len(variants) > 1
+        order = variants[::-1] if reverse else variants
+        ran = {v.name: _timed_variant(v, phase, device) for v in order}
+        this_round = {v.name: ran[v.name] for v in variants}
         if r >= warmup:
             for name, (wall, cpu) in this_round.items():
                 walls[name].append(wall)
                 cpus[name].append(cpu)
-        log(f"  {phase} round {r + 1}/{warmup + repeats}{' (warm-up)' if r < warmup else ''}: "
+        log(f"  {phase} round {r + 1}/{warmup + repeats}{' (warm-up)' if r < warmup else ''}"
+            f"{', reversed' if reverse else ''}: "
             + ", ".join(f"{name} {wall:.3f}s (cpu {cpu:.3f}s)" for name, (wall, cpu) in this_round.items()))
     return walls, cpus
 

@@ -276,7 +276,22 @@ def test_ab_trees_times_two_trees_in_turn_each_with_its_own_package(tmp_path: Pa
     for phase in ("train", "sample"):
         assert report[f"{phase}_a_median_ms"] > 0 and report[f"{phase}_b_median_ms"] > 0
         assert 0 <= report[f"{phase}_b_faster_pairs"] <= 3 and report[f"{phase}_b_over_a_paired"] > 0
+        assert report[f"{phase}_b_over_a_paired_ci95"] is None  # 3 pairs give no 95 % interval
+        assert report[f"{phase}_sign_test_p"] >= 0.25  # 3 pairs can never be significant
     assert report["other_processes_cores"] is None or report["other_processes_cores"] >= 0
+
+
+def test_ab_trees_summary_gives_an_interval_and_the_sign_test() -> None:
+    from benchmarks.ab_trees import _summary
+
+    a = [1.0 + 0.01 * i for i in range(11)]
+    out = _summary("train", a, [t / 1.1 for t in a])  # B 1.1× faster in every pair
+    assert out["train_b_over_a_paired"] == pytest.approx(1.1)
+    assert out["train_b_over_a_paired_ci95"] == pytest.approx((1.1, 1.1))
+    assert out["train_b_faster_pairs"] == 11 and out["train_sign_test_p"] < 0.01
+    mixed = _summary("sample", a, [t * (1.05 if i % 2 else 0.95) for i, t in enumerate(a)])
+    lo, hi = mixed["sample_b_over_a_paired_ci95"]
+    assert lo < 1 < hi and mixed["sample_sign_test_p"] > 0.5  # 6 of 11: no evidence either way
 
 
 def test_ab_trees_compiles_each_tree_first_in_a_process_of_its_own() -> None:
@@ -506,3 +521,66 @@ def test_fp32_ceiling_from_peak_and_flops() -> None:
     assert ceiling["train"]["share_of_peak_for_3x"] == pytest.approx(0.6)
     assert ceiling["sample"]["x_naive"] == pytest.approx(2500.0 / 400.0)
     assert fp32_ceiling({}, {"train": 1.0, "sample": 1.0}, {"fp32": 1.0})["train"]["x_naive"] is None
+
+
+def test_round_robin_reverses_the_order_every_other_round() -> None:
+    from benchmarks.throughput import round_robin
+
+    calls: list[str] = []
+
+    class Recorder:
+        worker_cpu_s = 0.0
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def train_step(self) -> None:
+            calls.append(self.name)
+
+    walls, cpus = round_robin([Recorder("a"), Recorder("b"), Recorder("c")], "train", warmup=1,
+                              repeats=3, device=torch.device("cpu"))
+    assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]
+    assert {name: len(ts) for name, ts in walls.items()} == {"a": 3, "b": 3, "c": 3}  # warm-up left out
+    assert all(t >= 0 for ts in cpus.values() for t in ts)
+
+
+@pytest.mark.parametrize("n", [1, 6, 11, 15])
+def test_sign_test_equals_counting_every_outcome(n: int) -> None:
+    from itertools import product
+
+    from benchmarks.pairs import sign_test
+
+    outcomes = [sum(flips) for flips in product((0, 1), repeat=n)]
+    for wins in range(n + 1):
+        extreme = abs(wins - n / 2)
+        p = sum(abs(w - n / 2) >= extreme for w in outcomes) / len(outcomes)
+        assert sign_test(wins, n) == pytest.approx(min(1.0, p))
+    with pytest.raises(ValueError, match="wins must lie in 0..n"):
+        sign_test(n + 1, n)
+
+
+def test_median_interval_ranks_and_coverage() -> None:
+    from benchmarks.pairs import median_interval
+
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) is None  # 5 values cannot give 95 %
+    values = [float(v) for v in range(11, 0, -1)]
+    assert median_interval(values) == (2.0, 10.0)  # 2nd smallest, 2nd largest (98.8 %)
+    # coverage of the true median (0) of a symmetric distribution, over many samples of 15
+    g = torch.Generator().manual_seed(0)
+    samples = torch.randn(4000, 15, generator=g).tolist()
+    covered = [lo <= 0.0 <= hi for lo, hi in map(median_interval, samples)]
+    assert sum(covered) / len(covered) >= 0.95
+    with pytest.raises(ValueError, match="confidence"):
+        median_interval(values, confidence=1.0)
+
+
+def test_pairs_reads_timed_rounds_back_from_an_ab_trees_log() -> None:
+    from benchmarks.pairs import logged_rounds
+
+    log = ("  train round 1/3 (warm-up): a 0.600s (cpu 1.2s), b 0.500s (cpu 1.0s)\n"
+           "  train round 2/3: a 0.570s (cpu 1.115s), b 0.528s (cpu 1.044s)\n"
+           "  train round 3/3, reversed: a 0.562s (cpu 1.111s), b 0.564s (cpu 1.115s)\n"
+           "train: B 1.03× A by medians\n"
+           "  sample round 2/2: a 0.095s (cpu 0.180s), b 0.098s (cpu 0.185s)\n")
+    assert logged_rounds(log) == {"train": ([0.570, 0.562], [0.528, 0.564]),
+                                  "sample": ([0.095], [0.098])}
