@@ -46,6 +46,7 @@ from benchmarks.naive_reference import (  # noqa: E402
     parameter_map,
     perturb_parameters_,
 )
+from benchmarks.pairs import median_interval  # noqa: E402
 
 PRESETS = ("mnist-captions", "coco32")
 CLIP_NORM = 10.0
@@ -389,7 +390,8 @@ def _short_reason(reason: str) -> str:
 def ratios(results: dict, times: dict) -> dict:
     """Every variant vs the naive reference (same precision, and fp32), and a data-parallel
     library variant also vs the naive model in the same arrangement: ratio of median wall
-    times, median of per-round (paired) ratios, and ratio of median CPU times."""
+    times, median of per-round (paired) ratios with a 95 % interval for it (``pairs``; None
+    below 6 rounds), and ratio of median CPU times."""
     out = {}
     for name in results:
         precision = name.rsplit("_", 1)[1]
@@ -408,6 +410,7 @@ def ratios(results: dict, times: dict) -> dict:
                 paired = [n / lib for n, lib in zip(times[phase][base], times[phase][name], strict=True)]
                 out[key][phase] = results[base][phase]["median_s"] / results[name][phase]["median_s"]
                 out[key][f"{phase}_paired"] = statistics.median(paired)
+                out[key][f"{phase}_paired_ci95"] = median_interval(paired)
                 out[key][f"{phase}_cpu"] = (results[base][phase]["cpu_median_s"]
                                             / results[name][phase]["cpu_median_s"])
     return out
@@ -462,6 +465,11 @@ def print_table(report: dict) -> None:
         for key, r in report["ratios"].items():
             print(f"{key:<52}" + "".join(f"{r[k]:>7.2f}×" for k in (
                 "train", "train_paired", "train_cpu", "sample", "sample_paired", "sample_cpu")))
+        for key, r in report["ratios"].items():
+            shown = [f"{phase} {iv[0]:.2f}–{iv[1]:.2f}×" for phase in ("train", "sample")
+                     if (iv := r.get(f"{phase}_paired_ci95"))]
+            if shown:
+                print(f"95 % interval of the paired ratio, {key}: " + ", ".join(shown))
     ceiling = report.get("ceiling")
     if ceiling and ceiling["train"]["x_naive"]:
         print("fp32 ceiling (matrix products alone at the measured peak): " + ", ".join(

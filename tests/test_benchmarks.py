@@ -186,7 +186,11 @@ def test_throughput_smoke_prints_json_last() -> None:
     for phase in ("train", "sample"):
         stats = report["results"]["library_fp32"][phase]
         assert stats["images_per_s"] > 0 and 0 < stats["share_of_peak"]
-    assert set(report["ratios"]["library_fp32/naive_fp32"]) >= {"train", "sample"}
+    ratio = report["ratios"]["library_fp32/naive_fp32"]
+    assert set(ratio) >= {"train", "sample"}
+    for phase in ("train", "sample"):  # an interval around the paired ratio, or none for few rounds
+        interval = ratio[f"{phase}_paired_ci95"]
+        assert interval is None or interval[0] <= ratio[f"{phase}_paired"] <= interval[1]
 
 
 def test_bf16_peak_is_measured_for_bf16_runs_and_native_bf16_only() -> None:
@@ -584,3 +588,19 @@ def test_pairs_reads_timed_rounds_back_from_an_ab_trees_log() -> None:
            "  sample round 2/2: a 0.095s (cpu 0.180s), b 0.098s (cpu 0.185s)\n")
     assert logged_rounds(log) == {"train": ([0.570, 0.562], [0.528, 0.564]),
                                   "sample": ([0.095], [0.098])}
+
+
+def test_ratios_give_the_paired_ratio_an_interval_from_six_rounds() -> None:
+    from benchmarks.throughput import ratios
+
+    naive = [1.0, 1.2, 0.9, 1.1, 1.3, 1.0, 0.95]
+    library = [t / 2 for t in naive[:-1]] + [naive[-1] / 2.5]  # 2× faster, once 2.5×
+    times = {phase: {"naive_fp32": naive, "library_fp32": library} for phase in ("train", "sample")}
+    results = {name: {phase: {"median_s": sorted(ts)[3], "cpu_median_s": sorted(ts)[3]}
+                      for phase in ("train", "sample")}
+               for name, ts in (("naive_fp32", naive), ("library_fp32", library))}
+    r = ratios(results, times)["library_fp32/naive_fp32"]
+    assert r["train_paired"] == pytest.approx(2.0)
+    assert r["train_paired_ci95"] == pytest.approx((2.0, 2.5))  # 7 rounds: smallest and largest
+    few = {phase: {name: ts[:5] for name, ts in times[phase].items()} for phase in times}
+    assert ratios(results, few)["library_fp32/naive_fp32"]["sample_paired_ci95"] is None
