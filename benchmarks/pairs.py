@@ -4,10 +4,10 @@ Timed rounds on a drifting machine are paired (A and B run back to back in every
 each round gives one ratio A/B. Neither function assumes a distribution: the sign test asks
 how likely B's wins are if each round were a coin flip, and the median's interval is read off
 the sorted ratios at the ranks the binomial distribution gives (the classic order-statistic
-interval). Used by ``ab_trees.py``; run as a script it reads the rounds back from saved
-``ab_trees.py`` logs (its stderr) and prints both for each:
+interval). Used by ``ab_trees.py`` and ``throughput.py``; run as a script it reads the rounds
+back from their saved logs (stderr) and prints both for each comparison:
 
-    python benchmarks/pairs.py docs/benchmarks/ab-*.txt
+    python benchmarks/pairs.py docs/benchmarks/ab-*.txt docs/benchmarks/mnist-captions-*.txt
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-# an ab_trees.py log line of a timed round (warm-up rounds are marked and left out)
-ROUND = re.compile(r"^\s+(train|sample) round \d+/\d+(?:, reversed)?: a ([\d.]+)s .*, b ([\d.]+)s ")
-
+# a log line of a timed round of ``ab_trees.py`` or ``throughput.py`` (their stderr): phase,
+# then "NAME SECONDSs (cpu …)" per variant; warm-up rounds are marked and left out
+ROUND = re.compile(r"^\s+(train|sample) round \d+/\d+(?:, reversed)?: (.*)$")
+TIMING = re.compile(r"(\S+) ([\d.]+)s \(cpu [\d.]+s\)")
 
 def _binomial_cdf(k: int, n: int) -> float:
     """P(X ≤ k) for X ~ Binomial(n, ½)."""
@@ -57,30 +58,43 @@ def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[
     return (xs[k - 1], xs[len(xs) - k]) if k else None
 
 
-def logged_rounds(text: str) -> dict[str, tuple[list[float], list[float]]]:
-    """{phase: (A's seconds, B's seconds)} of the timed rounds in an ``ab_trees.py`` log."""
-    rounds: dict[str, tuple[list[float], list[float]]] = {}
+def logged_rounds(text: str) -> dict[str, dict[str, list[float]]]:
+    """{phase: {variant: seconds per timed round}} from an ``ab_trees.py`` or ``throughput.py``
+    log (``ab_trees.py`` names its variants a and b)."""
+    rounds: dict[str, dict[str, list[float]]] = {}
     for line in text.splitlines():
         if m := ROUND.match(line):
-            a, b = rounds.setdefault(m[1], ([], []))
-            a.append(float(m[2]))
-            b.append(float(m[3]))
+            for name, seconds in TIMING.findall(m[2]):
+                rounds.setdefault(m[1], {}).setdefault(name, []).append(float(seconds))
     return rounds
+
+
+def comparisons(times: dict[str, list[float]]) -> list[tuple[str, list[float]]]:
+    """(label, per-round speed-ups) of a phase's variants: B over A in an A/B log, every other
+    variant over the naive fp32 reference in a ``throughput.py`` log (else nothing)."""
+    if set(times) == {"a", "b"}:
+        return [("B over A", [a / b for a, b in zip(times["a"], times["b"], strict=True)])]
+    base = times.get("naive_fp32")
+    if base is None:
+        return []
+    return [(f"{name} over naive_fp32", [n / t for n, t in zip(base, ts, strict=True)])
+            for name, ts in times.items() if name != "naive_fp32"]
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("logs", nargs="+", type=Path, help="saved ab_trees.py output (stderr included)")
+    p.add_argument("logs", nargs="+", type=Path,
+                   help="saved ab_trees.py or throughput.py output (stderr included)")
     args = p.parse_args(argv)
     for path in args.logs:
-        for phase, (a, b) in logged_rounds(path.read_text()).items():
-            ratios = [x / y for x, y in zip(a, b, strict=True)]
-            wins = sum(r > 1 for r in ratios)
-            interval = median_interval(ratios)
-            shown = f"{interval[0]:.3f}–{interval[1]:.3f}" if interval else "none"
-            print(f"{path.name} {phase}: {len(ratios)} pairs, B {statistics.median(ratios):.3f}× A "
-                  f"paired, 95 % interval {shown}, faster in {wins} (sign test p = "
-                  f"{sign_test(wins, sum(r != 1 for r in ratios)):.2g})")
+        for phase, times in logged_rounds(path.read_text()).items():
+            for label, ratios in comparisons(times):
+                wins = sum(r > 1 for r in ratios)
+                interval = median_interval(ratios)
+                shown = f"{interval[0]:.3f}–{interval[1]:.3f}" if interval else "none"
+                print(f"{path.name} {phase}: {label} {statistics.median(ratios):.3f}× paired, "
+                      f"{len(ratios)} rounds, 95 % interval {shown}, faster in {wins} (sign test "
+                      f"p = {sign_test(wins, sum(r != 1 for r in ratios)):.2g})")
 
 
 if __name__ == "__main__":

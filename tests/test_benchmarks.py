@@ -586,8 +586,23 @@ def test_pairs_reads_timed_rounds_back_from_an_ab_trees_log() -> None:
            "  train round 3/3, reversed: a 0.562s (cpu 1.111s), b 0.564s (cpu 1.115s)\n"
            "train: B 1.03× A by medians\n"
            "  sample round 2/2: a 0.095s (cpu 0.180s), b 0.098s (cpu 0.185s)\n")
-    assert logged_rounds(log) == {"train": ([0.570, 0.562], [0.528, 0.564]),
-                                  "sample": ([0.095], [0.098])}
+    assert logged_rounds(log) == {"train": {"a": [0.570, 0.562], "b": [0.528, 0.564]},
+                                  "sample": {"a": [0.095], "b": [0.098]}}
+
+
+def test_pairs_compares_a_throughput_log_with_the_naive_reference() -> None:
+    from benchmarks.pairs import comparisons, logged_rounds
+
+    log = ("  train round 1/3 (warm-up): library_fp32 0.5s (cpu 1.0s), naive_fp32 1.0s (cpu 2.0s)\n"
+           "  train round 2/3: library_fp32 0.500s (cpu 1.0s), naive_fp32 1.000s (cpu 2.0s), "
+           "library_compiled_fp32 0.250s (cpu 0.5s)\n"
+           "  train round 3/3, reversed: library_fp32 0.400s (cpu 0.8s), naive_fp32 1.200s (cpu 2.4s), "
+           "library_compiled_fp32 0.300s (cpu 0.6s)\n")
+    found = dict(comparisons(logged_rounds(log)["train"]))
+    assert found.keys() == {"library_fp32 over naive_fp32", "library_compiled_fp32 over naive_fp32"}
+    assert found["library_fp32 over naive_fp32"] == pytest.approx([2.0, 3.0])
+    assert found["library_compiled_fp32 over naive_fp32"] == pytest.approx([4.0, 4.0])
+    assert comparisons({"x": [1.0], "y": [2.0]}) == []  # neither an A/B nor a naive reference
 
 
 def test_ratios_give_the_paired_ratio_an_interval_from_six_rounds() -> None:
