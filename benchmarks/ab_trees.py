@@ -199,26 +199,19 @@ def compare(args: argparse.Namespace) -> dict:
 
 
 def _summary(phase: str, a: list[float], b: list[float]) -> dict:
-    """Medians (ms), B's speed-up by medians and by paired runs with a 95 % interval for the
-    paired one, pairs B won and the sign test's p-value for them; printed too."""
-    from benchmarks.pairs import median_interval, sign_test
+    """Medians (ms), B's speed-up by medians and by paired runs (``pairs.paired``: with a 95 %
+    interval, the pairs B won and the sign test's p-value); printed too."""
+    from benchmarks.pairs import describe, paired
 
     out = {f"{phase}_{name}_median_ms": statistics.median(ts) * 1e3 for name, ts in (("a", a), ("b", b))}
     for name, ts in (("a", a), ("b", b)):
         print(f"{phase} {name}: median {out[f'{phase}_{name}_median_ms']:.1f} ms, "
               f"min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f}")
-    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    pairs = paired([x / y for x, y in zip(a, b, strict=True)])
     out[f"{phase}_b_over_a"] = statistics.median(a) / statistics.median(b)
-    out[f"{phase}_b_over_a_paired"] = statistics.median(ratios)
-    out[f"{phase}_b_over_a_paired_ci95"] = median_interval(ratios)
-    out[f"{phase}_b_faster_pairs"] = sum(r > 1 for r in ratios)
-    out[f"{phase}_sign_test_p"] = sign_test(out[f"{phase}_b_faster_pairs"], sum(r != 1 for r in ratios))
-    interval = out[f"{phase}_b_over_a_paired_ci95"]
-    print(f"{phase}: B {out[f'{phase}_b_over_a']:.3f}× A by medians "
-          f"({out[f'{phase}_b_over_a_paired']:.3f}× paired"
-          + (f", 95 % interval {interval[0]:.3f}–{interval[1]:.3f}×" if interval else "")
-          + f"), faster in {out[f'{phase}_b_faster_pairs']} of {len(a)} pairs "
-          f"(sign test p = {out[f'{phase}_sign_test_p']:.2g})")
+    out |= {f"{phase}_b_over_a_paired": pairs["median"], f"{phase}_b_over_a_paired_ci95": pairs["ci95"],
+            f"{phase}_b_faster_pairs": pairs["wins"], f"{phase}_sign_test_p": pairs["sign_test_p"]}
+    print(f"{phase}: B {out[f'{phase}_b_over_a']:.3f}× A by medians ({describe(pairs)} of {len(a)} pairs)")
     return out
 
 

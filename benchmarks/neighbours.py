@@ -36,7 +36,6 @@ from benchmarks.machine import BUSY_CORES, OtherLoad, timed  # noqa: E402
 from benchmarks.naive_reference import NaiveAlignDraw, load_from_library  # noqa: E402
 from benchmarks.throughput import PRESETS, Variant, log, model_config, random_inputs  # noqa: E402
 
-SETTINGS = ("alone", "after_naive", "after_eager", "after_both")
 CPU = torch.device("cpu")
 
 
@@ -99,8 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "threads": args.threads, "rounds": args.rounds}
     with OtherLoad() as load:
         for p in range(args.passes):
-            for setting in SETTINGS:
-                figures = run_setting(subject, before[setting], args.rounds)
+            for setting, others in before.items():
+                figures = run_setting(subject, others, args.rounds)
                 print(f"pass {p + 1} {setting:12s} median {figures['median_ms']:8.1f} ms  "
                       f"min {figures['min_ms']:8.1f} ms  page faults a step {figures['faults_per_step']:.0f}",
                       flush=True)

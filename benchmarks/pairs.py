@@ -58,6 +58,22 @@ def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[
     return (xs[k - 1], xs[len(xs) - k]) if k else None
 
 
+def paired(ratios: Sequence[float]) -> dict:
+    """Per-round ratios (faster variant > 1) → their median, its 95 % interval, the rounds won
+    (ratio above 1) and the sign test's p-value (ties left out)."""
+    wins = sum(r > 1 for r in ratios)
+    return {"median": statistics.median(ratios), "ci95": median_interval(ratios), "wins": wins,
+            "sign_test_p": sign_test(wins, sum(r != 1 for r in ratios))}
+
+
+def describe(figures: dict) -> str:
+    """``paired``'s figures as one phrase: "1.012× paired, 95 % interval 0.962–1.066×, …"."""
+    interval = figures["ci95"]
+    shown = f"{interval[0]:.3f}–{interval[1]:.3f}×" if interval else "none"
+    return (f"{figures['median']:.3f}× paired, 95 % interval {shown}, "
+            f"faster in {figures['wins']} (sign test p = {figures['sign_test_p']:.2g})")
+
+
 def logged_rounds(text: str) -> dict[str, dict[str, list[float]]]:
     """{phase: {variant: seconds per timed round}} from an ``ab_trees.py`` or ``throughput.py``
     log (``ab_trees.py`` names its variants a and b)."""
@@ -89,12 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     for path in args.logs:
         for phase, times in logged_rounds(path.read_text()).items():
             for label, ratios in comparisons(times):
-                wins = sum(r > 1 for r in ratios)
-                interval = median_interval(ratios)
-                shown = f"{interval[0]:.3f}–{interval[1]:.3f}" if interval else "none"
-                print(f"{path.name} {phase}: {label} {statistics.median(ratios):.3f}× paired, "
-                      f"{len(ratios)} rounds, 95 % interval {shown}, faster in {wins} (sign test "
-                      f"p = {sign_test(wins, sum(r != 1 for r in ratios)):.2g})")
+                print(f"{path.name} {phase}: {label}, {len(ratios)} rounds: {describe(paired(ratios))}")
 
 
 if __name__ == "__main__":
