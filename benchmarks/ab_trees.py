@@ -153,7 +153,7 @@ def compare(args: argparse.Namespace) -> dict:
     warm_up_s = {}
     if args.compile and not args.no_warm_cache:
         # a worker that compiled cold ran its steps 3–5 % slower than one that loaded the same
-        # graphs from inductor's cache (docs/performance.md): compile both first, in processes
+        # graphs from inductor's cache (docs/performance-log.md): compile both first, in processes
         # of their own, so that the timed workers both load from the cache
         for name in ("a", "b"):
             w = start(name)

@@ -11,7 +11,7 @@ over its T steps, times:
   inductor makes of such a sum): every step first copies the running sum;
 - ``in_place``: acc.addmm_(g_tᵀ, x_t) (what a trial version of ``aligndraw.compiler`` made of
   it while the CPU products are MKL's; not kept: no gain in the whole compiled model,
-  docs/performance.md);
+  docs/performance-log.md);
 - ``stacked``: one product over T·B rows, the operands concatenated first (what the pass makes
   of it with oneDNN products).
 
