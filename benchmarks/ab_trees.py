@@ -5,6 +5,7 @@
     python benchmarks/ab_trees.py --a . --b . --compile --inductor-b cpp_wrapper=true
     python benchmarks/ab_trees.py --a . --b . --compile --plain-a --precision bf16
     python benchmarks/ab_trees.py --a . --b . --compile --gemm-b aten
+    python benchmarks/ab_trees.py --a . --b . --compile --env-b OMP_PROC_BIND=true
 
 Each tree runs in a worker process of its own (its ``src/`` and ``benchmarks/`` first on the
 path), built like ``throughput.py``'s library variant (same preset, seed, batch of random
@@ -21,7 +22,9 @@ string), so the same tree can also be compared with itself under other compiler 
 ``--plain-a`` / ``--plain-b`` compile that worker's model with plain ``torch.compile``, without
 ``aligndraw.compiler``'s graph pass; ``--gemm-a`` / ``--gemm-b`` choose that worker's CPU fp32
 product backend (``aligndraw.gemm``: ``onednn`` or ``aten``, set as ``ALIGNDRAW_CPU_GEMM``
-before it imports the library). ``--precision bf16`` runs both under autocast.
+before it imports the library); ``--env-a`` / ``--env-b KEY=VALUE`` add environment variables
+to that worker's process from its start (settings read once when a library loads, such as
+OpenMP's ``OMP_*``). ``--precision bf16`` runs both under autocast.
 Prints medians, min/max, B's speed-up by medians and by paired runs and how often B was the
 faster of a pair, then one JSON line last (with the package directory each worker imported).
 This is how a change to the library is measured against the code before it, compiled code
@@ -42,18 +45,31 @@ from pathlib import Path
 PHASES = ("train", "sample")
 
 
-def inductor_settings(items: list[str]) -> dict:
-    """``KEY=VALUE`` strings → {KEY: VALUE parsed as JSON, else the string}."""
-    settings = {}
+def _key_values(items: list[str], what: str) -> dict[str, str]:
+    """``KEY=VALUE`` strings → {KEY: VALUE}; ValueError naming ``what`` for anything else."""
+    out = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"inductor settings are KEY=VALUE, got {item!r}")
+            raise ValueError(f"{what} are KEY=VALUE, got {item!r}")
+        out[key] = raw
+    return out
+
+
+def inductor_settings(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings → {KEY: VALUE parsed as JSON, else the string}."""
+    settings = {}
+    for key, raw in _key_values(items, "inductor settings").items():
         try:
             settings[key] = json.loads(raw)
         except json.JSONDecodeError:
             settings[key] = raw
     return settings
+
+
+def environment(items: list[str]) -> dict[str, str]:
+    """``--env-a`` / ``--env-b`` items → the variables they add to a worker's environment."""
+    return _key_values(items, "environment variables")
 
 
 def worker(tree: Path, args: argparse.Namespace, inductor: dict) -> None:
@@ -107,7 +123,8 @@ class _Worker:
         cmd += [f"--inductor-a={item}" for item in inductor]
         cmd += ["--gemm-a", gemm] if gemm else []
         self.name, self.worker_cpu_s, self.compiled_graphs = name, 0.0, 0
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=os.environ | environment(getattr(args, f"env_{name}")))
         self.pids = (self.proc.pid,)
         # its product backend and where its aligndraw came from
         self.gemm, self.package = self._read().removeprefix("ready ").split(" ", 1)
@@ -165,7 +182,8 @@ def compare(args: argparse.Namespace) -> dict:
     result: dict = {"a": str(args.a), "b": str(args.b), "compile": args.compile, "preset": args.preset,
                     "precision": args.precision, "plain_a": args.plain_a, "plain_b": args.plain_b,
                     "inductor_a": inductor_settings(args.inductor_a),
-                    "inductor_b": inductor_settings(args.inductor_b)}
+                    "inductor_b": inductor_settings(args.inductor_b),
+                    "env_a": environment(args.env_a), "env_b": environment(args.env_b)}
     result |= {f"warm_up_{name}_s": seconds for name, seconds in warm_up_s.items()}
     loads = []  # other processes' cores per phase, over the timed rounds only: a compile's
     try:        # worker processes (children of a worker) would count as others
@@ -237,10 +255,14 @@ def main(argv: list[str] | None = None) -> dict | None:
                        help=f"compile {name.upper()} with plain torch.compile (no aligndraw.compiler pass)")
         p.add_argument(f"--gemm-{name}", choices=("onednn", "aten"),
                        help=f"{name.upper()}'s CPU fp32 product backend (default: the library's)")
+        p.add_argument(f"--env-{name}", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"an environment variable for {name.upper()}'s worker process (repeatable)")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
         settings = {name: inductor_settings(getattr(args, f"inductor_{name}")) for name in ("a", "b")}
+        for name in ("a", "b"):
+            environment(getattr(args, f"env_{name}"))
     except ValueError as err:
         p.error(str(err))
     import torch._inductor.config as inductor_config

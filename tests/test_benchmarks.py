@@ -329,6 +329,22 @@ def test_ab_trees_gives_each_worker_its_own_product_backend() -> None:
     assert bad.returncode == 2 and "--gemm-b" in bad.stderr and "'mkl'" in bad.stderr
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN")
+def test_ab_trees_starts_each_worker_with_its_own_environment() -> None:
+    # the product backend is read from the environment when the library is imported, so each
+    # worker's report shows whether its variables reached it from its start
+    report = last_json(run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--smoke",
+                                     "--repeats", "1", "--threads", "1",
+                                     "--env-a", "ALIGNDRAW_CPU_GEMM=aten",
+                                     "--env-b", "ALIGNDRAW_CPU_GEMM=onednn",
+                                     "--env-b", "OMP_PROC_BIND=false"))
+    assert (report["a_gemm"], report["b_gemm"]) == ("aten", "onednn")
+    assert report["env_b"] == {"ALIGNDRAW_CPU_GEMM": "onednn", "OMP_PROC_BIND": "false"}
+    bad = run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--env-b", "OMP_PROC_BIND")
+    assert bad.returncode == 2 and "environment variables are KEY=VALUE" in bad.stderr
+    assert "'OMP_PROC_BIND'" in bad.stderr
+
+
 def test_subnormal_outputs_are_counted_per_op() -> None:
     from benchmarks.subnormals import SubnormalOutputs
 
