@@ -124,7 +124,7 @@ class _Worker:
         cmd += ["--gemm-a", gemm] if gemm else []
         self.name, self.worker_cpu_s, self.compiled_graphs = name, 0.0, 0
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=os.environ | environment(getattr(args, f"env_{name}")))
+                                     env=os.environ | getattr(args, f"env_{name}"))
         self.pids = (self.proc.pid,)
         # its product backend and where its aligndraw came from
         self.gemm, self.package = self._read().removeprefix("ready ").split(" ", 1)
@@ -183,7 +183,7 @@ def compare(args: argparse.Namespace) -> dict:
                     "precision": args.precision, "plain_a": args.plain_a, "plain_b": args.plain_b,
                     "inductor_a": inductor_settings(args.inductor_a),
                     "inductor_b": inductor_settings(args.inductor_b),
-                    "env_a": environment(args.env_a), "env_b": environment(args.env_b)}
+                    "env_a": args.env_a, "env_b": args.env_b}
     result |= {f"warm_up_{name}_s": seconds for name, seconds in warm_up_s.items()}
     loads = []  # other processes' cores per phase, over the timed rounds only: a compile's
     try:        # worker processes (children of a worker) would count as others
@@ -261,8 +261,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = p.parse_args(argv)
     try:
         settings = {name: inductor_settings(getattr(args, f"inductor_{name}")) for name in ("a", "b")}
-        for name in ("a", "b"):
-            environment(getattr(args, f"env_{name}"))
+        for name in ("a", "b"):  # parsed once: {KEY: VALUE} from here on
+            setattr(args, f"env_{name}", environment(getattr(args, f"env_{name}")))
     except ValueError as err:
         p.error(str(err))
     import torch._inductor.config as inductor_config
