@@ -47,6 +47,7 @@ from benchmarks.naive_reference import (  # noqa: E402
     perturb_parameters_,
 )
 from benchmarks.pairs import median_interval  # noqa: E402
+from benchmarks.products import ProductsOnly  # noqa: E402
 
 PRESETS = ("mnist-captions", "coco32")
 CLIP_NORM = 10.0
@@ -81,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-baseline", action="store_true",
                    help="with --compile, also time the fp32 library under plain torch.compile "
                         "(variant library_plaincompiled_fp32), without aligndraw.compiler's graph pass")
+    p.add_argument("--products", action="store_true",
+                   help="also time the plain matrix products of a step alone, back to back "
+                        "(variant products_fp32, benchmarks/products.py): the floor of any "
+                        "implementation that runs them through this product library")
     p.add_argument("--processes", type=int, default=1,
                    help="N > 1: also time library and naive models data-parallel in N worker "
                         "processes × 1 thread, each on batch/N images (as `torchrun "
@@ -339,7 +344,35 @@ def build_variants(args, cfg: ModelConfig, inputs, device: torch.device, precisi
                     log(f"torch.compile failed for {variant.name}: {exc}")
         if args.processes > 1:
             variants += data_parallel_variants(args, cfg, reference, inputs, precision, compile_s)
+    if args.products:
+        variants.append(ProductsOnly(cfg, args.batch, args.caption_len, device, args.seed))
     return reference, variants, compile_s
+
+
+def variant_flops(variant, flops: dict, phase: str) -> float:
+    """The product FLOPs per image a variant runs: the model's, or the products-only share."""
+    return flops[phase] * (variant.share_of_flops(phase) if isinstance(variant, ProductsOnly) else 1.0)
+
+
+def products_floor(report: dict) -> dict | None:
+    """With --products: per phase, the products' milliseconds, the naive reference's over them
+    (the most any implementation running them through this product library reaches), and what
+    each library variant spends beside them (its milliseconds minus theirs)."""
+    results = report["results"]
+    if "products_fp32" not in results:
+        return None
+    out = {}
+    for phase in ("train", "sample"):
+        floor = results["products_fp32"][phase]["median_s"]
+        naive = results.get("naive_fp32", {}).get(phase, {}).get("median_s")
+        out[phase] = {"products_ms": floor * 1e3, "x_naive": naive / floor if naive else None,
+                      "share_of_flops": report["products_share_of_flops"][phase],
+                      "beside_products_ms": {name: (r[phase]["median_s"] - floor) * 1e3
+                                             for name, r in results.items()
+                                             if name.startswith("library") and name.endswith("_fp32")}}
+        if naive:  # 3× the naive reference, in ms, less the products: what all else may take
+            out[phase]["ms_left_for_3x"] = (naive / 3 - floor) * 1e3
+    return out
 
 
 def data_parallel_variants(args, cfg: ModelConfig, reference: AlignDraw, inputs, precision: str,
@@ -475,6 +508,13 @@ def print_table(report: dict) -> None:
         print("fp32 ceiling (matrix products alone at the measured peak): " + ", ".join(
             f"{phase} {c['images_per_s']:.0f} img/s = {c['x_naive']:.2f}× naive, 3× needs the whole "
             f"step at {100 * c['share_of_peak_for_3x']:.0f}% of peak" for phase, c in ceiling.items()))
+    for phase, f in (report.get("products_floor") or {}).items():
+        beside = ", ".join(f"{name} {ms:.0f} ms" for name, ms in f["beside_products_ms"].items())
+        print(f"products alone ({phase}, {100 * f['share_of_flops']:.0f} % of the FLOPs, plain mm): "
+              f"{f['products_ms']:.1f} ms"
+              + (f" = {f['x_naive']:.2f}× naive; 3× leaves {f['ms_left_for_3x']:.0f} ms for all else"
+                 if f["x_naive"] else "")
+              + f"; beside them: {beside}")
     if report.get("targets"):
         print(f"targets: {report['targets']}")
 
@@ -575,7 +615,8 @@ def main(argv: list[str] | None = None) -> dict:
         for v in workers:
             v.close()
     results = {v.name: {phase: summarise(times[phase][v.name], cpu_times[phase][v.name], args.batch,
-                                         flops[phase], peak[v.precision], len(v.pids) or threads)
+                                         variant_flops(v, flops, phase), peak[v.precision],
+                                         len(v.pids) or threads)
                         for phase in ("train", "sample")} for v in variants}
     load_after = [round(x, 2) for x in os.getloadavg()]
     busy = device.type == "cpu" and others.cores is not None and others.cores > BUSY_CORES
@@ -594,6 +635,10 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results, "ratios": ratios(results, times),
     }
     report["ceiling"] = fp32_ceiling(results, flops, peak)
+    products = [v for v in variants if isinstance(v, ProductsOnly)]
+    if products:
+        report["products_share_of_flops"] = {p: products[0].share_of_flops(p) for p in ("train", "sample")}
+        report["products_floor"] = products_floor(report)
     if check:
         report["targets"] = fp32_targets(report["ratios"], check)
     print_table(report)

@@ -633,3 +633,107 @@ def test_ratios_give_the_paired_ratio_an_interval_from_six_rounds() -> None:
     assert r["train_paired_ci95"] == pytest.approx((2.0, 2.5))  # 7 rounds: smallest and largest
     few = {phase: {name: ts[:5] for name, ts in times[phase].items()} for phase in times}
     assert ratios(results, few)["library_fp32/naive_fp32"]["sample_paired_ci95"] is None
+
+
+PRODUCT_CONFIGS = {"mnist-captions": preset("mnist-captions").model, "coco32": preset("coco32").model,
+                   "tiny": tiny_config(), "tiny-c3": tiny_config(channels=3)}
+
+
+@pytest.mark.parametrize("name", sorted(PRODUCT_CONFIGS))
+@pytest.mark.parametrize("batch, caption_len", [(100, 12), (8, 6), (1, 12)])
+def test_product_schedule_counts_the_flop_models_flops(name: str, batch: int, caption_len: int) -> None:
+    """Two derivations of a step's products agree: the schedule's shapes and flops.py's formulas
+    (table or per-word input gates included: 1 image of 12 words has fewer words than a
+    vocabulary)."""
+    from benchmarks.products import schedule, schedule_flops
+
+    cfg = PRODUCT_CONFIGS[name]
+    flops = flops_per_image(cfg, caption_len, batch)
+    for phase in ("train", "sample"):
+        counted = schedule_flops(schedule(cfg, batch, caption_len, phase))
+        assert counted == pytest.approx(flops[phase] * batch, rel=1e-12), phase
+
+
+def test_product_schedule_has_two_gradients_per_product_and_stacks_shared_weights() -> None:
+    from benchmarks.products import schedule
+
+    cfg = preset("mnist-captions").model
+    t, batch = cfg.steps, 100
+    train = {p.name: p for p in schedule(cfg, batch, 12, "train")}
+    forward = [name for name in train if "/" not in name]
+    assert sorted(train) == sorted(forward + [f"{f}/d{x}" for f in forward for x in "AB"])
+    projection = train["projection"]
+    assert (projection.m, projection.k, projection.n, projection.count) == (batch, 300, 3286, t)
+    stacked = train["projection/dB"]  # Σ_t h_tᵀ dY_t as one product over T·B rows
+    assert (stacked.m, stacked.k, stacked.n, stacked.count) == (300, t * batch, 3286, 1)
+    per_step = train["read_rows/dB"]  # a batched product's operands are no shared weight
+    assert per_step.count == t and per_step.b == 2 * batch
+    sample = {p.name: p for p in schedule(cfg, batch, 12, "sample")}
+    assert not {"enc_input", "posterior", "read_rows"} & set(sample)  # no encoder when sampling
+    assert sample["projection"].n == 3286 - 4 * cfg.enc_hidden - 5  # nor its gates and read window
+    assert sample["write_cols_all_steps"].k == t * cfg.write_n and sample["write_cols_all_steps"].count == 1
+
+
+def test_product_schedule_rejects_other_models_and_phases() -> None:
+    from benchmarks.products import schedule
+
+    with pytest.raises(ValueError, match="'noalign' is not covered"):
+        schedule(tiny_config(model="noalign"), 4, 5, "train")
+    with pytest.raises(ValueError, match="phase must be 'train' or 'sample', got 'eval'"):
+        schedule(tiny_config(), 4, 5, "eval")
+
+
+def test_products_only_runs_every_plain_product_of_the_schedule() -> None:
+    """Every plain product's output holds its operands' product after a step; no batched one ran."""
+    from benchmarks.products import ProductsOnly, plain, schedule, schedule_flops
+
+    cfg = tiny_config()
+    variant = ProductsOnly(cfg, 4, 5, torch.device("cpu"))
+    for phase in ("train", "sample"):
+        products = schedule(cfg, 4, 5, phase)
+        assert 0 < variant.share_of_flops(phase) < 1
+        assert variant.share_of_flops(phase) == pytest.approx(schedule_flops(plain(products))
+                                                              / schedule_flops(products))
+        for _, _, out in variant._operands.values():
+            out.fill_(float("nan"))
+        getattr(variant, f"{phase}_step")()
+        shapes = {(p.m, p.k, p.n) for p in plain(products)}
+        ran = {(b, m, k, n) for (b, m, k, n), (a, w, out) in variant._operands.items()
+               if not out.isnan().any() and torch.allclose(out, a @ w, rtol=1e-5, atol=1e-5)}
+        assert {(0, *s) for s in shapes} <= ran, phase
+        assert not any(b for b, *_ in ran)  # batched operands are never allocated nor run
+        calls = sum(rounds * len(calls) for rounds, calls in variant._plans[phase])
+        assert calls == sum(p.count for p in plain(products))
+
+
+def test_throughput_products_floor_beside_library_and_naive() -> None:
+    report = last_json(run_throughput("--products"))
+    assert set(report["results"]) == {"library_fp32", "naive_fp32", "products_fp32"}
+    floor = report["products_floor"]
+    for phase in ("train", "sample"):
+        f = floor[phase]
+        assert 0 < f["share_of_flops"] < 1 and f["products_ms"] > 0
+        naive_ms = report["results"]["naive_fp32"][phase]["median_s"] * 1e3
+        assert f["x_naive"] == pytest.approx(naive_ms / f["products_ms"])
+        assert f["ms_left_for_3x"] == pytest.approx(naive_ms / 3 - f["products_ms"])
+        library_ms = report["results"]["library_fp32"][phase]["median_s"] * 1e3
+        assert f["beside_products_ms"] == {"library_fp32": pytest.approx(library_ms - f["products_ms"])}
+    assert "products_fp32/naive_fp32" in report["ratios"]
+    assert set(report["targets"]) == {"library_fp32"}  # the floor is no implementation to judge
+
+
+def test_products_benchmark_times_every_product_of_both_phases() -> None:
+    from benchmarks.products import schedule
+    from benchmarks.throughput import SMOKE_CONFIG
+
+    proc = run_benchmark("products.py", "--smoke", "--threads", "1")
+    report = last_json(proc)
+    for phase in ("train", "sample"):
+        rows = report["phases"][phase]["products"]
+        expected = schedule(ModelConfig(**SMOKE_CONFIG), 8, 6, phase)
+        assert [r["name"] for r in rows] == [p.name for p in expected]
+        assert all(r["ms"] > 0 and r["gflops"] > 0 for r in rows)
+        totals = report["phases"][phase]["total_ms"]
+        assert totals["plain"] == pytest.approx(sum(r["ms"] for r in rows if not r["b"]))
+        assert totals["batched"] == pytest.approx(sum(r["ms"] for r in rows if r["b"]))
+        assert f"{phase}: plain products" in proc.stdout
