@@ -1,7 +1,7 @@
 """The matrix products of one alignDRAW step, and nothing else: how fast could any step be?
 
 ``throughput.py --products`` times :class:`ProductsOnly` beside the library and the naive
-reference. It runs the plain matrix products (``torch.mm``: the LSTMs, the projections, the
+reference. It runs the plain matrix products (not batched: the LSTMs, the projections, the
 caption's keys and gates, and their gradients; 94 % of a mnist-captions step's product FLOPs)
 of one training step (or sampling batch) at the library's shapes, back to back, with their
 operands and outputs allocated once and no other work: no attention, no elementwise kernels, no
@@ -29,7 +29,7 @@ The schedule follows the library's algorithm (``aligndraw.model``, docs/performa
   second product of all T writes at once, over T·M columns);
 - training backward: for every product Y = A·B one product for dA = dY·Bᵀ and one for
   dB = Aᵀ·dY, the weight gradients of step-shared weights as one product over T·B rows (over
-  2·L·B rows for the caption recurrence).
+  L·B rows for each direction of the caption recurrence).
 
 ``python benchmarks/products.py`` times each product of the schedule on its own, batched ones
 included.
@@ -54,6 +54,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from aligndraw import gemm  # noqa: E402
 from aligndraw.config import ModelConfig  # noqa: E402
 from benchmarks.machine import timed  # noqa: E402
 
@@ -97,8 +98,8 @@ def _caption(cfg: ModelConfig, batch: int, caption_len: int) -> list[tuple[Produ
         gates = Product("caption_input_table", cfg.vocab_size, cfg.embed_dim, 4 * d, count=2)
     else:  # one row per word of the batch
         gates = Product("caption_input_words", words, cfg.embed_dim, 4 * d, count=2)
-    recurrence = Product("caption_recurrence", batch, d, 4 * d, count=2 * caption_len)
-    return [(gates, 0), (recurrence, 2 * caption_len),
+    return [(gates, 0)] + [(Product(f"caption_recurrence_{direction}", batch, d, 4 * d, count=caption_len),
+                            caption_len) for direction in ("forward", "backward")] + [
             (Product("align_keys", words, d2, cfg.align_dim), 0),
             (Product("context_gates", words, d2, 4 * cfg.dec_hidden), 0)]
 
@@ -166,8 +167,9 @@ class ProductsOnly:
     :func:`schedule`) and nothing else.
 
     Operands are random normal values (no subnormal numbers), allocated once per distinct
-    shape with their outputs; ``train_step`` / ``sample_step`` run every product through
-    ``torch.mm`` into the preallocated output, a drawing step's products in turn.
+    shape with their outputs; ``train_step`` / ``sample_step`` run every product through the
+    library's fp32 product backend (``aligndraw.gemm``: ``torch.mm`` into the preallocated
+    output, or oneDNN where the library would use it), a drawing step's products in turn.
     """
 
     pids: tuple[int, ...] = ()
@@ -207,12 +209,22 @@ def plan(products: list[Product], g: torch.Generator, device: torch.device,
             a = torch.randn(*lead, p.m, p.k, generator=g).to(device)  # (b?, m, k)
             b = torch.randn(*lead, p.k, p.n, generator=g).to(device)  # (b?, k, n)
             operands[key] = (a, b, torch.empty(*lead, p.m, p.n, device=device))
-        call = (torch.bmm if p.b else torch.mm, *operands[key])
+        call = (torch.bmm if p.b else _plain_product(device), *operands[key])
         if p.per_step and out and out[-1][0] == p.count and out[-1][2]:
             out[-1][1].append(call)
         else:
             out.append((p.count, [call], p.per_step))
     return [(rounds, calls) for rounds, calls, _ in out]
+
+
+def _onednn_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return gemm.mm(a, b)  # oneDNN where the operands qualify (aligndraw.gemm); a new output
+
+
+def _plain_product(device: torch.device):
+    """The library's fp32 product for the process's backend: oneDNN (``aligndraw.gemm``, whose
+    calls allocate their output, as the library's do) or ``torch.mm`` into ``out``."""
+    return _onednn_mm if device.type == "cpu" and gemm.backend() == "onednn" else torch.mm
 
 
 def run(planned: list) -> None:

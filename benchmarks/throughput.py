@@ -1,7 +1,7 @@
 """Training and sampling throughput of ``AlignDraw`` against the naive per-step reference.
 
     python benchmarks/throughput.py --preset mnist-captions [--precision both] [--compile]
-                                    [--processes 2]
+                                    [--processes 2] [--products]
 
 Both models get the preset's ``ModelConfig``, the same weights and the same batch of random
 inputs (no data loading is timed). A training step is what the trainer does: zero_grad,

@@ -737,3 +737,17 @@ def test_products_benchmark_times_every_product_of_both_phases() -> None:
         assert totals["plain"] == pytest.approx(sum(r["ms"] for r in rows if not r["b"]))
         assert totals["batched"] == pytest.approx(sum(r["ms"] for r in rows if r["b"]))
         assert f"{phase}: plain products" in proc.stdout
+
+
+def test_products_only_follows_the_librarys_product_backend() -> None:
+    """With oneDNN chosen (as on AVX-512 AMD processors) the plain products go through it."""
+    from benchmarks.products import ProductsOnly, _onednn_mm
+
+    cfg = tiny_config(enc_hidden=64, dec_hidden=64)  # weights ≥ 64 on both sides: oneDNN's
+    for backend, expected in (("onednn", _onednn_mm), ("aten", torch.mm)):
+        with gemm.using(backend):
+            variant = ProductsOnly(cfg, 4, 5, torch.device("cpu"))
+        for _, calls in variant._plans["train"]:
+            for product, a, b, out in calls:
+                assert product is expected
+                assert torch.allclose(product(a, b, out=out), a @ b, rtol=1e-4, atol=1e-4)
