@@ -158,7 +158,7 @@ def schedule_flops(products: list[Product]) -> int:
 
 
 def plain(products: list[Product]) -> list[Product]:
-    """The products of a schedule that are one ``torch.mm`` each (not batched)."""
+    """The products of a schedule that are not batched: one matrix times one matrix each."""
     return [p for p in products if not p.b]
 
 
@@ -228,7 +228,7 @@ def _plain_product(device: torch.device):
 
 
 def run(planned: list) -> None:
-    """Every call of a :func:`plan`, each into its preallocated output."""
+    """Every call of a :func:`plan` (``torch.mm`` and ``torch.bmm`` into its preallocated output)."""
     for rounds, calls in planned:
         for _ in range(rounds):
             for product, a, b, out in calls:
@@ -264,6 +264,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--smoke", action="store_true", help="the unit tests' tiny model, one repeat")
     args = parser.parse_args(argv)
+    for name in ("batch", "caption_len", "repeats", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = preset(args.preset).model

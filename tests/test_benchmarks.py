@@ -751,3 +751,10 @@ def test_products_only_follows_the_librarys_product_backend() -> None:
             for product, a, b, out in calls:
                 assert product is expected
                 assert torch.allclose(product(a, b, out=out), a @ b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("flag", ["--batch", "--caption-len", "--repeats", "--threads"])
+def test_products_benchmark_rejects_sizes_below_one(flag: str) -> None:
+    proc = run_benchmark("products.py", "--smoke", flag, "0")
+    assert proc.returncode == 2
+    assert f"{flag} must be ≥ 1, got 0" in proc.stderr
