@@ -1,21 +1,33 @@
-"""The matrix products of one alignDRAW step, and nothing else: how fast could any step be?
+"""The matrix products of one alignDRAW step, and nothing else: how fast could a step be?
 
 ``throughput.py --products`` times :class:`ProductsOnly` beside the library and the naive
 reference. It runs the plain matrix products (not batched: the LSTMs, the projections, the
 caption's keys and gates, and their gradients; 94 % of a mnist-captions step's product FLOPs)
-of one training step (or sampling batch) at the library's shapes, back to back, with their
-operands and outputs allocated once and no other work: no attention, no elementwise kernels, no
-gate nonlinearities, no copies, no autograd, no optimiser. Its time is a floor for any
-implementation whose products go through the same product library in the same shapes, so
-``naive ms / products ms`` is the most such an implementation can be faster than the naive
-reference on the machine it runs on.
+of one training step (or sampling batch) in the shapes below, back to back, through the
+library's product backend (``aligndraw.gemm``), with their operands and outputs allocated once
+and no other work: no attention, no elementwise kernels, no gate nonlinearities, no copies, no
+autograd, no optimiser. Its time estimates the floor of an implementation that runs these
+products in these shapes through the same product library, so ``naive ms / products ms``
+estimates the most such an implementation can be faster than the naive reference on the
+machine it runs on.
+
+An estimate, within a few percent either way: the schedule has ``flops.py``'s count and its
+simplifications, about 1.5 % more product FLOPs than the library runs (every step's full
+h_dec projection, where the library's first step has one row, its last projects the write
+only, and sampling forms the write heads after the loop); the weight gradients are stacked
+over T·B rows where the compiled library with MKL products leaves them as ``addmm`` chains
+(``benchmarks/accumulate.py`` times both forms at about the same speed); forward weights are
+not transposed views; and the operands are the same buffers every step, so they stay in cache
+better than a real step's activations would.
 
 The schedule's small batched products (the filterbanks, the alignment scores, the context mix)
 are counted but not run: their form is an implementation's choice (the library fuses the
 scores into elementwise kernels and builds a step's filterbanks in one call), and as plain
 ``torch.bmm`` calls of 100 small matrices they take longer than the library spends on them.
 
-The schedule follows the library's algorithm (``aligndraw.model``, docs/performance.md):
+The schedule follows the library's algorithm (``aligndraw.model``, docs/performance.md) with
+``flops.py``'s simplifications (above; and every product, batched ones included, has two
+gradient products, where the library skips a few it does not need):
 
 - per caption: the caption LSTM's input gates as a per-vocabulary table (or per word when the
   vocabulary is larger than the batch's words), its recurrence in both directions, the
@@ -34,9 +46,8 @@ The schedule follows the library's algorithm (``aligndraw.model``, docs/performa
 ``python benchmarks/products.py`` times each product of the schedule on its own, batched ones
 included.
 
-The schedule is derived on its own and checked against ``flops.py``'s count (tests).
-Operands are the same buffers every step, so they stay in cache better than a real step's
-activations would: the floor is, if anything, optimistic.
+The schedule is derived from shapes, ``flops.py`` from formulas; a test checks that their
+FLOPs agree (they share the simplifications above).
 """
 
 from __future__ import annotations
@@ -79,7 +90,8 @@ class Product:
         """The backward products of Y = A·B: dA = dY·Bᵀ (m×n · n×k) and dB = Aᵀ·dY (k×m · m×n).
 
         ``shared_over`` = S > 0: B is a weight shared by S calls of ``count`` = S; its gradient
-        Σ_s A_sᵀ dY_s is one product over S·m rows (the library's stacked weight gradient).
+        Σ_s A_sᵀ dY_s is one product over S·m rows (as the library's eager ``StepLinear`` and
+        its compiled oneDNN and bf16 gradients form it).
         """
         d_a = Product(f"{self.name}/dA", self.m, self.n, self.k, self.b, self.count, self.per_step)
         if shared_over:
@@ -148,7 +160,7 @@ def schedule(cfg: ModelConfig, batch: int, caption_len: int, phase: str) -> list
                                   b=batch * c)]
     step_grads = [g for p, shared in steps for g in p.grads(t if shared else 0)]
     caption_grads = [g for p, shared in caption for g in p.grads(shared)]
-    # the steps' own gradients in turn, step by step, then the stacked weight gradients
+    # the steps' own gradients step by step, then the stacked weight gradients
     return (forward + [g for g in step_grads if g.per_step] + [g for g in step_grads if not g.per_step]
             + caption_grads)
 
@@ -210,25 +222,31 @@ def plan(products: list[Product], g: torch.Generator, device: torch.device,
             b = torch.randn(*lead, p.k, p.n, generator=g).to(device)  # (b?, k, n)
             operands[key] = (a, b, torch.empty(*lead, p.m, p.n, device=device))
         call = (torch.bmm if p.b else _plain_product(device), *operands[key])
-        if p.per_step and out and out[-1][0] == p.count and out[-1][2]:
+        # a step's forward products take turns, and then its gradients (the next group)
+        group = p.per_step and ("gradient" if "/" in p.name else "forward")
+        if group and out and out[-1][0] == p.count and out[-1][2] == group:
             out[-1][1].append(call)
         else:
-            out.append((p.count, [call], p.per_step))
+            out.append((p.count, [call], group))
     return [(rounds, calls) for rounds, calls, _ in out]
 
 
-def _onednn_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    return gemm.mm(a, b)  # oneDNN where the operands qualify (aligndraw.gemm); a new output
+def _gemm_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """a @ b through ``aligndraw.gemm.mm``: oneDNN where b's sides are both at least
+    ``gemm.MIN_SIZE``, else ``@``; a new output, as the library's oneDNN calls make (``out``
+    is left alone)."""
+    return gemm.mm(a, b)
 
 
 def _plain_product(device: torch.device):
-    """The library's fp32 product for the process's backend: oneDNN (``aligndraw.gemm``, whose
-    calls allocate their output, as the library's do) or ``torch.mm`` into ``out``."""
-    return _onednn_mm if device.type == "cpu" and gemm.backend() == "onednn" else torch.mm
+    """The plain products' function for the process's backend: ``_gemm_mm`` where
+    ``aligndraw.gemm`` chooses oneDNN, else ``torch.mm`` into ``out``."""
+    return _gemm_mm if device.type == "cpu" and gemm.backend() == "onednn" else torch.mm
 
 
 def run(planned: list) -> None:
-    """Every call of a :func:`plan` (``torch.mm`` and ``torch.bmm`` into its preallocated output)."""
+    """Every call of a :func:`plan` (``torch.mm`` and ``torch.bmm`` write into the preallocated
+    output; ``_gemm_mm`` makes a new one)."""
     for rounds, calls in planned:
         for _ in range(rounds):
             for product, a, b, out in calls:
@@ -254,15 +272,17 @@ def time_each(cfg: ModelConfig, batch: int, caption_len: int, phase: str, repeat
 def main(argv: list[str] | None = None) -> dict:
     """Print every product of a step, timed on its own, with plain and batched totals; JSON last."""
     from aligndraw.config import preset
-    from benchmarks.throughput import SMOKE_CONFIG
+    from benchmarks.throughput import PRESETS, SMOKE_CONFIG
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--preset", choices=("mnist-captions", "coco32"), default="mnist-captions")
+    parser.add_argument("--preset", choices=PRESETS, default="mnist-captions")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--caption-len", type=int, default=12)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--smoke", action="store_true", help="the unit tests' tiny model, one repeat")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the unit tests' tiny model, batch 8, 6-word captions, one repeat "
+                             "(in place of --preset, --batch, --caption-len and --repeats)")
     args = parser.parse_args(argv)
     for name in ("batch", "caption_len", "repeats", "threads"):
         value = getattr(args, name)
@@ -275,7 +295,10 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = ModelConfig(**SMOKE_CONFIG)
         args.batch, args.caption_len, args.repeats = 8, 6, 1
     report = {"preset": "smoke" if args.smoke else args.preset, "batch": args.batch,
-              "threads": torch.get_num_threads(), "phases": {}}
+              "caption_len": args.caption_len, "threads": torch.get_num_threads(),
+              "gemm_backend": gemm.backend(), "phases": {}}
+    print(f"preset {report['preset']}, batch {args.batch}, {args.caption_len}-word captions, "
+          f"{report['threads']} threads, fp32 products: {report['gemm_backend']}")
     for phase in ("train", "sample"):
         rows = time_each(cfg, args.batch, args.caption_len, phase, args.repeats, torch.device("cpu"))
         totals = {kind: sum(r["ms"] for r in rows if bool(r["b"]) == (kind == "batched"))

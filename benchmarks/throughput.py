@@ -84,8 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(variant library_plaincompiled_fp32), without aligndraw.compiler's graph pass")
     p.add_argument("--products", action="store_true",
                    help="also time the plain matrix products of a step alone, back to back "
-                        "(variant products_fp32, benchmarks/products.py): the floor of any "
-                        "implementation that runs them through this product library")
+                        "(variant products_fp32, benchmarks/products.py): an estimate of the "
+                        "floor of an implementation that runs them in these shapes through "
+                        "this product library")
     p.add_argument("--processes", type=int, default=1,
                    help="N > 1: also time library and naive models data-parallel in N worker "
                         "processes × 1 thread, each on batch/N images (as `torchrun "
@@ -356,7 +357,7 @@ def variant_flops(variant, flops: dict, phase: str) -> float:
 
 def products_floor(report: dict) -> dict | None:
     """With --products: per phase, the products' milliseconds, the naive reference's over them
-    (the most any implementation running them through this product library reaches), and what
+    (about the most an implementation running them through this product library reaches), and what
     each library variant spends beside them (its milliseconds minus theirs)."""
     results = report["results"]
     if "products_fp32" not in results:
@@ -510,7 +511,8 @@ def print_table(report: dict) -> None:
             f"step at {100 * c['share_of_peak_for_3x']:.0f}% of peak" for phase, c in ceiling.items()))
     for phase, f in (report.get("products_floor") or {}).items():
         beside = ", ".join(f"{name} {ms:.0f} ms" for name, ms in f["beside_products_ms"].items())
-        print(f"products alone ({phase}, {100 * f['share_of_flops']:.0f} % of the FLOPs, plain mm): "
+        print(f"products alone ({phase}, {100 * f['share_of_flops']:.0f} % of the FLOPs, "
+              f"not batched, through {report['gemm_backend']}): "
               f"{f['products_ms']:.1f} ms"
               + (f" = {f['x_naive']:.2f}× naive; 3× leaves {f['ms_left_for_3x']:.0f} ms for all else"
                  if f["x_naive"] else "")

@@ -22,7 +22,7 @@ from aligndraw import gemm
 from aligndraw.config import ModelConfig, preset
 from aligndraw.model import AlignDraw
 
-from conftest import random_batch, tiny_config
+from conftest import needs_onednn, random_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # ``benchmarks`` lives at the repository root, which ``pytest`` (unlike ``python -m pytest``)
@@ -688,7 +688,8 @@ def test_products_only_runs_every_plain_product_of_the_schedule() -> None:
     from benchmarks.products import ProductsOnly, plain, schedule, schedule_flops
 
     cfg = tiny_config()
-    variant = ProductsOnly(cfg, 4, 5, torch.device("cpu"))
+    with gemm.using("aten"):  # torch.mm into the preallocated outputs (oneDNN calls make new ones)
+        variant = ProductsOnly(cfg, 4, 5, torch.device("cpu"))
     for phase in ("train", "sample"):
         products = schedule(cfg, 4, 5, phase)
         assert 0 < variant.share_of_flops(phase) < 1
@@ -739,18 +740,27 @@ def test_products_benchmark_times_every_product_of_both_phases() -> None:
         assert f"{phase}: plain products" in proc.stdout
 
 
+@needs_onednn
 def test_products_only_follows_the_librarys_product_backend() -> None:
     """With oneDNN chosen (as on AVX-512 AMD processors) the plain products go through it."""
-    from benchmarks.products import ProductsOnly, _onednn_mm
+    from test_gemm import _OneDnnCalls
 
-    cfg = tiny_config(enc_hidden=64, dec_hidden=64)  # weights ≥ 64 on both sides: oneDNN's
-    for backend, expected in (("onednn", _onednn_mm), ("aten", torch.mm)):
-        with gemm.using(backend):
+    from benchmarks.products import ProductsOnly
+
+    cfg = tiny_config(enc_hidden=64, dec_hidden=64)
+    counts = {}
+    for backend in gemm.BACKENDS:
+        with gemm.using(backend):  # as in a process started with ALIGNDRAW_CPU_GEMM=backend
             variant = ProductsOnly(cfg, 4, 5, torch.device("cpu"))
-        for _, calls in variant._plans["train"]:
-            for product, a, b, out in calls:
-                assert product is expected
-                assert torch.allclose(product(a, b, out=out), a @ b, rtol=1e-4, atol=1e-4)
+            with _OneDnnCalls() as calls:
+                variant.train_step()
+            counts[backend] = calls.count
+            for _, planned in variant._plans["train"]:
+                for product, a, b, out in planned:
+                    assert torch.allclose(product(a, b, out=out), a @ b, rtol=1e-4, atol=1e-4)
+    # per drawing step at least the projection and the inference LSTM's input, forward and
+    # input gradient (their weights have both sides ≥ 64 here)
+    assert counts["onednn"] >= 4 * cfg.steps and counts["aten"] == 0
 
 
 @pytest.mark.parametrize("flag", ["--batch", "--caption-len", "--repeats", "--threads"])
