@@ -376,6 +376,19 @@ def products_floor(report: dict) -> dict | None:
     return out
 
 
+def floor_line(phase: str, f: dict, backend: str) -> str:
+    """One phase of ``products_floor`` as a line of the report."""
+    line = (f"products alone ({phase}, {100 * f['share_of_flops']:.0f} % of the FLOPs, not batched, "
+            f"through {backend}): {f['products_ms']:.1f} ms")
+    if f["x_naive"]:
+        left = f["ms_left_for_3x"]
+        line += f" = {f['x_naive']:.2f}× naive; " + (
+            f"3× leaves {left:.0f} ms for all else" if left >= 0
+            else f"3× is out of reach: they alone take {-left:.0f} ms more than 3× allows")
+    beside = ", ".join(f"{name} {ms:.0f} ms" for name, ms in f["beside_products_ms"].items())
+    return line + f"; beside them: {beside}"
+
+
 def data_parallel_variants(args, cfg: ModelConfig, reference: AlignDraw, inputs, precision: str,
                            compile_s: dict) -> list[DataParallelVariant]:
     """Library (eager and, with --compile, compiled) and naive models in ``--processes`` worker
@@ -510,13 +523,7 @@ def print_table(report: dict) -> None:
             f"{phase} {c['images_per_s']:.0f} img/s = {c['x_naive']:.2f}× naive, 3× needs the whole "
             f"step at {100 * c['share_of_peak_for_3x']:.0f}% of peak" for phase, c in ceiling.items()))
     for phase, f in (report.get("products_floor") or {}).items():
-        beside = ", ".join(f"{name} {ms:.0f} ms" for name, ms in f["beside_products_ms"].items())
-        print(f"products alone ({phase}, {100 * f['share_of_flops']:.0f} % of the FLOPs, "
-              f"not batched, through {report['gemm_backend']}): "
-              f"{f['products_ms']:.1f} ms"
-              + (f" = {f['x_naive']:.2f}× naive; 3× leaves {f['ms_left_for_3x']:.0f} ms for all else"
-                 if f["x_naive"] else "")
-              + f"; beside them: {beside}")
+        print(floor_line(phase, f, report["gemm_backend"]))
     if report.get("targets"):
         print(f"targets: {report['targets']}")
 

@@ -768,3 +768,17 @@ def test_products_benchmark_rejects_sizes_below_one(flag: str) -> None:
     proc = run_benchmark("products.py", "--smoke", flag, "0")
     assert proc.returncode == 2
     assert f"{flag} must be ≥ 1, got 0" in proc.stderr
+
+
+def test_floor_line_says_when_the_products_alone_rule_3x_out() -> None:
+    from benchmarks.throughput import floor_line
+
+    f = {"share_of_flops": 0.94, "products_ms": 345.0, "x_naive": 3.68, "ms_left_for_3x": 78.0,
+         "beside_products_ms": {"library_compiled_fp32": 247.0}}
+    line = floor_line("train", f, "aten")
+    assert "3× leaves 78 ms for all else; beside them: library_compiled_fp32 247 ms" in line
+    f |= {"x_naive": 2.13, "ms_left_for_3x": -324.0}
+    assert "2.13× naive; 3× is out of reach: they alone take 324 ms more than 3× allows" in floor_line(
+        "train", f, "aten")
+    f |= {"x_naive": None}  # no naive reference in the run
+    assert "naive" not in floor_line("train", f, "aten")
