@@ -352,22 +352,19 @@ def build_variants(args, cfg: ModelConfig, inputs, device: torch.device, precisi
 
 def variant_flops(variant, flops: dict, phase: str) -> float:
     """The product FLOPs per image a variant runs: the model's, or the products-only share."""
-    return flops[phase] * (variant.share_of_flops(phase) if isinstance(variant, ProductsOnly) else 1.0)
+    return flops[phase] * (variant.share_of_flops[phase] if isinstance(variant, ProductsOnly) else 1.0)
 
 
-def products_floor(report: dict) -> dict | None:
-    """With --products: per phase, the products' milliseconds, the naive reference's over them
-    (about the most an implementation running them through this product library reaches), and what
-    each library variant spends beside them (its milliseconds minus theirs)."""
-    results = report["results"]
-    if "products_fp32" not in results:
-        return None
+def products_floor(results: dict, products: ProductsOnly) -> dict:
+    """Per phase, the products' milliseconds, the naive reference's over them (about the most an
+    implementation running them through this product library reaches), and what each library
+    variant spends beside them (its milliseconds minus theirs)."""
     out = {}
     for phase in ("train", "sample"):
-        floor = results["products_fp32"][phase]["median_s"]
+        floor = results[products.name][phase]["median_s"]
         naive = results.get("naive_fp32", {}).get(phase, {}).get("median_s")
         out[phase] = {"products_ms": floor * 1e3, "x_naive": naive / floor if naive else None,
-                      "share_of_flops": report["products_share_of_flops"][phase],
+                      "share_of_flops": products.share_of_flops[phase],
                       "beside_products_ms": {name: (r[phase]["median_s"] - floor) * 1e3
                                              for name, r in results.items()
                                              if name.startswith("library") and name.endswith("_fp32")}}
@@ -644,10 +641,9 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results, "ratios": ratios(results, times),
     }
     report["ceiling"] = fp32_ceiling(results, flops, peak)
-    products = [v for v in variants if isinstance(v, ProductsOnly)]
-    if products:
-        report["products_share_of_flops"] = {p: products[0].share_of_flops(p) for p in ("train", "sample")}
-        report["products_floor"] = products_floor(report)
+    for v in variants:
+        if isinstance(v, ProductsOnly):
+            report["products_floor"] = products_floor(results, v)
     if check:
         report["targets"] = fp32_targets(report["ratios"], check)
     print_table(report)
