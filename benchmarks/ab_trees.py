@@ -21,7 +21,7 @@ Other processes' load is measured as in ``throughput.py``, over the timed rounds
 string), so the same tree can also be compared with itself under other compiler settings;
 ``--plain-a`` / ``--plain-b`` compile that worker's model with plain ``torch.compile``, without
 ``aligndraw.compiler``'s graph pass; ``--gemm-a`` / ``--gemm-b`` choose that worker's CPU fp32
-product backend (``aligndraw.gemm``: ``onednn`` or ``aten``, set as ``ALIGNDRAW_CPU_GEMM``
+product backend (``aligndraw.gemm``: ``onednn``, ``openblas`` or ``aten``, set as ``ALIGNDRAW_CPU_GEMM``
 before it imports the library); ``--env-a`` / ``--env-b KEY=VALUE`` add environment variables
 to that worker's process from its start (settings read once when a library loads, such as
 OpenMP's ``OMP_*``). ``--precision bf16`` runs both under autocast.
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                        help=f"a torch._inductor.config setting for {name.upper()}'s worker (repeatable)")
         p.add_argument(f"--plain-{name}", action="store_true",
                        help=f"compile {name.upper()} with plain torch.compile (no aligndraw.compiler pass)")
-        p.add_argument(f"--gemm-{name}", choices=("onednn", "aten"),
+        p.add_argument(f"--gemm-{name}", choices=("onednn", "openblas", "aten"),
                        help=f"{name.upper()}'s CPU fp32 product backend (default: the library's)")
         p.add_argument(f"--env-{name}", action="append", default=[], metavar="KEY=VALUE",
                        help=f"an environment variable for {name.upper()}'s worker process (repeatable)")

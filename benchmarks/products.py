@@ -181,7 +181,7 @@ class ProductsOnly:
     Operands are random normal values (no subnormal numbers), allocated once per distinct
     shape with their outputs; ``train_step`` / ``sample_step`` run every product through the
     library's fp32 product backend (``aligndraw.gemm``: ``torch.mm`` into the preallocated
-    output, or oneDNN where the library would use it), a drawing step's products in turn.
+    output, or oneDNN or OpenBLAS where the library would use them), a drawing step's products in turn.
     """
 
     pids: tuple[int, ...] = ()
@@ -231,16 +231,16 @@ def plan(products: list[Product], g: torch.Generator, device: torch.device,
 
 
 def _gemm_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """a @ b through ``aligndraw.gemm.mm``: oneDNN where b's sides are both at least
-    ``gemm.MIN_SIZE``, else ``@``; a new output, as the library's oneDNN calls make (``out``
-    is left alone)."""
+    """a @ b through ``aligndraw.gemm.mm``: oneDNN or OpenBLAS (the backend) where b's sides
+    are both at least ``gemm.MIN_SIZE``, else ``@``; a new output, as the library's oneDNN and
+    OpenBLAS calls make (``out`` is left alone)."""
     return gemm.mm(a, b)
 
 
 def _plain_product(device: torch.device):
     """The plain products' function for the process's backend: ``_gemm_mm`` where
-    ``aligndraw.gemm`` chooses oneDNN, else ``torch.mm`` into ``out``."""
-    return _gemm_mm if device.type == "cpu" and gemm.backend() == "onednn" else torch.mm
+    ``aligndraw.gemm`` chooses oneDNN or OpenBLAS, else ``torch.mm`` into ``out``."""
+    return _gemm_mm if device.type == "cpu" and gemm.backend() != "aten" else torch.mm
 
 
 def run(planned: list) -> None:

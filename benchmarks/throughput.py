@@ -33,7 +33,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aligndraw import compiler, gemm  # noqa: E402
+from aligndraw import compiler, gemm, openblas  # noqa: E402
 from aligndraw.config import ModelConfig, preset  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
 from aligndraw.trainer import PaperRMSprop, average_gradients, clip_grad_norm_per_tensor  # noqa: E402
@@ -77,8 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gemm-baseline", action="store_true",
                    help="also time the eager fp32 library with the other CPU product backend "
                         "than aligndraw.gemm's default (variant library_aten_fp32 where the "
-                        "default is oneDNN, library_onednn_fp32 where it is aten: Intel, and CPUs "
-                        "without AVX-512)")
+                        "default is oneDNN or OpenBLAS, library_onednn_fp32 where it is aten: "
+                        "Intel, and CPUs without AVX-512 other than AMD's)")
     p.add_argument("--compile-baseline", action="store_true",
                    help="with --compile, also time the fp32 library under plain torch.compile "
                         "(variant library_plaincompiled_fp32), without aligndraw.compiler's graph pass")
@@ -315,7 +315,7 @@ def build_variants(args, cfg: ModelConfig, inputs, device: torch.device, precisi
         lib = AlignDraw(cfg).to(device)
         lib.load_state_dict(reference.state_dict())
         variants.append(Variant(f"library_{precision}", lib, precision, inputs, args.seed))
-        other = "aten" if gemm.backend() == "onednn" else "onednn"
+        other = "aten" if gemm.backend() != "aten" else "onednn"
         if (args.gemm_baseline and precision == "fp32" and device.type == "cpu"
                 and (other == "aten" or torch.backends.mkldnn.is_available())):
             lib = AlignDraw(cfg).to(device)
@@ -526,13 +526,16 @@ def print_table(report: dict) -> None:
 
 
 def matmul_peaks(size: int, device: torch.device, repeats: int, bf16: bool = True) -> dict[str, float]:
-    """GFLOP/s of a square product: fp32 through PyTorch's ``@`` (``fp32_aten``) and, on a CPU
-    with oneDNN, through ``aligndraw.gemm``'s oneDNN path (``fp32_onednn``), and with ``bf16``
-    bf16; ``fp32`` is the faster of the two fp32 figures: the machine's fp32 peak, which shares
-    of peak and the ceiling are measured against."""
+    """GFLOP/s of a square product: fp32 through PyTorch's ``@`` (``fp32_aten``) and, on a CPU,
+    through ``aligndraw.gemm``'s oneDNN path (``fp32_onednn``, with oneDNN) and OpenBLAS path
+    (``fp32_openblas``, where it can be built), and with ``bf16`` bf16; ``fp32`` is the fastest
+    of the fp32 figures: the machine's fp32 peak, which shares of peak and the ceiling are
+    measured against."""
     peak = {"fp32_aten": matmul_peak(torch.float32, size, device, repeats)}
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         peak["fp32_onednn"] = matmul_peak(torch.float32, size, device, repeats, gemm_backend="onednn")
+    if device.type == "cpu" and openblas.missing() is None:
+        peak["fp32_openblas"] = matmul_peak(torch.float32, size, device, repeats, gemm_backend="openblas")
     peak["fp32"] = max(peak.values())
     if bf16:
         peak["bf16"] = matmul_peak(torch.bfloat16, size, device, repeats)

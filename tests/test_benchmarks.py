@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from aligndraw import gemm
+from aligndraw import gemm, openblas
 from aligndraw.config import ModelConfig, preset
 from aligndraw.model import AlignDraw
 
-from conftest import needs_onednn, random_batch, tiny_config
+from conftest import random_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # ``benchmarks`` lives at the repository root, which ``pytest`` (unlike ``python -m pytest``)
@@ -206,14 +206,18 @@ def test_bf16_peak_is_measured_for_bf16_runs_and_native_bf16_only() -> None:
 def test_throughput_gemm_baseline_and_both_fp32_peaks() -> None:
     report = last_json(run_throughput("--gemm-baseline", "--skip-naive"))
     default = report["gemm_backend"]  # the library's: oneDNN on non-Intel CPUs with AVX-512, else aten
+    flags, vendor = gemm.cpu_flags(), report["cpu_vendor"]
     expected = os.environ.get("ALIGNDRAW_CPU_GEMM", "").strip().lower() or (
-        "onednn" if report["cpu_vendor"] != "GenuineIntel" and "avx512f" in gemm.cpu_flags() else "aten")
+        "onednn" if vendor != "GenuineIntel" and "avx512f" in flags
+        else "openblas" if vendor == "AuthenticAMD" and "avx2" in flags and openblas.missing() is None
+        else "aten")
     assert default == expected
     assert report["cpu_bf16_native"] is gemm.cpu_bf16_native()
-    other = {"aten": "onednn", "onednn": "aten"}[default]
+    other = {"aten": "onednn", "onednn": "aten", "openblas": "aten"}[default]
     assert set(report["results"]) == {"library_fp32", f"library_{other}_fp32"}
     peak = report["peak_gflops"]
-    assert peak["fp32"] == max(peak["fp32_aten"], peak["fp32_onednn"]) > 0
+    fp32 = [peak["fp32_aten"], peak["fp32_onednn"]] + [peak["fp32_openblas"]] * (openblas.missing() is None)
+    assert peak["fp32"] == max(fp32) > 0 and len([k for k in peak if k.startswith("fp32_")]) == len(fp32)
     # an fp32 run measures the bf16 peak only where bf16 products are native
     assert ("bf16" in peak) is gemm.cpu_bf16_native() and peak.get("bf16", 1.0) > 0
     assert report["results"][f"library_{other}_fp32"]["train"]["images_per_s"] > 0
@@ -740,27 +744,33 @@ def test_products_benchmark_times_every_product_of_both_phases() -> None:
         assert f"{phase}: plain products" in proc.stdout
 
 
-@needs_onednn
-def test_products_only_follows_the_librarys_product_backend() -> None:
-    """With oneDNN chosen (as on AVX-512 AMD processors) the plain products go through it."""
-    from test_gemm import _OneDnnCalls
+@pytest.mark.parametrize("backend", ["onednn", "openblas"])
+def test_products_only_follows_the_librarys_product_backend(backend: str) -> None:
+    """With oneDNN chosen (as on AVX-512 AMD processors) or OpenBLAS (AVX2-only AMD) the plain
+    products go through it."""
+    from test_gemm import _BackendCalls
 
     from benchmarks.products import ProductsOnly
 
+    if backend == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    if backend == "openblas" and (why := openblas.missing()):
+        pytest.skip(f"OpenBLAS products cannot be built here: {why}")
     cfg = tiny_config(enc_hidden=64, dec_hidden=64)
     counts = {}
-    for backend in gemm.BACKENDS:
-        with gemm.using(backend):  # as in a process started with ALIGNDRAW_CPU_GEMM=backend
+    for name in (backend, "aten"):
+        with gemm.using(name):  # as in a process started with ALIGNDRAW_CPU_GEMM=name
             variant = ProductsOnly(cfg, 4, 5, torch.device("cpu"))
-            with _OneDnnCalls() as calls:
+            with _BackendCalls() as calls:
                 variant.train_step()
-            counts[backend] = calls.count
+            counts[name] = calls.counts
             for _, planned in variant._plans["train"]:
                 for product, a, b, out in planned:
                     assert torch.allclose(product(a, b, out=out), a @ b, rtol=1e-4, atol=1e-4)
     # per drawing step at least the projection and the inference LSTM's input, forward and
     # input gradient (their weights have both sides ≥ 64 here)
-    assert counts["onednn"] >= 4 * cfg.steps and counts["aten"] == 0
+    assert counts[backend][backend] >= 4 * cfg.steps
+    assert counts["aten"]["onednn"] == counts["aten"]["openblas"] == 0
 
 
 @pytest.mark.parametrize("flag", ["--batch", "--caption-len", "--repeats", "--threads"])

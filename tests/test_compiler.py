@@ -1,9 +1,10 @@
 import contextlib
 
+import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from aligndraw import compiler, gemm
+from aligndraw import compiler, gemm, openblas
 from aligndraw.model import AlignDraw
 
 from conftest import needs_onednn, random_batch, tiny_config
@@ -114,6 +115,20 @@ def test_onednn_weight_gradients_are_stacked_over_their_rows():
     torch.testing.assert_close(gm(*args).double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(openblas.missing() is not None, reason="OpenBLAS products cannot be built here")
+def test_openblas_weight_gradients_are_stacked_over_their_rows():
+    openblas.load()
+
+    def f(g1, x1, g2, x2):
+        return openblas.tmm(g1, x1) + openblas.tmm(g2, x2)  # (N, K) each
+
+    args = (_rand(70, 96), _rand(70, 80, seed=1), _rand(1, 96, seed=2), _rand(1, 80, seed=3))
+    gm, changed = _rewritten(f, *args)
+    assert changed == 1 and _count(gm, torch.ops.aligndraw_openblas.tmm.default) == 1
+    want = args[0].double().T @ args[1].double() + args[2].double().T @ args[3].double()
+    torch.testing.assert_close(gm(*args).double(), want, rtol=1e-5, atol=1e-5)
+
+
 def _eager_and_compiled_grads(monkeypatch, autocast: bool, backend: str = "onednn"):
     """Parameter gradients of a small model, eager and through ``compiler.compile``, how
     many sums the pass rewrote in each compiled graph, and the names of the ops a compiled
@@ -165,6 +180,16 @@ def test_compiled_model_stacks_its_step_gradients_and_keeps_them_equal(monkeypat
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
 
 
+@pytest.mark.skipif(openblas.missing() is not None, reason="OpenBLAS products cannot be built here")
+def test_compiled_model_with_openblas_products_stacks_them_and_equals_eager(monkeypatch):
+    want, got, changed, ops = _eager_and_compiled_grads(monkeypatch, autocast=False, backend="openblas")
+    assert max(changed) >= 5  # as with oneDNN: the four step-shared weights and the context mix
+    assert {"aligndraw_openblas::addmm", "aligndraw_openblas::tmm"} <= ops
+    assert _relative_distance(got, want) <= 1e-5
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
+
+
 def test_compiled_model_with_mkl_products_keeps_its_fp32_step_products_and_equals_eager(monkeypatch):
     stacked = []  # the product op of every group the pass stacks
     stack = compiler._stacked
@@ -209,6 +234,10 @@ def test_with_mkl_products_cpu_fp32_mm_sums_are_left_alone():
 def test_the_pass_follows_the_cpu_product_backend():
     with gemm.using("aten"):
         assert not compiler.stacks_cpu_fp32_mm()
+        aten = compiler.StackProducts().uuid()
+    if openblas.missing() is None:
+        with gemm.using("openblas"):
+            assert compiler.stacks_cpu_fp32_mm() and compiler.StackProducts().uuid() != aten
     if torch.backends.mkldnn.is_available():
         with gemm.using("onednn"):
             assert compiler.stacks_cpu_fp32_mm()

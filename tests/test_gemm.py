@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from aligndraw import gemm
+from aligndraw import gemm, openblas
 from aligndraw.model import AlignDraw
 from aligndraw.recurrent_linear import StepLinear
 
@@ -17,6 +17,8 @@ from conftest import seeded_randn as _rand
 def backend(request):
     if request.param == "onednn" and not torch.backends.mkldnn.is_available():
         pytest.skip("this PyTorch build has no oneDNN")
+    if request.param == "openblas" and (why := openblas.missing()):
+        pytest.skip(f"OpenBLAS products cannot be built here: {why}")
     with gemm.using(request.param):
         yield request.param
 
@@ -71,15 +73,15 @@ def test_linear_gradients_equal_f_linear(backend):
 def test_onednn_is_used_only_for_large_cpu_fp32_products():
     with gemm.using("onednn"):
         x, w = _rand(4, 64), _rand(64, 64)
-        assert gemm.uses_onednn(x, w)
-        assert not gemm.uses_onednn(x, _rand(gemm.MIN_SIZE - 1, 64))  # a small head: default BLAS
-        assert not gemm.uses_onednn(x.double(), w.double())
-        assert not gemm.uses_onednn(x.bfloat16(), w.bfloat16())
+        assert gemm.uses_backend(x, w)
+        assert not gemm.uses_backend(x, _rand(gemm.MIN_SIZE - 1, 64))  # a small head: default BLAS
+        assert not gemm.uses_backend(x.double(), w.double())
+        assert not gemm.uses_backend(x.bfloat16(), w.bfloat16())
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not gemm.uses_onednn(x, w)  # autocast decides the dtype: plain F.linear
+            assert not gemm.uses_backend(x, w)  # autocast decides the dtype: plain F.linear
             assert gemm.linear(x, w).dtype == torch.bfloat16
     with gemm.using("aten"):
-        assert not gemm.uses_onednn(x, w)
+        assert not gemm.uses_backend(x, w)
 
 
 def test_a_single_vector_and_an_empty_batch(backend):
@@ -97,7 +99,7 @@ def test_same_inputs_same_bits():
 
 
 def test_backend_names_are_checked(monkeypatch):
-    with pytest.raises(ValueError, match="one of onednn, aten.*got 'mkl'"):
+    with pytest.raises(ValueError, match="one of onednn, openblas, aten.*got 'mkl'"):
         gemm.set_backend("mkl")
     monkeypatch.setenv("ALIGNDRAW_CPU_GEMM", "blas")
     with pytest.raises(ValueError, match="ALIGNDRAW_CPU_GEMM"):
@@ -110,15 +112,21 @@ def test_backend_names_are_checked(monkeypatch):
     assert gemm.backend() == before
 
 
-def test_the_default_backend_is_onednn_only_on_non_intel_cpus_with_avx512(monkeypatch):
+def test_the_default_backend_follows_the_processor(monkeypatch):
     monkeypatch.delenv("ALIGNDRAW_CPU_GEMM", raising=False)
     avx512, avx2 = frozenset({"avx2", "avx512f"}), frozenset({"avx2", "fma"})
     assert gemm._default_backend("GenuineIntel", avx512) == "aten"
+    assert gemm._default_backend("GenuineIntel", avx2) == "aten"
     onednn = "onednn" if torch.backends.mkldnn.is_available() else "aten"
     assert gemm._default_backend("AuthenticAMD", avx512) == onednn
     assert gemm._default_backend("", avx512) == onednn
-    assert gemm._default_backend("AuthenticAMD", avx2) == "aten"  # Zen 3: MKL's AVX2 is faster
+    # AVX2-only AMD (Zen 3): OpenBLAS where it can be built, else MKL (faster than oneDNN there)
+    buildable = "openblas" if openblas.missing() is None else "aten"
+    assert gemm._default_backend("AuthenticAMD", avx2) == buildable
+    assert gemm._default_backend("", avx2) == "aten"  # vendor unknown: not measured, MKL
     assert gemm._default_backend("", frozenset()) == "aten"  # flags unknown (e.g. ARM)
+    monkeypatch.setattr(openblas, "missing", lambda: "no C++ compiler")
+    assert gemm._default_backend("AuthenticAMD", avx2) == "aten"
     if torch.backends.mkldnn.is_available():
         monkeypatch.setenv("ALIGNDRAW_CPU_GEMM", "onednn")
         assert gemm._default_backend("GenuineIntel", avx2) == "onednn"  # the environment decides first
@@ -161,53 +169,63 @@ def test_step_linear_in_fp32_equals_float64_autograd(backend):
         torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5 * float(e.abs().max()))
 
 
-@needs_onednn
-def test_compiled_linear_equals_eager():
+def test_compiled_linear_equals_eager(backend):
     x = _rand(16, 96).requires_grad_()
     w, b = _rand(128, 96, seed=1).requires_grad_(), _rand(128, seed=2).requires_grad_()
 
     def f(x, w, b):
         return torch.tanh(gemm.linear(x, w, b)).pow(2).sum()
 
-    with gemm.using("onednn"):
+    torch._dynamo.reset()
+    with gemm.using(backend):
         want = torch.autograd.grad(f(x, w, b), (x, w, b))
         got = torch.autograd.grad(torch.compile(f, fullgraph=True)(x, w, b), (x, w, b))
     for a, e in zip(got, want, strict=True):
         _close(a, e)
 
 
-class _OneDnnCalls(TorchDispatchMode):
+class _BackendCalls(TorchDispatchMode):
+    """Counts the products each backend's own op computed."""
+
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.counts = dict.fromkeys(gemm.BACKENDS, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.mkldnn._linear_pointwise.default
+        if func is torch.ops.mkldnn._linear_pointwise.default:
+            self.counts["onednn"] += 1
+        elif func.namespace == "aligndraw_openblas":
+            self.counts["openblas"] += 1
+        elif func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.counts["aten"] += 1
         return func(*args, **(kwargs or {}))
 
 
-@needs_onednn
-def test_the_model_runs_its_products_through_the_chosen_backend():
+def test_the_model_runs_its_products_through_the_chosen_backend(backend):
     config = tiny_config(lang_hidden=32, align_dim=64, enc_hidden=64, dec_hidden=64, z_dim=64)
     model = AlignDraw(config)
     images, tokens, lengths = random_batch(config)
     noise = torch.randn(4, config.steps, config.z_dim, generator=torch.Generator().manual_seed(0))
     losses, grads, counts = {}, {}, {}
-    for name in gemm.BACKENDS:
-        with gemm.using(name), _OneDnnCalls() as calls:
+    for name in dict.fromkeys((backend, "aten")):
+        with gemm.using(name), _BackendCalls() as calls:
             losses[name] = model(images, tokens, lengths, noise=noise).loss
             grads[name] = torch.autograd.grad(losses[name], list(model.parameters()))
             model.sample(tokens, lengths, noise=noise, history=False)
-        counts[name] = calls.count
+        counts[name] = calls.counts
+    if backend == "aten":
+        assert counts["aten"]["onednn"] == counts["aten"]["openblas"] == 0
+        return
     # per drawing step at least the projection, the encoder input, the posterior and z's gates
     # forward, and their input gradients, in training; the projection and z's gates sampling
-    assert counts["onednn"] >= (4 + 4 + 2) * config.steps and counts["aten"] == 0
-    _close(losses["onednn"], losses["aten"])
-    flat = {name: torch.cat([g.flatten() for g in grads[name]]) for name in gemm.BACKENDS}
+    assert counts[backend][backend] >= (4 + 4 + 2) * config.steps
+    assert counts["aten"]["onednn"] == counts["aten"]["openblas"] == 0
+    _close(losses[backend], losses["aten"])
+    flat = {name: torch.cat([g.flatten() for g in grads[name]]) for name in grads}
     # all gradients as one vector (at this init some are rounding noise on their own; the
     # per-parameter check against the naive model, perturbed weights, is the "wide" config of
     # tests/test_benchmarks.py)
-    assert (flat["onednn"] - flat["aten"]).norm() <= 1e-5 * flat["aten"].norm()
+    assert (flat[backend] - flat["aten"]).norm() <= 1e-5 * flat["aten"].norm()
 
 
 def test_bf16_warning_only_on_cpus_without_native_bf16_products(monkeypatch):

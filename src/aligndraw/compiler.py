@@ -11,7 +11,7 @@ share their output shape,
 
 becomes one product of concatenated operands (``stack_products``). It applies to
 ``aten.mm``, ``aten.bmm`` (the context mix's per-step outer products, summed into the
-words' gate contributions) and oneDNN weight gradients (``aligndraw.gemm``). Same sum, other
+words' gate contributions) and oneDNN's and OpenBLAS's weight gradients (``aligndraw.gemm``). Same sum, other
 rounding order (fp32 results agree to rounding, as the eager path's do). The pass runs before
 inductor's own post-grad patterns (``post_grad_custom_pre_pass``): those fold ``mm(A, B) + C``
 into ``addmm(C, A, B)``, which would turn the plain bf16 ``mm`` gradients of autocast into a
@@ -36,7 +36,7 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.utils import _pytree as pytree
 
-from aligndraw import gemm
+from aligndraw import gemm, openblas
 
 aten = torch.ops.aten
 # product op → (dim of the first operand, dim of the second) along which summed products'
@@ -45,7 +45,7 @@ CONCAT_DIMS: dict[Any, tuple[int, int]] = {
     aten.mm.default: (1, 0),  # (M, K) @ (K, N)
     aten.bmm.default: (2, 1),  # (b, M, K) @ (b, K, N)
     torch.ops.aligndraw.onednn_weight_grad.default: (0, 0),  # g (R, N), x (R, K) → gᵀx
-}
+}  # + aligndraw_openblas::tmm (g (R, N), x (R, K) → gᵀx) once loaded: ``stack_products``
 _ADD = aten.add.Tensor
 
 
@@ -139,6 +139,8 @@ def stack_products(graph: fx.Graph, cpu_fp32_mm: bool = True) -> int:
     """Rewrite every sum of ≥ 2 stackable products in ``graph``; returns how many sums changed.
 
     ``cpu_fp32_mm`` False leaves sums of CPU fp32 ``aten.mm`` alone (``stacks_cpu_fp32_mm``)."""
+    if openblas.loaded():  # OpenBLAS's weight gradient op exists once it is loaded
+        CONCAT_DIMS.setdefault(torch.ops.aligndraw_openblas.tmm.default, (0, 0))
     changed = 0
     for root in reversed(list(graph.nodes)):  # outermost sums first: inner ones are absorbed
         if not _is_sum(root):
@@ -186,7 +188,8 @@ class StackProducts(CustomGraphPass):
         stack_products(graph, stacks_cpu_fp32_mm())
 
     def uuid(self) -> bytes:
-        return get_hash_for_files((__file__, gemm.__file__)) + gemm.backend().encode()
+        files = (__file__, gemm.__file__, openblas.__file__, str(openblas.SOURCE))
+        return get_hash_for_files(files) + gemm.backend().encode()
 
 
 # inductor's C++ wrapper: the generated code calls its kernels from C++, not Python (built
@@ -237,6 +240,7 @@ def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any: 
     # before inductor's patterns: they fold mm + C into addmm, hiding bf16 sums (module docstring)
     options = {"post_grad_custom_pre_pass": StackProducts()}
     lower_onednn_linear()
+    gemm.prepare()  # e.g. OpenBLAS's op, built and loaded before tracing
     if cpp_wrapper if cpp_wrapper is not None else on_cpu(model):
         options |= CPP_WRAPPER
     options |= kwargs.pop("options", None) or {}

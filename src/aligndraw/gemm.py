@@ -1,27 +1,35 @@
-"""fp32 matrix products on the CPU through oneDNN where it beats PyTorch's default BLAS.
+"""fp32 matrix products on the CPU through the fastest library the machine has.
 
-PyTorch's CPU build multiplies fp32 matrices with MKL. On AMD processors MKL runs its AVX2
-kernels, half the width of the AVX-512 units the machine has, while oneDNN (also inside every
-PyTorch CPU build, and what PyTorch already uses for bf16) picks its kernels by instruction set:
-on this project's AMD EPYC (Zen 5) it multiplies fp32 matrices about 2.2× faster
-(``python benchmarks/gemm.py``). Same fp32 arithmetic, another summation order: results agree
-with ``F.linear`` to fp32 rounding (tests check 1e-5 relative).
+PyTorch's CPU build multiplies fp32 matrices with MKL. Two other libraries beat it on some
+processors, with the same fp32 arithmetic in another summation order (results agree with
+``F.linear`` to fp32 rounding; tests check 1e-5 relative):
+
+* **oneDNN** (inside every PyTorch CPU build, and what PyTorch already uses for bf16) picks its
+  kernels by instruction set. On AMD processors MKL runs its AVX2 kernels, half the width of
+  the AVX-512 units the machine has: on an AMD EPYC (Zen 5) oneDNN multiplies fp32 matrices
+  about 2.2× faster (``python benchmarks/gemm.py``).
+* **OpenBLAS** (the copy inside numpy's wheels; ``aligndraw.openblas``) on AMD processors
+  without AVX-512: on an AMD EPYC (Zen 3) the plain products of a mnist-captions training step
+  took about a third less time than MKL's (``python benchmarks/products.py``), where oneDNN was
+  slower than MKL (MKL's fp32 peak 1.2–1.4× oneDNN's; compiled training 1.069× faster with MKL).
 
 On Intel processors MKL runs its own AVX-512 kernels and was as fast as oneDNN or faster at
 every one of the model's shapes (an Intel Xeon with AMX, 2026-12-02: ``benchmarks/gemm.py``),
-so there the default stays MKL; so it does on processors without AVX-512, where oneDNN has no
-wider kernels than MKL's AVX2 ones (an AVX2-only AMD EPYC Zen 3: MKL's fp32 peak 1.2–1.4×
-oneDNN's, compiled training 1.069× faster with it).
+so there the default stays MKL (``aten``), as it does on other processors.
 
-The backend is chosen once per process: ``ALIGNDRAW_CPU_GEMM=onednn|aten`` in the environment,
-or ``set_backend``; the default is oneDNN on non-Intel processors with AVX-512 where PyTorch
-has it, else ``aten``. Only CPU fp32 products with
-both sides of the weight at least ``MIN_SIZE`` go through oneDNN (on small outputs its call
-costs more than MKL's); everything else (GPU, bf16 and autocast, small heads) is plain PyTorch.
+The backend is chosen once per process: ``ALIGNDRAW_CPU_GEMM=onednn|openblas|aten`` in the
+environment, or ``set_backend``; the default is oneDNN on non-Intel processors with AVX-512
+where PyTorch has it, OpenBLAS on AMD processors with AVX2 and without AVX-512 where it can be
+built (numpy's OpenBLAS, a C++ compiler and ninja: ``openblas.missing()``; built on first use,
+and if that fails the default falls back to ``aten`` with a warning), else ``aten``. Only CPU
+fp32 products with both sides of the weight at least ``MIN_SIZE`` go through oneDNN or
+OpenBLAS (on small outputs their calls cost more than MKL's); everything else (GPU, bf16 and
+autocast, small heads) is plain PyTorch.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 from collections.abc import Iterator
@@ -31,7 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("onednn", "aten")
+from aligndraw import openblas
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("onednn", "openblas", "aten")
 MIN_SIZE = 64  # weights with a side smaller than this stay with the default BLAS
 
 
@@ -65,20 +77,25 @@ def cpu_flags() -> frozenset[str]:
 
 
 def _default_backend(vendor: str | None = None, flags: frozenset[str] | None = None) -> str:
-    """``ALIGNDRAW_CPU_GEMM`` if set; else oneDNN on a non-Intel CPU with AVX-512 (``vendor``
-    and ``flags``, default this CPU's) where PyTorch has it, ``aten`` otherwise.
+    """``ALIGNDRAW_CPU_GEMM`` if set; else, by ``vendor`` and ``flags`` (default this CPU's):
+    oneDNN on a non-Intel CPU with AVX-512 where PyTorch has it; OpenBLAS on an AMD CPU with
+    AVX2 and without AVX-512 where it can be built (``openblas.missing()``); ``aten`` otherwise.
 
     Without AVX-512 oneDNN has no wider kernels than MKL's AVX2 ones, and on an AVX2-only AMD
-    EPYC (Zen 3) MKL was the faster: compiled training 1.069× and sampling 1.104× with it
-    (docs/performance.md, item 1)."""
+    EPYC (Zen 3) MKL was the faster of the two (compiled training 1.069×), OpenBLAS faster
+    than both (docs/performance.md)."""
     name = os.environ.get("ALIGNDRAW_CPU_GEMM", "").strip().lower()
     if name:
         return _checked(name)
     vendor = cpu_vendor() if vendor is None else vendor
     flags = cpu_flags() if flags is None else flags
-    if vendor == "GenuineIntel" or "avx512f" not in flags:
+    if vendor == "GenuineIntel":
         return "aten"
-    return "onednn" if torch.backends.mkldnn.is_available() else "aten"
+    if "avx512f" in flags:
+        return "onednn" if torch.backends.mkldnn.is_available() else "aten"
+    if vendor == "AuthenticAMD" and "avx2" in flags and openblas.missing() is None:
+        return "openblas"
+    return "aten"
 
 
 def _checked(name: str) -> str:
@@ -88,10 +105,32 @@ def _checked(name: str) -> str:
     if name == "onednn" and not torch.backends.mkldnn.is_available():
         raise ValueError("CPU GEMM backend 'onednn' asked for, but this PyTorch build has no "
                          "oneDNN (torch.backends.mkldnn.is_available() is False); use 'aten'")
+    if name == "openblas" and (why := openblas.missing()):
+        raise ValueError(f"CPU GEMM backend 'openblas' asked for, but {why}; use 'aten'")
     return name
 
 
 _backend = _default_backend()
+# whether the backend was asked for (ALIGNDRAW_CPU_GEMM, set_backend): then a failure to build
+# OpenBLAS's op is an error; chosen by default, it falls back to aten with a warning
+_asked = bool(os.environ.get("ALIGNDRAW_CPU_GEMM", "").strip())
+
+
+def prepare() -> str:
+    """Load what the backend needs (OpenBLAS's op: built on first use, then cached) and return
+    the backend. ``aligndraw.compiler.compile`` calls it before tracing; eager products call it
+    at their first use. Chosen by default, a backend that fails to load falls back to ``aten``
+    with a warning; asked for, the failure is raised."""
+    global _backend
+    if _backend == "openblas" and not openblas.loaded():
+        try:
+            openblas.load()
+        except Exception as e:
+            if _asked:
+                raise RuntimeError(f"CPU GEMM backend 'openblas': {e}") from e
+            log.warning("OpenBLAS products unavailable (%s); using PyTorch's default BLAS", e)
+            _backend = "aten"
+    return _backend
 
 
 def cpu_bf16_native() -> bool:
@@ -119,9 +158,13 @@ def backend() -> str:
 
 
 def set_backend(name: str) -> str:
-    """Use ``name`` (one of ``BACKENDS``) for CPU fp32 products from now on; returns the old one."""
-    global _backend
-    old, _backend = _backend, _checked(name)
+    """Use ``name`` (one of ``BACKENDS``) for CPU fp32 products from now on; returns the old one.
+    OpenBLAS's op is loaded here (built on first use): a failure is raised, nothing changed."""
+    global _backend, _asked
+    name = _checked(name)
+    if name == "openblas":
+        openblas.load()
+    old, _backend, _asked = _backend, name, True
     return old
 
 
@@ -135,16 +178,28 @@ def using(name: str) -> Iterator[None]:
         set_backend(old)
 
 
-def _onednn_eligible(*tensors: Tensor) -> bool:
-    """oneDNN chosen, no autocast, and every tensor fp32 on the CPU (sizes aside)."""
-    return (_backend == "onednn" and not torch.is_autocast_enabled("cpu")
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
+def _ready() -> bool:
+    """A backend other than ``aten`` is chosen and loaded. Eagerly OpenBLAS's op is loaded here
+    at the first product; while tracing it cannot be (``compiler.compile`` loads it first), and
+    a trace that finds it unloaded uses plain PyTorch."""
+    if _backend == "aten":
+        return False
+    if _backend == "openblas" and not openblas.loaded():
+        return not torch.compiler.is_compiling() and prepare() == "openblas"
+    return True
 
 
-def uses_onednn(x: Tensor, weight: Tensor) -> bool:
-    """Whether ``x @ weight.T`` goes through oneDNN: CPU, fp32, no autocast, a large weight."""
-    return (_onednn_eligible(x, weight) and weight.dim() == 2 and min(weight.shape) >= MIN_SIZE
-            and x.dim() >= 2 and x.numel() > 0)  # a single vector or an empty batch: plain
+def _eligible(*tensors: Tensor) -> bool:
+    """oneDNN or OpenBLAS chosen, no autocast, and every tensor fp32 on the CPU (sizes aside)."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.is_autocast_enabled("cpu") and _ready())
+
+
+def uses_backend(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``x @ weight.T`` goes through oneDNN or OpenBLAS (whichever is the backend):
+    CPU, fp32, no autocast, a large weight."""
+    return (weight.dim() == 2 and min(weight.shape) >= MIN_SIZE and x.dim() >= 2
+            and x.numel() > 0 and _eligible(x, weight))  # a single vector or an empty batch: plain
 
 
 # needs_exact_strides (the default for custom ops, named so that inductor keeps it also under
@@ -185,8 +240,11 @@ def _dense(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
-def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def _backend_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     # (..., K) · (N, K)ᵀ + (N,) → (..., N)
+    if _backend == "openblas":
+        out = openblas.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t())  # (R, K)·(K, N) → (R, N)
+        return out.view(*x.shape[:-1], weight.shape[0])  # (..., N)
     x, weight = _dense(x), _dense(weight)
     # Under torch.compile an opaque custom op: inductor's own lowering of the oneDNN op
     # expects a prepacked weight. Eagerly the op is called directly (a custom op's
@@ -198,15 +256,15 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 def addmm_t(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ weight.T (+ bias), no autograd: (..., K), (N, K), (N,) → (..., N)."""
-    if uses_onednn(x, weight):
-        return _onednn_linear(x, weight, bias)
+    if uses_backend(x, weight):
+        return _backend_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 def mm(grad: Tensor, weight: Tensor) -> Tensor:
     """grad @ weight, no autograd: (..., N), (N, K) → (..., K) (a linear map's input gradient)."""
-    if uses_onednn(grad, weight):
-        return _onednn_linear(grad, weight.t(), None)
+    if uses_backend(grad, weight):
+        return _backend_linear(grad, weight.t(), None)
     return grad @ weight
 
 
@@ -214,26 +272,29 @@ def weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     """gradᵀ @ x, no autograd: (R, N), (R, K) → (N, K) (a linear map's weight gradient).
 
     Through oneDNN it is formed as (xᵀ gradᵀ-as-weight)ᵀ, K-major: the fastest of the
-    layouts measured for R = T·B rows (``benchmarks/gemm.py``). Under torch.compile every
-    such gradient (any R) is one ``aligndraw::onednn_weight_grad`` op, so that
+    layouts measured for R = T·B rows (``benchmarks/gemm.py``); through OpenBLAS as its
+    ``tmm`` op. Under torch.compile every such gradient (any R) is one op
+    (``aligndraw::onednn_weight_grad`` or ``aligndraw_openblas::tmm``), so that
     ``aligndraw.compiler`` can stack a shared weight's per-step gradients into one product."""
-    if torch.compiler.is_compiling():
-        # the weight's sides decide, as for its forward product; any number of rows
-        if _onednn_eligible(grad, x) and min(grad.shape[-1], x.shape[-1]) >= MIN_SIZE and grad.numel() > 0:
+    # the weight's sides decide, as for its forward product; any number of rows
+    if (min(grad.shape[-1], x.shape[-1]) >= MIN_SIZE and grad.dim() == x.dim() == 2
+            and grad.numel() > 0 and _eligible(grad, x)):
+        if _backend == "openblas":
+            return openblas.tmm(grad, x)
+        if torch.compiler.is_compiling():
             return _onednn_weight_grad_op(_dense(grad), _dense(x))
-    elif uses_onednn(x, grad.t()):
         return _onednn_grad_t_x(_dense(grad), _dense(x))
     return grad.t() @ x
 
 
 class _Linear(torch.autograd.Function):
-    """y = x Wᵀ + b through oneDNN, forward and backward."""
+    """y = x Wᵀ + b through oneDNN or OpenBLAS, forward and backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _onednn_linear(x, weight, bias)
+        return _backend_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -251,12 +312,12 @@ class _Linear(torch.autograd.Function):
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``, differentiable: (..., K), (N, K), (N,) → (..., N).
 
-    CPU fp32 products with a large weight run through oneDNN when that is the backend (the
-    default except on Intel processors; forward and both gradients); everything else is
-    ``F.linear``. Traceable by ``torch.compile``.
+    CPU fp32 products with a large weight run through oneDNN or OpenBLAS when that is the
+    backend (forward and both gradients); everything else is ``F.linear``. Traceable by
+    ``torch.compile``.
     """
-    if not uses_onednn(x, weight):
+    if not uses_backend(x, weight):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _Linear.apply(x, weight, bias)
-    return _onednn_linear(x, weight, bias)  # sampling: no autograd node to build
+    return _backend_linear(x, weight, bias)  # sampling: no autograd node to build

@@ -1,0 +1,136 @@
+// fp32 matrix products through OpenBLAS's sgemm, split by output columns over PyTorch's own
+// (OpenMP) threads: each thread multiplies its column block with OpenBLAS on one thread, so
+// OpenBLAS's thread pool never runs beside PyTorch's. Loaded by aligndraw/openblas.py, which
+// finds the sgemm (numpy's OpenBLAS) and hands its address to bind().
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+
+namespace {
+
+// cblas_sgemm with 64-bit (ILP64) or 32-bit integers
+using Sgemm64 = void (*)(int, int, int, int64_t, int64_t, int64_t, float, const float*, int64_t,
+                         const float*, int64_t, float, float*, int64_t);
+using Sgemm32 = void (*)(int, int, int, int, int, int, float, const float*, int, const float*,
+                         int, float, float*, int);
+using ThreadsLocal = int (*)(int);  // openblas_set_num_threads_local: returns the old value
+
+Sgemm64 sgemm64 = nullptr;
+Sgemm32 sgemm32 = nullptr;
+ThreadsLocal threads_local = nullptr;
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+constexpr int64_t kMinColumns = 64;  // no thread gets fewer output columns than this
+constexpr int64_t kAlign = 16;       // column blocks start at multiples of this
+
+void bind(int64_t sgemm, bool ilp64, int64_t set_threads_local) {
+  sgemm64 = ilp64 ? reinterpret_cast<Sgemm64>(sgemm) : nullptr;
+  sgemm32 = ilp64 ? nullptr : reinterpret_cast<Sgemm32>(sgemm);
+  threads_local = reinterpret_cast<ThreadsLocal>(set_threads_local);
+}
+
+bool bound() { return sgemm64 != nullptr || sgemm32 != nullptr; }
+
+// A matrix as sgemm reads it: row-major (rows ld apart) or, transposed, column-major.
+struct Operand {
+  at::Tensor tensor;  // keeps a packed copy alive
+  const float* data;
+  int64_t ld;
+  bool trans;
+};
+
+Operand operand(const at::Tensor& t) {
+  const int64_t rows = t.size(0), cols = t.size(1);
+  if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, cols))
+    return {t, t.data_ptr<float>(), std::max<int64_t>(1, t.stride(0)), false};
+  if (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, rows))
+    return {t, t.data_ptr<float>(), std::max<int64_t>(1, t.stride(1)), true};
+  at::Tensor packed = t.contiguous();  // any other layout: packed once
+  return {packed, packed.data_ptr<float>(), std::max<int64_t>(1, cols), false};
+}
+
+void sgemm(const Operand& a, const Operand& b, int64_t m, int64_t n, int64_t k, int64_t n0,
+           float beta, float* c, int64_t ldc) {
+  const float* b0 = b.data + (b.trans ? n0 * b.ld : n0);  // column n0 of b
+  const int ta = a.trans ? kTrans : kNoTrans, tb = b.trans ? kTrans : kNoTrans;
+  if (sgemm64) {
+    sgemm64(kRowMajor, ta, tb, m, n, k, 1.0f, a.data, a.ld, b0, b.ld, beta, c + n0, ldc);
+  } else {
+    sgemm32(kRowMajor, ta, tb, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
+            1.0f, a.data, static_cast<int>(a.ld), b0, static_cast<int>(b.ld), beta, c + n0,
+            static_cast<int>(ldc));
+  }
+}
+
+void check(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat,
+              "aligndraw_openblas: ", name, " must be a CPU float32 tensor, got ",
+              t.scalar_type(), " on ", t.device());
+}
+
+// (M, K) @ (K, N) (+ bias (N,)) → (M, N), row-major
+at::Tensor product(const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(bound(), "aligndraw_openblas: no sgemm bound (aligndraw.openblas.load() binds it)");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
+              "aligndraw_openblas: expected (M, K) and (K, N) matrices, got ", a.sizes(), " and ",
+              b.sizes());
+  check(a, "a");
+  check(b, "b");
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  TORCH_CHECK(!sgemm32 || std::max({m, n, k, a.numel(), b.numel(), m * n}) <= INT32_MAX,
+              "aligndraw_openblas: a product this large needs a 64-bit-integer OpenBLAS");
+  at::Tensor c;
+  if (bias.has_value()) {
+    check(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "aligndraw_openblas: bias must be (",
+                n, "), got ", bias->sizes());
+    c = at::empty({m, n}, a.options());
+    c.copy_(bias->expand({m, n}));  // a copy (never a view of bias): sgemm adds to it (beta = 1)
+  } else {
+    c = at::empty({m, n}, a.options());
+  }
+  if (m == 0 || n == 0) return c;
+  if (k == 0) return bias.has_value() ? c : c.zero_();
+  const Operand oa = operand(a), ob = operand(b);
+  const float beta = bias.has_value() ? 1.0f : 0.0f;
+  float* out = c.data_ptr<float>();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kMinColumns));
+  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+    const int before = threads_local ? threads_local(1) : 0;  // OpenBLAS alone on this thread
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t n0 = i == 0 ? 0 : n * i / chunks / kAlign * kAlign;
+      const int64_t n1 = i + 1 == chunks ? n : n * (i + 1) / chunks / kAlign * kAlign;
+      if (n1 > n0) sgemm(oa, ob, m, n1 - n0, k, n0, beta, out, n);
+    }
+    if (threads_local) threads_local(before);
+  });
+  return c;
+}
+
+at::Tensor addmm(const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b) {
+  return product(bias, a, b);
+}
+
+at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return product(std::nullopt, a, b); }
+
+// aᵀ b: (R, M), (R, N) → (M, N), e.g. a weight's gradient from R rows of gradients and inputs
+at::Tensor tmm(const at::Tensor& a, const at::Tensor& b) { return product(std::nullopt, a.t(), b); }
+
+}  // namespace
+
+TORCH_LIBRARY(aligndraw_openblas, m) {
+  m.def("bind(int sgemm, bool ilp64, int set_threads_local) -> ()", &bind);
+  m.def("addmm(Tensor? bias, Tensor a, Tensor b) -> Tensor");
+  m.def("mm(Tensor a, Tensor b) -> Tensor");
+  m.def("tmm(Tensor a, Tensor b) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(aligndraw_openblas, CPU, m) {
+  m.impl("addmm", &addmm);
+  m.impl("mm", &mm);
+  m.impl("tmm", &tmm);
+}
