@@ -8,10 +8,10 @@ processors, with the same fp32 arithmetic in another summation order (results ag
   kernels by instruction set. On AMD processors MKL runs its AVX2 kernels, half the width of
   the AVX-512 units the machine has: on an AMD EPYC (Zen 5) oneDNN multiplies fp32 matrices
   about 2.2× faster (``python benchmarks/gemm.py``).
-* **OpenBLAS** (the copy inside numpy's wheels; ``aligndraw.openblas``) on AMD processors
-  without AVX-512: on an AMD EPYC (Zen 3) the plain products of a mnist-captions training step
-  took about a third less time than MKL's (``python benchmarks/products.py``), where oneDNN was
-  slower than MKL (MKL's fp32 peak 1.2–1.4× oneDNN's; compiled training 1.069× faster with MKL).
+* **OpenBLAS** (the copy inside numpy's wheels, run on PyTorch's threads; ``aligndraw.openblas``)
+  on AMD processors without AVX-512: on an AMD EPYC (Zen 3) compiled training 1.09× faster
+  than with MKL (1.15× paired), where oneDNN was slower than MKL (MKL's fp32 peak 1.2–1.4×
+  oneDNN's; compiled training 1.069× faster with MKL).
 
 On Intel processors MKL runs its own AVX-512 kernels and was as fast as oneDNN or faster at
 every one of the model's shapes (an Intel Xeon with AMX, 2026-12-02: ``benchmarks/gemm.py``),

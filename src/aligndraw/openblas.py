@@ -2,10 +2,12 @@
 
 On an AVX2-only AMD EPYC (Zen 3) the OpenBLAS inside numpy's wheels multiplies the model's
 fp32 matrices faster than the MKL inside PyTorch's: the plain products of a mnist-captions
-training step took about a third less time (``python benchmarks/products.py --gemm openblas``
-against ``--gemm aten``; ``docs/performance.md``). Calling numpy would run OpenBLAS's own thread
-pool beside PyTorch's OpenMP one, and on two cores the two pools' spinning threads starve each
-other (the products then took five times as long). So a small C++ op
+training step took 286–331 ms against 349–495 (``ALIGNDRAW_CPU_GEMM=openblas`` or ``aten``
+``python benchmarks/products.py``, two alternated rounds; the projection's stacked weight
+gradient 39–46 ms against 80–106), and compiled training was 1.09× faster (1.15× paired;
+``docs/performance-log.md``, item 18). Calling numpy would run OpenBLAS's own thread pool
+beside PyTorch's OpenMP one, and on two cores the two pools' spinning threads starve each
+other (the products then took 5–6 times as long). So a small C++ op
 (``csrc/openblas_gemm.cpp``, built once with PyTorch's extension builder and cached) splits
 each product's output columns over PyTorch's threads, and each thread calls OpenBLAS's
 ``cblas_sgemm`` on one thread for its block. Same fp32 arithmetic, another summation order.

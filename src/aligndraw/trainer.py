@@ -451,5 +451,5 @@ class Trainer:
             log.info("training %s (%.2fM parameters) on %s × %d into %s", self.config.preset,
                      params / 1e6, self.device, self.dist.world_size, self.out)
             if self.device.type == "cpu":
-                log.info("CPU fp32 products: %s (aligndraw.gemm; ALIGNDRAW_CPU_GEMM=onednn|aten)",
+                log.info("CPU fp32 products: %s (aligndraw.gemm; ALIGNDRAW_CPU_GEMM=onednn|openblas|aten)",
                          gemm.backend())
