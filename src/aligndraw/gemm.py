@@ -153,7 +153,8 @@ def bf16_warning(device: torch.device | str) -> str | None:
 
 
 def backend() -> str:
-    """The CPU fp32 GEMM backend in use: ``"onednn"`` or ``"aten"`` (PyTorch's default BLAS)."""
+    """The CPU fp32 GEMM backend in use: ``"onednn"``, ``"openblas"`` or ``"aten"`` (PyTorch's
+    default BLAS). A default ``"openblas"`` that fails to load at first use becomes ``"aten"``."""
     return _backend
 
 
@@ -170,12 +171,15 @@ def set_backend(name: str) -> str:
 
 @contextmanager
 def using(name: str) -> Iterator[None]:
-    """Within the block, CPU fp32 products use backend ``name``; the previous one after."""
-    old = set_backend(name)
+    """Within the block, CPU fp32 products use backend ``name``; after it, the previous backend,
+    as it was (chosen by default or asked for; loaded or not)."""
+    global _backend, _asked
+    before = _backend, _asked
+    set_backend(name)
     try:
         yield
     finally:
-        set_backend(old)
+        _backend, _asked = before
 
 
 def _ready() -> bool:
@@ -276,13 +280,14 @@ def weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     ``tmm`` op. Under torch.compile every such gradient (any R) is one op
     (``aligndraw::onednn_weight_grad`` or ``aligndraw_openblas::tmm``), so that
     ``aligndraw.compiler`` can stack a shared weight's per-step gradients into one product."""
-    # the weight's sides decide, as for its forward product; any number of rows
-    if (min(grad.shape[-1], x.shape[-1]) >= MIN_SIZE and grad.dim() == x.dim() == 2
-            and grad.numel() > 0 and _eligible(grad, x)):
-        if _backend == "openblas":
-            return openblas.tmm(grad, x)
-        if torch.compiler.is_compiling():
+    if _backend == "openblas" or torch.compiler.is_compiling():
+        # the weight's sides decide, as for its forward product; any number of rows
+        if (min(grad.shape[-1], x.shape[-1]) >= MIN_SIZE and grad.dim() == x.dim() == 2
+                and grad.numel() > 0 and _eligible(grad, x)):
+            if _backend == "openblas":
+                return openblas.tmm(grad, x)
             return _onednn_weight_grad_op(_dense(grad), _dense(x))
+    elif uses_backend(x, grad.t()):  # eager oneDNN: as its layouts were measured (R ≥ MIN_SIZE)
         return _onednn_grad_t_x(_dense(grad), _dense(x))
     return grad.t() @ x
 

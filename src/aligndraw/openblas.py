@@ -10,7 +10,11 @@ beside PyTorch's OpenMP one, and on two cores the two pools' spinning threads st
 other (the products then took 5–6 times as long). So a small C++ op
 (``csrc/openblas_gemm.cpp``, built once with PyTorch's extension builder and cached) splits
 each product's output columns over PyTorch's threads, and each thread calls OpenBLAS's
-``cblas_sgemm`` on one thread for its block. Same fp32 arithmetic, another summation order.
+``cblas_sgemm`` for its block. Same fp32 arithmetic, another summation order.
+
+:func:`load` sets numpy's OpenBLAS to one thread for the whole process (OpenBLAS's thread
+count is global: numpy's build has no per-thread setting), so numpy's own matrix products in
+a process that loaded the op run on one thread; PyTorch's threads do the parallel work.
 
 The ops, once :func:`load` has run (CPU float32 only; a and b row- or column-major, any other
 layout is packed first):
@@ -19,7 +23,7 @@ layout is packed first):
 * ``torch.ops.aligndraw_openblas.mm(a, b)``: (M, K), (K, N) → (M, N);
 * ``torch.ops.aligndraw_openblas.tmm(a, b)``: aᵀ b, (R, M), (R, N) → (M, N).
 
-Both trace under ``torch.compile`` (fake kernels below) and run from inductor's C++ wrapper
+All three trace under ``torch.compile`` (fake kernels below) and run from inductor's C++ wrapper
 through PyTorch's dispatcher.
 """
 
@@ -42,8 +46,10 @@ SOURCE = Path(__file__).with_name("csrc") / "openblas_gemm.cpp"
 # build (scipy-openblas64); a plain build exports cblas_sgemm (32-bit) or cblas_sgemm64_
 SGEMM_SYMBOLS = (("scipy_cblas_sgemm64_", True), ("cblas_sgemm64_", True),
                  ("scipy_cblas_sgemm", False), ("cblas_sgemm", False))
-THREADS_LOCAL_SYMBOLS = ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local64_",
-                         "scipy_openblas_set_num_threads_local")
+SET_THREADS_SYMBOLS = ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
+                       "scipy_openblas_set_num_threads", "openblas_set_num_threads")
+GET_THREADS_SYMBOLS = ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+                       "scipy_openblas_get_num_threads", "openblas_get_num_threads")
 
 
 def numpy_openblas() -> Path | None:
@@ -64,21 +70,33 @@ def numpy_openblas() -> Path | None:
     return Path(sorted(paths)[0]) if paths else None
 
 
-def _symbols(library: Path) -> tuple[int, bool, int]:
-    """(sgemm address, 64-bit integers, set-threads-local address or 0) from ``library``."""
+def _function(lib: ctypes.CDLL, names: tuple[str, ...], what: str) -> ctypes._CFuncPtr:
+    function = next((getattr(lib, name) for name in names if hasattr(lib, name)), None)
+    if function is None:
+        raise RuntimeError(f"{lib._name} exports no {what} (looked for {', '.join(names)})")
+    return function
+
+
+def _symbols(library: Path) -> tuple[int, bool]:
+    """(cblas_sgemm's address, whether it takes 64-bit integers) in ``library``."""
     lib = ctypes.CDLL(str(library))
-    sgemm = next(((getattr(lib, name), ilp64) for name, ilp64 in SGEMM_SYMBOLS
-                  if hasattr(lib, name)), None)
-    if sgemm is None:
-        raise RuntimeError(f"{library} exports no cblas_sgemm (looked for "
-                           f"{', '.join(name for name, _ in SGEMM_SYMBOLS)})")
-    local = next((getattr(lib, name) for name in THREADS_LOCAL_SYMBOLS if hasattr(lib, name)), None)
-    if local is None:
-        raise RuntimeError(f"{library} exports no openblas_set_num_threads_local (OpenBLAS "
-                           "0.3.27 or later has it): without it OpenBLAS's own threads would "
-                           "run beside PyTorch's")
-    address = ctypes.cast(sgemm[0], ctypes.c_void_p).value
-    return address, sgemm[1], ctypes.cast(local, ctypes.c_void_p).value
+    sgemm = _function(lib, tuple(name for name, _ in SGEMM_SYMBOLS), "cblas_sgemm")
+    ilp64 = dict(SGEMM_SYMBOLS)[sgemm.__name__]
+    return ctypes.cast(sgemm, ctypes.c_void_p).value, ilp64
+
+
+def threads(library: Path | None = None) -> int:
+    """How many threads ``library`` (default numpy's OpenBLAS) uses for a product."""
+    lib = ctypes.CDLL(str(library or numpy_openblas()))
+    get = _function(lib, GET_THREADS_SYMBOLS, "openblas_get_num_threads")
+    get.restype = ctypes.c_int
+    return get()
+
+
+def _one_thread(library: Path) -> None:
+    """Set ``library`` to one thread, for the process: the op's threads are PyTorch's."""
+    lib = ctypes.CDLL(str(library))
+    _function(lib, SET_THREADS_SYMBOLS, "openblas_set_num_threads")(ctypes.c_int(1))
 
 
 def missing() -> str | None:
@@ -86,12 +104,10 @@ def missing() -> str | None:
     no ninja), or None. Cheap: builds nothing."""
     if numpy_openblas() is None:
         return "numpy carries no OpenBLAS here (numpy built with another BLAS)"
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None and shutil.which("g++") is None:
-        return f"no C++ compiler ({compiler} or g++) to build the OpenBLAS product op"
-    from torch.utils.cpp_extension import is_ninja_available
-
-    if not is_ninja_available():
+    compiler = os.environ.get("CXX", "c++")  # what PyTorch's extension builder calls
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}; set CXX) to build the OpenBLAS product op"
+    if shutil.which("ninja") is None:
         return "no ninja to build the OpenBLAS product op (pip install ninja)"
     return None
 
@@ -102,7 +118,8 @@ _loaded = False  # a plain flag: ``torch.compile`` traces reading it (not a cach
 @functools.cache
 def load() -> None:
     """Build (once, cached by PyTorch's extension builder) and load the op, bind it to numpy's
-    OpenBLAS, and register its fake kernels. Raises RuntimeError saying what is missing."""
+    OpenBLAS (set to one thread for the process), and register its fake kernels. Raises
+    RuntimeError saying what is missing."""
     why = missing()
     if why:
         raise RuntimeError(why)
@@ -111,8 +128,12 @@ def load() -> None:
     log.info("loading the OpenBLAS product op (built once, about half a minute)")
     build(name="aligndraw_openblas", sources=[str(SOURCE)], is_python_module=False,
           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    address, ilp64, local = _symbols(numpy_openblas())
-    torch.ops.aligndraw_openblas.bind(address, ilp64, local)
+    library = numpy_openblas()
+    address, ilp64 = _symbols(library)
+    _one_thread(library)
+    log.info("numpy's OpenBLAS (%s) set to one thread: its products run on PyTorch's threads",
+             library.name)
+    torch.ops.aligndraw_openblas.bind(address, ilp64)
 
     @torch.library.register_fake("aligndraw_openblas::addmm")
     def _(bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

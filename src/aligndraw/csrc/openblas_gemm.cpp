@@ -1,7 +1,8 @@
 // fp32 matrix products through OpenBLAS's sgemm, split by output columns over PyTorch's own
 // (OpenMP) threads: each thread multiplies its column block with OpenBLAS on one thread, so
 // OpenBLAS's thread pool never runs beside PyTorch's. Loaded by aligndraw/openblas.py, which
-// finds the sgemm (numpy's OpenBLAS) and hands its address to bind().
+// finds the sgemm (numpy's OpenBLAS) and hands its address to bind(), after setting that
+// OpenBLAS to one thread for the process.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,20 +18,17 @@ using Sgemm64 = void (*)(int, int, int, int64_t, int64_t, int64_t, float, const 
                          const float*, int64_t, float, float*, int64_t);
 using Sgemm32 = void (*)(int, int, int, int, int, int, float, const float*, int, const float*,
                          int, float, float*, int);
-using ThreadsLocal = int (*)(int);  // openblas_set_num_threads_local: returns the old value
 
 Sgemm64 sgemm64 = nullptr;
 Sgemm32 sgemm32 = nullptr;
-ThreadsLocal threads_local = nullptr;
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 constexpr int64_t kMinColumns = 64;  // no thread gets fewer output columns than this
 constexpr int64_t kAlign = 16;       // column blocks start at multiples of this
 
-void bind(int64_t sgemm, bool ilp64, int64_t set_threads_local) {
+void bind(int64_t sgemm, bool ilp64) {
   sgemm64 = ilp64 ? reinterpret_cast<Sgemm64>(sgemm) : nullptr;
   sgemm32 = ilp64 ? nullptr : reinterpret_cast<Sgemm32>(sgemm);
-  threads_local = reinterpret_cast<ThreadsLocal>(set_threads_local);
 }
 
 bool bound() { return sgemm64 != nullptr || sgemm32 != nullptr; }
@@ -96,17 +94,17 @@ at::Tensor product(const std::optional<at::Tensor>& bias, const at::Tensor& a, c
   if (m == 0 || n == 0) return c;
   if (k == 0) return bias.has_value() ? c : c.zero_();
   const Operand oa = operand(a), ob = operand(b);
+  TORCH_CHECK(!sgemm32 || std::max(oa.ld, ob.ld) <= INT32_MAX,
+              "aligndraw_openblas: a row stride this large needs a 64-bit-integer OpenBLAS");
   const float beta = bias.has_value() ? 1.0f : 0.0f;
   float* out = c.data_ptr<float>();
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kMinColumns));
   at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
-    const int before = threads_local ? threads_local(1) : 0;  // OpenBLAS alone on this thread
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t n0 = i == 0 ? 0 : n * i / chunks / kAlign * kAlign;
       const int64_t n1 = i + 1 == chunks ? n : n * (i + 1) / chunks / kAlign * kAlign;
       if (n1 > n0) sgemm(oa, ob, m, n1 - n0, k, n0, beta, out, n);
     }
-    if (threads_local) threads_local(before);
   });
   return c;
 }
@@ -123,7 +121,7 @@ at::Tensor tmm(const at::Tensor& a, const at::Tensor& b) { return product(std::n
 }  // namespace
 
 TORCH_LIBRARY(aligndraw_openblas, m) {
-  m.def("bind(int sgemm, bool ilp64, int set_threads_local) -> ()", &bind);
+  m.def("bind(int sgemm, bool ilp64) -> ()", &bind);
   m.def("addmm(Tensor? bias, Tensor a, Tensor b) -> Tensor");
   m.def("mm(Tensor a, Tensor b) -> Tensor");
   m.def("tmm(Tensor a, Tensor b) -> Tensor");
