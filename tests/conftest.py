@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from aligndraw import openblas
 from aligndraw.config import ModelConfig
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                   reason="this PyTorch build has no oneDNN")
+needs_openblas = pytest.mark.skipif(openblas.missing() is not None,
+                                    reason=f"OpenBLAS products cannot be built here: {openblas.missing()}")
 
 
 def seeded_randn(*shape: int, seed: int = 0) -> torch.Tensor:

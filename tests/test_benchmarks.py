@@ -22,7 +22,7 @@ from aligndraw import gemm, openblas
 from aligndraw.config import ModelConfig, preset
 from aligndraw.model import AlignDraw
 
-from conftest import random_batch, tiny_config
+from conftest import needs_onednn, needs_openblas, random_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # ``benchmarks`` lives at the repository root, which ``pytest`` (unlike ``python -m pytest``)
@@ -202,7 +202,7 @@ def test_bf16_peak_is_measured_for_bf16_runs_and_native_bf16_only() -> None:
     assert wants_bf16_peak(["fp32"], torch.device("cuda"))
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN")
+@needs_onednn
 def test_throughput_gemm_baseline_and_both_fp32_peaks() -> None:
     report = last_json(run_throughput("--gemm-baseline", "--skip-naive"))
     default = report["gemm_backend"]  # the library's: oneDNN on non-Intel CPUs with AVX-512, else aten
@@ -237,7 +237,7 @@ def test_throughput_compile_baseline_times_plain_torch_compile_beside_the_librar
         assert report["results"][name]["train"]["images_per_s"] > 0
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN")
+@needs_onednn
 def test_gemm_benchmark_times_both_backends_on_the_models_products() -> None:
     report = last_json(run_benchmark("gemm.py", "--batch", "4", "--square", "64", "--steps", "2",
                                      "--threads", "1", "--min-time", "0.01"))
@@ -323,7 +323,7 @@ def test_throughput_flush_denormal_flushes_in_every_thread() -> None:
     assert not plain["flush_denormal"] and not plain["subnormals_flushed"]
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN")
+@needs_onednn
 def test_ab_trees_gives_each_worker_its_own_product_backend() -> None:
     report = last_json(run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--smoke",
                                      "--repeats", "1", "--threads", "1",
@@ -333,7 +333,7 @@ def test_ab_trees_gives_each_worker_its_own_product_backend() -> None:
     assert bad.returncode == 2 and "--gemm-b" in bad.stderr and "'mkl'" in bad.stderr
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN")
+@needs_onednn
 def test_ab_trees_starts_each_worker_with_its_own_environment() -> None:
     # the product backend is read from the environment when the library is imported, so each
     # worker's report shows whether its variables reached it from its start
@@ -744,7 +744,8 @@ def test_products_benchmark_times_every_product_of_both_phases() -> None:
         assert f"{phase}: plain products" in proc.stdout
 
 
-@pytest.mark.parametrize("backend", ["onednn", "openblas"])
+@pytest.mark.parametrize("backend", [pytest.param("onednn", marks=needs_onednn),
+                                     pytest.param("openblas", marks=needs_openblas)])
 def test_products_only_follows_the_librarys_product_backend(backend: str) -> None:
     """With oneDNN chosen (as on AVX-512 AMD processors) or OpenBLAS (AVX2-only AMD) the plain
     products go through it."""
@@ -752,10 +753,6 @@ def test_products_only_follows_the_librarys_product_backend(backend: str) -> Non
 
     from benchmarks.products import ProductsOnly
 
-    if backend == "onednn" and not torch.backends.mkldnn.is_available():
-        pytest.skip("this PyTorch build has no oneDNN")
-    if backend == "openblas" and (why := openblas.missing()):
-        pytest.skip(f"OpenBLAS products cannot be built here: {why}")
     cfg = tiny_config(enc_hidden=64, dec_hidden=64)
     counts = {}
     for name in (backend, "aten"):

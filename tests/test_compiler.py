@@ -1,13 +1,12 @@
 import contextlib
 
-import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from aligndraw import compiler, gemm, openblas
 from aligndraw.model import AlignDraw
 
-from conftest import needs_onednn, random_batch, tiny_config
+from conftest import needs_onednn, needs_openblas, random_batch, tiny_config
 from conftest import seeded_randn as _rand
 
 
@@ -115,7 +114,7 @@ def test_onednn_weight_gradients_are_stacked_over_their_rows():
     torch.testing.assert_close(gm(*args).double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(openblas.missing() is not None, reason="OpenBLAS products cannot be built here")
+@needs_openblas
 def test_openblas_weight_gradients_are_stacked_over_their_rows():
     openblas.load()
 
@@ -180,7 +179,7 @@ def test_compiled_model_stacks_its_step_gradients_and_keeps_them_equal(monkeypat
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
 
 
-@pytest.mark.skipif(openblas.missing() is not None, reason="OpenBLAS products cannot be built here")
+@needs_openblas
 def test_compiled_model_with_openblas_products_stacks_them_and_equals_eager(monkeypatch):
     want, got, changed, ops = _eager_and_compiled_grads(monkeypatch, autocast=False, backend="openblas")
     assert max(changed) >= 5  # as with oneDNN: the four step-shared weights and the context mix

@@ -9,16 +9,13 @@ from aligndraw import gemm, openblas
 from aligndraw.model import AlignDraw
 from aligndraw.recurrent_linear import StepLinear
 
-from conftest import needs_onednn, random_batch, tiny_config
+from conftest import needs_onednn, needs_openblas, random_batch, tiny_config
 from conftest import seeded_randn as _rand
 
 
-@pytest.fixture(params=gemm.BACKENDS)
+@pytest.fixture(params=[pytest.param("onednn", marks=needs_onednn),
+                        pytest.param("openblas", marks=needs_openblas), "aten"])
 def backend(request):
-    if request.param == "onednn" and not torch.backends.mkldnn.is_available():
-        pytest.skip("this PyTorch build has no oneDNN")
-    if request.param == "openblas" and (why := openblas.missing()):
-        pytest.skip(f"OpenBLAS products cannot be built here: {why}")
     with gemm.using(request.param):
         yield request.param
 

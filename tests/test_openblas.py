@@ -5,10 +5,8 @@ import torch
 
 from aligndraw import gemm, openblas
 
+from conftest import needs_openblas
 from conftest import seeded_randn as _rand
-
-needs_openblas = pytest.mark.skipif(openblas.missing() is not None,
-                                    reason=f"OpenBLAS products cannot be built here: {openblas.missing()}")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -136,6 +134,7 @@ def test_the_ops_trace_under_compile():
 def test_missing_says_what_is_missing(monkeypatch):
     monkeypatch.setattr(openblas, "numpy_openblas", lambda: None)
     assert "numpy carries no OpenBLAS" in openblas.missing()
+    monkeypatch.setattr(openblas, "loaded", lambda: False)  # a process that has not built it
     with pytest.raises(ValueError, match="'openblas' asked for, but numpy carries no OpenBLAS.*use 'aten'"):
         gemm.set_backend("openblas")
     monkeypatch.setattr(openblas, "numpy_openblas", lambda: openblas.Path("/any/libopenblas.so"))
@@ -179,3 +178,13 @@ def test_an_asked_for_openblas_that_fails_to_build_is_an_error(monkeypatch):
     with pytest.raises(RuntimeError, match="'openblas': the build failed"):
         gemm.prepare()
     assert gemm.backend() == "openblas"
+
+
+@needs_openblas
+def test_choosing_a_loaded_openblas_does_not_look_for_the_build_tools_again(monkeypatch):
+    def fail():
+        raise AssertionError("missing() called for a loaded op")
+
+    monkeypatch.setattr(openblas, "missing", fail)
+    with gemm.using("openblas"):
+        assert gemm.backend() == "openblas"

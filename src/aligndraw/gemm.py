@@ -105,7 +105,7 @@ def _checked(name: str) -> str:
     if name == "onednn" and not torch.backends.mkldnn.is_available():
         raise ValueError("CPU GEMM backend 'onednn' asked for, but this PyTorch build has no "
                          "oneDNN (torch.backends.mkldnn.is_available() is False); use 'aten'")
-    if name == "openblas" and (why := openblas.missing()):
+    if name == "openblas" and not openblas.loaded() and (why := openblas.missing()):
         raise ValueError(f"CPU GEMM backend 'openblas' asked for, but {why}; use 'aten'")
     return name
 

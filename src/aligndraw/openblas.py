@@ -7,7 +7,7 @@ training step took 286–331 ms against 349–495 (``ALIGNDRAW_CPU_GEMM=openblas
 gradient 39–46 ms against 80–106), and compiled training was 1.09× faster (1.15× paired;
 ``docs/performance-log.md``, item 18). Calling numpy would run OpenBLAS's own thread pool
 beside PyTorch's OpenMP one, and on two cores the two pools' spinning threads starve each
-other (the products then took 5–6 times as long). So a small C++ op
+other (the plain products of a step then took 2970–3028 ms against MKL's 515–546). So a small C++ op
 (``csrc/openblas_gemm.cpp``, built once with PyTorch's extension builder and cached) splits
 each product's output columns over PyTorch's threads, and each thread calls OpenBLAS's
 ``cblas_sgemm`` for its block. Same fp32 arithmetic, another summation order.
