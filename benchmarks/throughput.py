@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 from aligndraw import compiler, gemm, openblas  # noqa: E402
 from aligndraw.config import ModelConfig, preset  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
-from aligndraw.trainer import PaperRMSprop, average_gradients, clip_grad_norm_per_tensor  # noqa: E402
+from aligndraw.trainer import PaperRMSprop, Update, average_gradients  # noqa: E402
 from benchmarks.data_parallel import DataParallelVariant, WorkerSpec  # noqa: E402
 from benchmarks.flops import flops_per_image  # noqa: E402
 from benchmarks.machine import BUSY_CORES, OtherLoad, matmul_peak, timed, timed_cpu  # noqa: E402
@@ -152,6 +152,8 @@ class Variant:
         self.gemm_backend = gemm_backend  # None: the process's (aligndraw.gemm's default)
         self.images, self.tokens, self.lengths = inputs
         self.optimizer = PaperRMSprop(model.parameters(), lr=1e-3)
+        # the trainer's update: clip, step; under torch.compile with the compiled model
+        self.update = Update(self.optimizer, CLIP_NORM, compiled=compiled)
         self.noise = torch.Generator(device=self.images.device).manual_seed(seed)
         cfg = model.config
         self.noise_shape = (self.images.shape[0], cfg.steps, cfg.z_dim)
@@ -181,8 +183,7 @@ class Variant:
             out.loss.backward()
         if self.world_size > 1:
             average_gradients(self.model.parameters(), self.world_size)
-        clip_grad_norm_per_tensor(self.model.parameters(), CLIP_NORM)
-        self.optimizer.step()
+        self.update()
 
     def sample_step(self) -> None:
         with torch.no_grad(), autocast(self.precision, self.images.device), self._gemm():

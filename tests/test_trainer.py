@@ -11,6 +11,7 @@ from aligndraw.trainer import (
     PaperRMSprop,
     Progress,
     Trainer,
+    Update,
     average_gradients,
     broadcast_parameters,
     clip_grad_norm_per_tensor,
@@ -42,6 +43,35 @@ def test_clipping_is_per_tensor_not_global():
     torch.testing.assert_close(norms, torch.tensor([20.0, 2.0]))
     torch.testing.assert_close(a.grad.norm(), torch.tensor(10.0), rtol=1e-5, atol=0)
     torch.testing.assert_close(b.grad, torch.ones(4))
+
+
+def _update_steps(compiled: bool, lr_after: int = 2) -> tuple[list[torch.Tensor], int]:
+    """Four updates of three tensors (one clipped every step), the rate cut after two."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((7, 5), (5,), (3, 4, 2))]
+    opt = PaperRMSprop(params, lr=0.1, decay=0.9, eps=1e-6)
+    update = Update(opt, clip_norm=1.5, compiled=compiled)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    grads = torch.Generator().manual_seed(1)
+    for step in range(4):
+        if step == lr_after:
+            opt.param_groups[0]["lr"] = 0.01
+        for i, p in enumerate(params):  # fresh gradients each step, as after backward
+            p.grad = torch.randn(p.shape, generator=grads) * (10.0 if i == 0 else 0.1)
+        update()
+    return [p.detach() for p in params], torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_the_compiled_update_equals_the_eager_one_and_is_traced_once_per_rate():
+    eager, no_graphs = _update_steps(compiled=False)
+    compiled, graphs = _update_steps(compiled=True)
+    # the first step eagerly; then one graph per learning rate (the rate is a constant in it)
+    assert no_graphs == 0 and graphs == 2
+    for e, c in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-7)
+    start, _ = _update_steps(compiled=False, lr_after=0)
+    assert not torch.allclose(start[0], eager[0])  # the rate cut changes the weights
 
 
 def _weights(run_dir):

@@ -108,6 +108,34 @@ def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(t, src)
 
 
+class Update:
+    """After backward: clip each gradient tensor to norm ≤ ``clip_norm``, then step.
+
+    ``compiled``: the clip and the step run under ``torch.compile``, which fuses each tensor's
+    foreach operations (norm; the scale; the cache's decay and g²; √(cache + ε); the weight
+    update) into a few loops over it, instead of a pass over memory per operation and a new
+    tensor for the denominators. Its first call runs eagerly, so the optimiser's state
+    exists before the trace. The learning rate is a constant in the graph, so a new rate
+    (a plateau decay) traces it again, in seconds. Results equal the eager update to fp32
+    rounding.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, clip_norm: float, compiled: bool = False) -> None:
+        self.optimizer, self.clip_norm = optimizer, clip_norm
+        self._compiled = torch.compile(self._eager) if compiled else None
+
+    def _eager(self) -> None:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        clip_grad_norm_per_tensor(params, self.clip_norm)
+        self.optimizer.step()
+
+    def __call__(self) -> None:
+        if self._compiled is None or not self.optimizer.state:  # the first step makes the state
+            self._eager()
+        else:
+            self._compiled()
+
+
 def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr)
@@ -224,6 +252,7 @@ class Trainer:
             self.net = compiler.compile(self.net)
         self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad],
                                         config.train)
+        self.update = Update(self.optimizer, config.train.clip_norm, compiled=config.train.compile)
         self.noise = torch.Generator(device=self.device)
         self.noise.manual_seed(config.train.seed * 1000 + self.dist.rank)
         self.progress = Progress(lr=config.train.lr)
@@ -320,8 +349,7 @@ class Trainer:
         out.loss.backward()
         if self.dist.world_size > 1:
             average_gradients(self.model.parameters(), self.dist.world_size)
-        clip_grad_norm_per_tensor(self.model.parameters(), self.config.train.clip_norm)
-        self.optimizer.step()
+        self.update()  # clip each tensor's gradient, step
         return {"loss": out.loss.item(), "nll": out.nll.mean().item(), "kl": out.kl.mean().item()}
 
     def autocast(self):
