@@ -235,6 +235,9 @@ def test_throughput_compile_baseline_times_plain_torch_compile_beside_the_librar
     for name in compiled:
         assert "error" not in report["compile_s"][name], report["compile_s"][name]
         assert report["results"][name]["train"]["images_per_s"] > 0
+        # three graphs: the training step's, the update's (compiled at the second step), sampling's
+        assert report["compile_s"][name]["unique_graphs"] == 3
+        assert report["compile_s"][name]["train_second_call_s"] > 0
 
 
 @needs_onednn
