@@ -272,6 +272,18 @@ def test_accumulate_benchmark_times_three_forms_of_a_weight_gradient_sum() -> No
             assert report[f"{shape}_{form}_eager_diff"] < 1e-5
 
 
+def test_update_benchmark_times_the_eager_and_the_compiled_update_to_the_same_weights() -> None:
+    report = last_json(run_benchmark("update.py", "--smoke", "--threads", "1"))
+    assert report["repeats"] == 2 and report["parameters"] > 0
+    assert report["eager_ms"] > 0 and report["compiled_ms"] > 0 and report["compile_s"] > 0
+    assert report["max_rel_diff"] < 1e-5  # the same update, fused
+
+
+def test_update_benchmark_rejects_bad_counts() -> None:
+    proc = run_benchmark("update.py", "--repeats", "0")
+    assert proc.returncode == 2 and "--repeats must be ≥ 1" in proc.stderr
+
+
 def test_ab_trees_times_two_trees_in_turn_each_with_its_own_package(tmp_path: Path) -> None:
     """B is a copy of this tree: each worker must import the aligndraw of its own tree (an
     installed copy earlier on the path would make an A/B compare a tree with itself)."""

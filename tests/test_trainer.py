@@ -74,6 +74,35 @@ def test_the_compiled_update_equals_the_eager_one_and_is_traced_once_per_rate():
     assert not torch.allclose(start[0], eager[0])  # the rate cut changes the weights
 
 
+def _aliased_or_not_update(aliased: bool, seed: int) -> list[torch.Tensor]:
+    """Weights after three compiled updates; gradients views of one buffer (as a compiled
+    model's backward leaves them) or tensors of their own."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((6, 5), (6,), (4, 3))]
+    update = Update(PaperRMSprop(params, lr=0.1), clip_norm=1.0, compiled=True)
+    grads = torch.Generator().manual_seed(seed)
+    for step in range(3):
+        flat = torch.randn(sum(p.numel() for p in params), generator=grads)  # (Σ numel,)
+        pieces = flat.split([p.numel() for p in params])
+        parts = [piece.view_as(p) for piece, p in zip(pieces, params, strict=True)]
+        for p, part in zip(params, parts, strict=True):
+            p.grad = part if aliased else part.clone()
+        update()
+        if step:  # compiled (the first step is eager, and clips in place): read, not written
+            assert torch.equal(torch.cat([p.grad.reshape(-1) for p in params]), flat)
+    return [p.detach() for p in params]
+
+
+def test_the_compiled_update_does_not_depend_on_how_gradients_alias():
+    """Its graphs are cached across processes (inductor's caches outlive ``reset``), so one
+    traced with aliased gradients must also serve gradients of their own, and the reverse."""
+    aliased = _aliased_or_not_update(aliased=True, seed=3)
+    torch._dynamo.reset()
+    own = _aliased_or_not_update(aliased=False, seed=3)
+    for a, b in zip(aliased, own, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def _weights(run_dir):
     return load_file(str(run_dir / "last" / "model.safetensors"))
 

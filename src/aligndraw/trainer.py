@@ -58,12 +58,18 @@ class PaperRMSprop(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "decay": decay, "eps": eps})
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - torch.optim signature
+    def step(self, closure=None, grad_scales: list[torch.Tensor] | None = None):
+        """One update. ``grad_scales``: a 0-d factor per parameter with a gradient (in
+        ``param_groups`` order) to use the gradients multiplied by, without writing them."""
+        offset = 0
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             grads = [p.grad for p in params]
+            if grad_scales is not None:
+                grads = torch._foreach_mul(grads, grad_scales[offset:offset + len(params)])
+                offset += len(params)
             caches = [self.state[p].setdefault("cache", torch.zeros_like(p)) for p in params]
             torch._foreach_mul_(caches, group["decay"])
             torch._foreach_addcmul_(caches, grads, grads, value=1 - group["decay"])
@@ -72,12 +78,17 @@ class PaperRMSprop(torch.optim.Optimizer):
             torch._foreach_addcdiv_(params, grads, denom, value=-group["lr"])
 
 
+def clip_scales(grads: list[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The gradients' norms (n,) and the factor that brings each to norm ≤ max_norm (0-d each)."""
+    norms = torch.stack(torch._foreach_norm(grads))  # (n,)
+    return norms, list((max_norm / (norms + 1e-6)).clamp(max=1.0).unbind())
+
+
 def clip_grad_norm_per_tensor(params, max_norm: float) -> torch.Tensor:
     """Scale each tensor's gradient to norm ≤ max_norm separately; returns the norms (before)."""
     grads = [p.grad for p in params if p.grad is not None]
-    norms = torch.stack(torch._foreach_norm(grads))
-    scales = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, list(scales.unbind()))
+    norms, scales = clip_scales(grads, max_norm)
+    torch._foreach_mul_(grads, scales)
     return norms
 
 
@@ -111,23 +122,33 @@ def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
 class Update:
     """After backward: clip each gradient tensor to norm ≤ ``clip_norm``, then step.
 
-    ``compiled``: the clip and the step run under ``torch.compile``, which fuses each tensor's
-    foreach operations (norm; the scale; the cache's decay and g²; √(cache + ε); the weight
-    update) into a few loops over it, instead of a pass over memory per operation and a new
-    tensor for the denominators. Its first call runs eagerly, so the optimiser's state
-    exists before the trace. The learning rate is a constant in the graph, so a new rate
-    (a plateau decay) traces it again, in seconds. Results equal the eager update to fp32
-    rounding.
+    ``compiled`` (``PaperRMSprop`` only): the clip and the step run under ``torch.compile``,
+    which fuses each tensor's foreach operations (the norm; the cache's decay and g²;
+    √(cache + ε); the weight update) into a few loops over it, instead of a pass over memory
+    per operation and a new tensor for the denominators. There the gradients are only read,
+    scaled inside the update (``PaperRMSprop.step(grad_scales=…)``), not clipped in place:
+    a compiled model's gradients are views of shared buffers, and a compiled function that
+    writes into such inputs depends on how they alias, which its cached graphs do not record.
+    Its first call runs eagerly, so the optimiser's state exists before the trace. The
+    learning rate is a constant in the graph, so a new rate (a plateau decay) traces it
+    again, in seconds. The weights equal the eager update's to fp32 rounding.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, clip_norm: float, compiled: bool = False) -> None:
         self.optimizer, self.clip_norm = optimizer, clip_norm
-        self._compiled = torch.compile(self._eager) if compiled else None
+        fuse = compiled and isinstance(optimizer, PaperRMSprop)
+        self._compiled = torch.compile(self._fused) if fuse else None
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
 
     def _eager(self) -> None:
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        clip_grad_norm_per_tensor(params, self.clip_norm)
+        clip_grad_norm_per_tensor(self._params(), self.clip_norm)
         self.optimizer.step()
+
+    def _fused(self) -> None:
+        _, scales = clip_scales([p.grad for p in self._params()], self.clip_norm)
+        self.optimizer.step(grad_scales=scales)
 
     def __call__(self) -> None:
         if self._compiled is None or not self.optimizer.state:  # the first step makes the state
