@@ -6,7 +6,8 @@ Prints, for each phase, the top ops by self CPU time and how many ops ran: all r
 ops, and the leaf ones (ops that call no other op — on CPU each is one kernel; on CUDA the
 device kernel launches are counted too), in total and per drawing step. The step is the
 trainer's (zero_grad, forward, backward, per-tensor clip, PaperRMSprop), on random inputs,
-after one untimed warm-up step (with ``--compile``, the warm-up compiles; the compiled
+after untimed warm-up steps (with ``--compile``, the warm-up compiles: the training step
+at its first call, the update (clip and step) at its second; the compiled
 kernels are then profiled one by one through inductor's ``cpp.enable_kernel_profile``).
 Optionally writes Chrome traces (--trace-dir).
 """
@@ -87,7 +88,8 @@ def print_product_shapes(prof: profile, device: torch.device) -> None:
 
 def profile_phase(variant: Variant, phase: str, device: torch.device, args) -> None:
     step = getattr(variant, f"{phase}_step")
-    step()  # warm-up: allocator, optimiser state, one-time dispatch costs
+    for _ in range(2 if phase == "train" else 1):  # warm-up: allocator, optimiser state, one-time
+        step()  # dispatch costs, compiles (the compiled update at the second training step)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=args.shapes) as prof:
         step()

@@ -237,7 +237,6 @@ def test_throughput_compile_baseline_times_plain_torch_compile_beside_the_librar
         assert report["results"][name]["train"]["images_per_s"] > 0
         # three graphs: the training step's, the update's (compiled at the second step), sampling's
         assert report["compile_s"][name]["unique_graphs"] == 3
-        assert report["compile_s"][name]["train_second_call_s"] > 0
 
 
 @needs_onednn
@@ -274,9 +273,10 @@ def test_accumulate_benchmark_times_three_forms_of_a_weight_gradient_sum() -> No
 
 def test_update_benchmark_times_the_eager_and_the_compiled_update_to_the_same_weights() -> None:
     report = last_json(run_benchmark("update.py", "--smoke", "--threads", "1"))
-    assert report["repeats"] == 2 and report["parameters"] > 0
+    assert report["preset"] == "smoke" and report["repeats"] == 2 and report["parameters"] > 0
+    assert report["graphs"] == 1  # the compiled side ran compiled, not eagerly
     assert report["eager_ms"] > 0 and report["compiled_ms"] > 0 and report["compile_s"] > 0
-    assert report["max_rel_diff"] < 1e-5  # the same update, fused
+    assert report["max_rel_diff"] < 1e-5  # the same update (N(0, 1) gradients: most tensors clipped), fused
 
 
 def test_update_benchmark_rejects_bad_counts() -> None:

@@ -70,7 +70,10 @@ class PaperRMSprop(torch.optim.Optimizer):
             if grad_scales is not None:
                 grads = torch._foreach_mul(grads, grad_scales[offset:offset + len(params)])
                 offset += len(params)
-            caches = [self.state[p].setdefault("cache", torch.zeros_like(p)) for p in params]
+            for p in params:  # made once (a zeros_like in setdefault's argument ran every step)
+                if "cache" not in self.state[p]:
+                    self.state[p]["cache"] = torch.zeros_like(p)
+            caches = [self.state[p]["cache"] for p in params]
             torch._foreach_mul_(caches, group["decay"])
             torch._foreach_addcmul_(caches, grads, grads, value=1 - group["decay"])
             denom = torch._foreach_add(caches, group["eps"])
