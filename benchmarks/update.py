@@ -15,7 +15,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +25,8 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 from aligndraw.config import ModelConfig, preset  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
 from aligndraw.trainer import PaperRMSprop, Update  # noqa: E402
+from benchmarks.forms import relative_difference  # noqa: E402
+from benchmarks.machine import timed  # noqa: E402
 from benchmarks.throughput import CLIP_NORM, SMOKE_CONFIG  # noqa: E402
 
 
@@ -39,9 +40,7 @@ def _timed_step(params: list[torch.nn.Parameter], update: Update, seed: int) -> 
     gen = torch.Generator().manual_seed(seed)
     for p in params:  # fresh gradients, N(0, 1): tensors of over 100 values are clipped
         p.grad = torch.randn(p.shape, generator=gen)
-    start = time.perf_counter()
-    update()
-    return time.perf_counter() - start
+    return timed(update, torch.device("cpu"))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,8 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
             elif name == "compiled" and step == 1:
                 compile_s = seconds
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    diff = max(float(((c - e).abs().max() / e.abs().max()).item())
-               for e, c in zip(sides["eager"][0], sides["compiled"][0], strict=True))
+    pairs = zip(sides["eager"][0], sides["compiled"][0], strict=True)
+    diff = max(relative_difference(c, e) for e, c in pairs)
     label = "smoke" if args.smoke else args.preset
     graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     print(f"{label}: {numel / 1e6:.2f}M parameters in {len(sides['eager'][0])} tensors, "

@@ -98,8 +98,11 @@ def _aliased_or_not_update(aliased: bool, seed: int) -> list[torch.Tensor]:
 
 
 def test_the_compiled_update_does_not_depend_on_how_gradients_alias():
-    """Its graphs are cached across processes (inductor's caches outlive ``reset``), so one
-    traced with aliased gradients must also serve gradients of their own, and the reverse."""
+    """A compiled model's gradients are views of shared buffers; the update must read them, not
+    write them, and give the same weights for aliased gradients and gradients of their own,
+    traced in either order (inductor's caches outlive ``reset``). A graph that wrote into
+    aliased gradients once failed when served to unaliased ones in another process; that
+    crash needed full-size models, so this test checks the writes, not the crash."""
     for first in (True, False):
         torch._dynamo.reset()
         a = _aliased_or_not_update(aliased=first, seed=3)
