@@ -51,6 +51,7 @@ from benchmarks.products import ProductsOnly  # noqa: E402
 
 PRESETS = ("mnist-captions", "coco32")
 CLIP_NORM = 10.0
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 # A tiny configuration for --smoke (the unit tests' size: hidden 16, T=3, 12×12 images).
 SMOKE_CONFIG = dict(vocab_size=23, channels=1, height=12, width=12, steps=3, read_n=3, write_n=3,
                     embed_dim=8, lang_hidden=8, align_dim=8, enc_hidden=16, dec_hidden=16, z_dim=4)
@@ -73,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bf16 = torch.autocast(bfloat16) around forward / sample, for both models")
     p.add_argument("--compile", action="store_true",
                    help="also time a torch.compile'd library model and report its compile time")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile's mode for --compile (reduce-overhead: CUDA graphs, on a GPU)")
     p.add_argument("--skip-naive", action="store_true", help="time the library model only")
     p.add_argument("--gemm-baseline", action="store_true",
                    help="also time the eager fp32 library with the other CPU product backend "
@@ -107,6 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch", "repeats", "caption_len", "peak_size", "processes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    if args.compile_mode != "default" and not args.compile:
+        p.error(f"--compile-mode {args.compile_mode} applies to --compile; add --compile")
+    if args.compile_mode == "reduce-overhead" and args.device == "cpu":
+        p.error("--compile-mode reduce-overhead captures CUDA graphs; it needs --device cuda")
     if args.compile_baseline and not args.compile:
         p.error("--compile-baseline times plain torch.compile beside --compile; add --compile")
     if args.processes > 1 and (args.batch % args.processes or args.device != "cpu"):
@@ -147,7 +154,7 @@ class Variant:
 
     def __init__(self, name: str, model: torch.nn.Module, precision: str, inputs, seed: int,
                  compiled: bool = False, world_size: int = 1, gemm_backend: str | None = None,
-                 stack_products: bool = True) -> None:
+                 stack_products: bool = True, compile_mode: str = "default") -> None:
         self.name, self.model, self.precision = name, model, precision
         self.gemm_backend = gemm_backend  # None: the process's (aligndraw.gemm's default)
         self.images, self.tokens, self.lengths = inputs
@@ -163,9 +170,11 @@ class Variant:
         # The compiled variant compiles forward (through the module) and sample separately,
         # as the library does (aligndraw.compiler: its graph pass stacks the per-step weight
         # gradients) or, with ``stack_products=False``, with plain torch.compile.
+        # ``compile_mode``: torch.compile's mode ("reduce-overhead": CUDA graphs on a GPU).
         compile_fn = compiler.compile if stack_products else torch.compile
-        self.forward = compile_fn(model) if compiled else model
-        self.sampler = compile_fn(model.sample) if compiled else model.sample
+        mode = {} if compile_mode == "default" else {"mode": compile_mode}
+        self.forward = compile_fn(model, **mode) if compiled else model
+        self.sampler = compile_fn(model.sample, **mode) if compiled else model.sample
 
     def _eps(self) -> torch.Tensor:
         # ε is drawn outside the model call (identically for every variant) so that compiled
@@ -330,7 +339,7 @@ def build_variants(args, cfg: ModelConfig, inputs, device: torch.device, precisi
             compiled = AlignDraw(cfg).to(device)
             compiled.load_state_dict(reference.state_dict())
             variant = Variant(f"library_compiled_{precision}", compiled, precision, inputs, args.seed,
-                              compiled=True)
+                              compiled=True, compile_mode=args.compile_mode)
             compiled_variants = [variant]
             if args.compile_baseline and precision == "fp32":
                 plain = AlignDraw(cfg).to(device)
@@ -467,7 +476,8 @@ def ratios(results: dict, times: dict) -> dict:
 def print_table(report: dict) -> None:
     peak, flops = report["peak_gflops"], report["flops_per_image"]
     print(f"preset {report['preset']}  batch {report['batch']}  threads {report['threads']}  "
-          f"device {report['device']}  torch {report['torch']}  load avg {report['loadavg_before']}")
+          f"device {report['gpu'] or report['device']}  torch {report['torch']}  "
+          f"load avg {report['loadavg_before']}")
     print(f"cpu {report['cpu_vendor'] or report['cpu']}  library's fp32 products: {report['gemm_backend']}"
           + ("  subnormal numbers flushed to 0 (--flush-denormal)" if report["flush_denormal"] else ""))
     if report["busy"]:
@@ -495,7 +505,8 @@ def print_table(report: dict) -> None:
             continue
         graphs = (f", {s['unique_graphs']} graphs, {s['graph_breaks']} graph breaks: "
                   f"{'; '.join(s['graph_break_reasons'])}" if "unique_graphs" in s else " (in workers)")
-        print(f"compile {name}: first train step {s['train_first_call_s']:.1f}s, second (the update) "
+        mode = f" (mode {report['compile_mode']})" if report["compile_mode"] != "default" else ""
+        print(f"compile {name}{mode}: first train step {s['train_first_call_s']:.1f}s, second (the update) "
               f"{s['train_second_call_s']:.1f}s, first sample "
               f"{s['sample_first_call_s']:.1f}s{graphs}")
     print(f"\n{'phase':<7}{'variant':<26}{'median ms':>10}{'min..max ms':>18}{'img/s':>9}"
@@ -640,7 +651,8 @@ def main(argv: list[str] | None = None) -> dict:
         "caption_len": args.caption_len, "threads": threads, "device": str(device),
         "cpu": platform.processor() or platform.machine(), "cpu_vendor": gemm.cpu_vendor(),
         "gemm_backend": gemm.backend(), "cpu_bf16_native": gemm.cpu_bf16_native(),
-        "flush_denormal": args.flush_denormal,
+        "flush_denormal": args.flush_denormal, "compile_mode": args.compile_mode,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "subnormals_flushed": subnormals_flushed(),
         "torch": torch.__version__,
         "repeats": args.repeats, "warmup": args.warmup, "loadavg_before": load_before,

@@ -12,6 +12,7 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                   reason="this PyTorch build has no oneDNN")
 needs_openblas = pytest.mark.skipif(openblas.missing() is not None,
                                     reason=f"OpenBLAS products cannot be built here: {openblas.missing()}")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
 
 def seeded_randn(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -804,3 +804,15 @@ def test_floor_line_says_when_the_products_alone_rule_3x_out() -> None:
         "train", f, "aten")
     f |= {"x_naive": None}  # no naive reference in the run
     assert "naive" not in floor_line("train", f, "aten")
+
+
+@pytest.mark.parametrize(("bad", "says"), [
+    (["--compile-mode", "reduce-overhead"], "add --compile"),
+    (["--compile", "--compile-mode", "reduce-overhead"], "needs --device cuda"),
+])
+def test_throughput_benchmark_rejects_a_compile_mode_it_cannot_use(bad, says, capsys) -> None:
+    from benchmarks.throughput import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(bad)
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err

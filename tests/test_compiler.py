@@ -267,3 +267,14 @@ def test_on_cpu_looks_at_the_modules_parameters():
     assert not compiler.on_cpu(model) and not compiler.on_cpu(model.forward)
     norm = torch.nn.BatchNorm1d(3, affine=False)  # buffers only
     assert compiler.on_cpu(norm) and not compiler.on_cpu(norm.to("meta"))
+
+
+def test_a_mode_is_passed_as_its_inductor_options_beside_the_graph_pass(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.update(kwargs) or model)
+    compiler.compile(torch.nn.Linear(2, 2), mode="reduce-overhead")
+    # torch.compile refuses a mode beside options: the mode must arrive as its options
+    assert "mode" not in seen and seen["options"]["triton.cudagraphs"] is True
+    assert isinstance(seen["options"]["post_grad_custom_pre_pass"], compiler.StackProducts)
+    compiler.compile(torch.nn.Linear(2, 2), mode="default")
+    assert "triton.cudagraphs" not in seen["options"]

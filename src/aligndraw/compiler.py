@@ -231,6 +231,8 @@ def on_cpu(model: Any) -> bool:
 def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any:  # noqa: A001 - mirrors torch.compile
     """``torch.compile(model, **kwargs)`` with ``StackProducts`` as inductor's first post-grad pass.
 
+    ``mode`` (e.g. "reduce-overhead": CUDA graphs on a GPU) is applied as its inductor options,
+    since ``torch.compile`` does not take a mode beside options.
     ``cpp_wrapper`` (None: when ``on_cpu(model)``) compiles with inductor's C++ wrapper
     (``CPP_WRAPPER``): a step of mnist-captions makes a few thousand kernel and product calls,
     and making them from the generated Python code cost the Intel Xeon's compiled training
@@ -239,6 +241,9 @@ def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any: 
     """
     # before inductor's patterns: they fold mm + C into addmm, hiding bf16 sums (module docstring)
     options = {"post_grad_custom_pre_pass": StackProducts()}
+    # torch.compile takes a mode or options, not both: a mode becomes its options here
+    if (mode := kwargs.pop("mode", None)) not in (None, "default"):
+        options |= torch._inductor.list_mode_options(mode)
     lower_onednn_linear()
     gemm.prepare()  # e.g. OpenBLAS's op, built and loaded before tracing
     if cpp_wrapper if cpp_wrapper is not None else on_cpu(model):
