@@ -46,7 +46,7 @@ def naive_forward(model: AlignDraw, images, tokens, lengths, noise):
     cfg = model.config
     b = images.shape[0]
     h_lang = model.encoder(tokens, lengths)
-    mask = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+    mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
     h_enc, c_enc = model.h_enc0.expand(b, -1), model.c_enc0.expand(b, -1)
     h_dec, c_dec = model.h_dec0.expand(b, -1), model.c_dec0.expand(b, -1)
     canvas = model.canvas0.expand(b, -1, -1, -1)
