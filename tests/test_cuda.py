@@ -132,7 +132,7 @@ def test_training_on_cuda_follows_the_cpu_run_and_loads_on_the_cpu(tmp_path, syn
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["split"] == "train")
 
 
-def test_compiled_bf16_training_on_cuda_runs_and_lowers_nothing_to_cpu_ops(tmp_path, synthetic_data):
+def test_compiled_bf16_training_on_cuda_runs_and_saves_finite_weights(tmp_path, synthetic_data):
     torch._dynamo.reset()
     config = tiny_run_config(compile=True, precision="bf16")
     trainer = Trainer(config, tmp_path, data=synthetic_data(config), device="cuda", progress_bar=False)
