@@ -250,12 +250,14 @@ def summarise(times: list[float], cpu_times: list[float], batch: int, flops: flo
 
 
 def equality_check(reference: AlignDraw, inputs, seed: int, compiled: bool = False,
-                   data_parallel: tuple[DataParallelVariant, ...] = ()) -> dict[str, float]:
+                   data_parallel: tuple[DataParallelVariant, ...] = (),
+                   compile_mode: str = "default") -> dict[str, float]:
     """fp32, same weights and noise: loss, kl_steps and gradient differences, and sample images.
 
     The weights are a perturbed copy of ``reference`` (see ``perturb_parameters_``): at the tiny
     init some gradients are pure rounding noise and would make the comparison meaningless.
-    ``compiled``: the library model under torch.compile is compared too (keys ``compiled_*``).
+    ``compiled``: the library model under torch.compile is compared too (keys ``compiled_*``),
+    in ``compile_mode``: the timed variant's, whose graphs inductor's cache then serves.
     ``data_parallel``: library variants whose workers each take their share of the batch and
     average gradients (keys ``dp2_*``, ``dp2_compiled_*``: the name between library_ and _fp32).
     """
@@ -281,10 +283,11 @@ def equality_check(reference: AlignDraw, inputs, seed: int, compiled: bool = Fal
     result = _differences(outs[0], grads[0], s_lib, outs[1], grads[1], s_naive, naive, lib_params)
     if compiled:  # the same weights through the compiler: forward, backward and sampling
         lib.zero_grad(set_to_none=True)
-        out = compiler.compile(lib)(images, tokens, lengths, noise=noise)
+        mode = {} if compile_mode == "default" else {"mode": compile_mode}
+        out = compiler.compile(lib, **mode)(images, tokens, lengths, noise=noise)
         out.loss.backward()
         grad = {n: p.grad.clone() for n, p in lib.named_parameters() if p.grad is not None}
-        sample = compiler.compile(lib.sample)(tokens, lengths, noise=noise, history=False).images
+        sample = compiler.compile(lib.sample, **mode)(tokens, lengths, noise=noise, history=False).images
         diffs = _differences(out, grad, sample, outs[1], grads[1], s_naive, naive, lib_params)
         result |= {f"compiled_{k}": v for k, v in diffs.items() if k != "loss_naive"}
     for variant in data_parallel:
@@ -628,7 +631,7 @@ def main(argv: list[str] | None = None) -> dict:
             log("checking fp32 equality of library and naive …")
             checked = tuple(v for v in workers if v.name.startswith("library") and v.precision == "fp32")
             check = equality_check(reference, inputs, args.seed, compiled=args.compile,
-                                   data_parallel=checked)
+                                   data_parallel=checked, compile_mode=args.compile_mode)
         times, cpu_times = {}, {}
         with OtherLoad(own_pids=[pid for v in workers for pid in v.pids]) as others:
             for phase in ("train", "sample"):
