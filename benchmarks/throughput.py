@@ -27,6 +27,7 @@ import statistics
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -172,9 +173,8 @@ class Variant:
         # gradients) or, with ``stack_products=False``, with plain torch.compile.
         # ``compile_mode``: torch.compile's mode ("reduce-overhead": CUDA graphs on a GPU).
         compile_fn = compiler.compile if stack_products else torch.compile
-        mode = {} if compile_mode == "default" else {"mode": compile_mode}
-        self.forward = compile_fn(model, **mode) if compiled else model
-        self.sampler = compile_fn(model.sample, **mode) if compiled else model.sample
+        self.forward = compile_fn(model, mode=compile_mode) if compiled else model
+        self.sampler = compile_fn(model.sample, mode=compile_mode) if compiled else model.sample
 
     def _eps(self) -> torch.Tensor:
         # ε is drawn outside the model call (identically for every variant) so that compiled
@@ -282,12 +282,7 @@ def equality_check(reference: AlignDraw, inputs, seed: int, compiled: bool = Fal
     s_naive = naive.sample(tokens, lengths, noise=noise).images
     result = _differences(outs[0], grads[0], s_lib, outs[1], grads[1], s_naive, naive, lib_params)
     if compiled:  # the same weights through the compiler: forward, backward and sampling
-        lib.zero_grad(set_to_none=True)
-        mode = {} if compile_mode == "default" else {"mode": compile_mode}
-        out = compiler.compile(lib, **mode)(images, tokens, lengths, noise=noise)
-        out.loss.backward()
-        grad = {n: p.grad.clone() for n, p in lib.named_parameters() if p.grad is not None}
-        sample = compiler.compile(lib.sample, **mode)(tokens, lengths, noise=noise, history=False).images
+        out, grad, sample = _compiled_outputs(lib, inputs, noise, compile_mode)
         diffs = _differences(out, grad, sample, outs[1], grads[1], s_naive, naive, lib_params)
         result |= {f"compiled_{k}": v for k, v in diffs.items() if k != "loss_naive"}
     for variant in data_parallel:
@@ -295,6 +290,27 @@ def equality_check(reference: AlignDraw, inputs, seed: int, compiled: bool = Fal
         diffs = _differences(got, got.grads, got.sample, outs[1], grads[1], s_naive, naive, lib_params)
         result |= {f"{_arrangement(variant.name)}_{k}": v for k, v in diffs.items() if k != "loss_naive"}
     return result
+
+
+def _compiled_outputs(lib: AlignDraw, inputs, noise: torch.Tensor, compile_mode: str):
+    """Loss terms, gradients and samples of ``lib`` compiled in ``compile_mode``, as copies.
+
+    Under CUDA graphs ("reduce-overhead") a compiled function's first calls only warm up and
+    record, and a later replay overwrites its outputs, so each runs three times there and its
+    outputs are copied before the next compiled call."""
+    images, tokens, lengths = inputs
+    calls = 3 if compile_mode == "reduce-overhead" else 1
+    forward = compiler.compile(lib, mode=compile_mode)
+    for _ in range(calls):
+        lib.zero_grad(set_to_none=True)
+        out = forward(images, tokens, lengths, noise=noise)
+        out.loss.backward()
+        out = SimpleNamespace(loss=out.loss.detach().clone(), kl_steps=out.kl_steps.detach().clone())
+    grad = {n: p.grad.clone() for n, p in lib.named_parameters() if p.grad is not None}
+    sampler = compiler.compile(lib.sample, mode=compile_mode)
+    for _ in range(calls):
+        sample = sampler(tokens, lengths, noise=noise, history=False).images.clone()
+    return out, grad, sample
 
 
 def _arrangement(name: str) -> str:
@@ -348,7 +364,8 @@ def build_variants(args, cfg: ModelConfig, inputs, device: torch.device, precisi
                 plain = AlignDraw(cfg).to(device)
                 plain.load_state_dict(reference.state_dict())
                 compiled_variants.append(Variant(f"library_plaincompiled_{precision}", plain, precision,
-                                                 inputs, args.seed, compiled=True, stack_products=False))
+                                                 inputs, args.seed, compiled=True, stack_products=False,
+                                                 compile_mode=args.compile_mode))
             for variant in compiled_variants:
                 try:
                     compile_s[variant.name] = compile_variant(variant, device)

@@ -39,6 +39,19 @@ def random_batch(config: ModelConfig, batch: int = 4, max_len: int = 6, seed: in
     return images, tokens, lengths
 
 
+def perturbed_model(config: ModelConfig, seed: int = 0, scale: float = 0.3):
+    """An ``AlignDraw`` with N(0, scale²) added to every weight: larger weights than the
+    paper's init, so that every path carries signal in a comparison."""
+    from aligndraw.model import AlignDraw
+
+    torch.manual_seed(seed)
+    model = AlignDraw(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
 @pytest.fixture
 def tiny() -> ModelConfig:
     return tiny_config()

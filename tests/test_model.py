@@ -3,18 +3,12 @@ import torch
 
 from aligndraw.model import AlignDraw
 
-from conftest import random_batch, tiny_config
+from conftest import perturbed_model, random_batch, tiny_config
 from reference import naive_forward
 
 
 def _model(config, seed=0, scale=0.3):
-    torch.manual_seed(seed)
-    model = AlignDraw(config).double()
-    # Larger weights than the paper's init so every path carries signal in the comparison.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return model
+    return perturbed_model(config, seed, scale).double()
 
 
 @pytest.mark.parametrize("kind", ["aligndraw", "noalign"])

@@ -243,7 +243,7 @@ def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any: 
     options = {"post_grad_custom_pre_pass": StackProducts()}
     # torch.compile takes a mode or options, not both: a mode becomes its options here
     if (mode := kwargs.pop("mode", None)) not in (None, "default"):
-        options |= torch._inductor.list_mode_options(mode)
+        options |= torch._inductor.list_mode_options(mode, kwargs.get("dynamic"))
     lower_onednn_linear()
     gemm.prepare()  # e.g. OpenBLAS's op, built and loaded before tracing
     if cpp_wrapper if cpp_wrapper is not None else on_cpu(model):
