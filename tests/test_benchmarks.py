@@ -816,3 +816,14 @@ def test_throughput_benchmark_rejects_a_compile_mode_it_cannot_use(bad, says, ca
     with pytest.raises(SystemExit) as exit_info:
         parse_args(bad)
     assert exit_info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_freed_memory_benchmark_reports_both_settings(capsys) -> None:
+    from benchmarks.freed_memory import main
+
+    assert main(["--repeats", "2", "--rows", "8192", "--words", "64"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    default, kept = report["results"]["default"], report["results"]["kept"]
+    assert default["kept"] is False and kept["kept"] is (sys.platform.startswith("linux"))
+    for r in (default, kept):
+        assert r["zeros"]["ms"] > 0 and r["embedding_grad"]["faults"] >= 0

@@ -312,3 +312,17 @@ def test_bf16_on_a_cpu_without_native_bf16_products_is_warned_about(tmp_path, sy
     with caplog.at_level("WARNING", logger="aligndraw.train"):
         Trainer(config, tmp_path / "fast", data=synthetic_data(config), progress_bar=False)
     assert not any("bf16" in r.getMessage() for r in caplog.records)
+
+
+def test_a_cpu_run_keeps_freed_memory_unless_told_not_to(tmp_path, synthetic_data, monkeypatch):
+    from aligndraw import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    config = tiny_run_config()
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    first = Trainer(config, tmp_path / "a", data=synthetic_data(config), progress_bar=False)
+    assert first.kept_freed_memory and calls == [1]
+    monkeypatch.setenv(allocator.ENV, "0")
+    second = Trainer(config, tmp_path / "b", data=synthetic_data(config), progress_bar=False)
+    assert not second.kept_freed_memory and calls == [1]

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from aligndraw import compiler, gemm, visualize
+from aligndraw import allocator, compiler, gemm, visualize
 from aligndraw.baselines import build_model
 from aligndraw.checkpoint import fill_model_dir, model_card, save_model_dir, write_dir_atomically
 from aligndraw.config import RunConfig, TrainConfig
@@ -261,6 +261,9 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         if config.train.num_threads:
             torch.set_num_threads(config.train.num_threads)
+        # freed buffers stay in the heap for the next step (aligndraw.allocator)
+        self.kept_freed_memory = (self.device.type == "cpu" and allocator.wanted()
+                                  and allocator.keep_freed_memory())
         if config.train.batch_size % self.dist.world_size:
             raise ValueError(f"train.batch_size={config.train.batch_size} must divide evenly "
                              f"over {self.dist.world_size} processes")
@@ -505,3 +508,5 @@ class Trainer:
             if self.device.type == "cpu":
                 log.info("CPU fp32 products: %s (aligndraw.gemm; ALIGNDRAW_CPU_GEMM=onednn|openblas|aten)",
                          gemm.backend())
+                log.info("freed memory kept for reuse: %s (aligndraw.allocator; %s=0 turns it off)",
+                         "yes" if self.kept_freed_memory else "no", allocator.ENV)
