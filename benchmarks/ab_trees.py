@@ -78,7 +78,7 @@ def worker(tree: Path, args: argparse.Namespace, inductor: dict) -> None:
     compiled so far (its graph cache's misses).
 
     In a worker process its own settings are the "a" ones (``--inductor-a``, ``--plain-a``,
-    ``--gemm-a``)."""
+    ``--gemm-a``, ``--keep-freed-memory-a``)."""
     sys.path[:0] = [str(tree / "src"), str(tree)]
     if args.gemm_a:
         os.environ["ALIGNDRAW_CPU_GEMM"] = args.gemm_a  # read when aligndraw.gemm is imported
@@ -95,6 +95,11 @@ def worker(tree: Path, args: argparse.Namespace, inductor: dict) -> None:
 
     if not Path(aligndraw.__file__).resolve().is_relative_to(tree.resolve()):
         raise SystemExit(f"worker for {tree} imported aligndraw from {aligndraw.__file__}")
+    if args.keep_freed_memory_a:  # as the trainer does, before the model is built
+        from aligndraw import allocator
+
+        if not allocator.keep_freed_memory():
+            raise SystemExit("this C library refused aligndraw.allocator's settings")
     torch.set_num_threads(args.threads)
     cfg = ModelConfig(**SMOKE_CONFIG) if args.smoke else preset(args.preset).model
     inputs = random_inputs(cfg, 8 if args.smoke else 100, 6 if args.smoke else 12, torch.device("cpu"), 0)
@@ -122,6 +127,7 @@ class _Worker:
         cmd += ["--compile"] * args.compile + ["--smoke"] * args.smoke + ["--plain-a"] * plain
         cmd += [f"--inductor-a={item}" for item in inductor]
         cmd += ["--gemm-a", gemm] if gemm else []
+        cmd += ["--keep-freed-memory-a"] * getattr(args, f"keep_freed_memory_{name}")
         self.name, self.worker_cpu_s, self.compiled_graphs = name, 0.0, 0
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=os.environ | getattr(args, f"env_{name}"))
@@ -184,7 +190,9 @@ def compare(args: argparse.Namespace) -> dict:
                     "precision": args.precision, "plain_a": args.plain_a, "plain_b": args.plain_b,
                     "inductor_a": inductor_settings(args.inductor_a),
                     "inductor_b": inductor_settings(args.inductor_b),
-                    "env_a": args.env_a, "env_b": args.env_b}
+                    "env_a": args.env_a, "env_b": args.env_b,
+                    "keep_freed_memory_a": args.keep_freed_memory_a,
+                    "keep_freed_memory_b": args.keep_freed_memory_b}
     result |= {f"warm_up_{name}_s": seconds for name, seconds in warm_up_s.items()}
     loads = []  # other processes' cores per phase, over the timed rounds only: a compile's
     try:        # worker processes (children of a worker) would count as others
@@ -258,6 +266,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                        help=f"{name.upper()}'s CPU fp32 product backend (default: the library's)")
         p.add_argument(f"--env-{name}", action="append", default=[], metavar="KEY=VALUE",
                        help=f"an environment variable for {name.upper()}'s worker process (repeatable)")
+        p.add_argument(f"--keep-freed-memory-{name}", action="store_true",
+                       help=f"{name.upper()}'s worker keeps freed memory for reuse, as the trainer does "
+                            "(aligndraw.allocator; the tree must have it)")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import resource
 import statistics
 import subprocess
@@ -73,7 +74,7 @@ def measure(fn, repeats: int) -> dict[str, float]:
 
 def worker(args: argparse.Namespace) -> dict:
     """One setting's figures, in this process."""
-    kept = allocator.keep_freed_memory() if args.worker == "kept" else False
+    kept = allocator.keep_freed_memory() if args.worker == "kept" else 0  # mmap threshold taken
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     words = torch.randint(0, args.rows, (args.words,), generator=g)
@@ -111,7 +112,8 @@ def run(args: argparse.Namespace) -> dict:
                "--preset", args.preset]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results[setting] = json.loads(out.strip().splitlines()[-1])
-    return {"rows": args.rows, "cols": args.cols, "words": args.words, "repeats": args.repeats,
+    return {"libc": " ".join(platform.libc_ver()), "rows": args.rows, "cols": args.cols,
+            "words": args.words, "repeats": args.repeats,
             "threads": args.threads, "train_steps": args.train_steps, "preset": args.preset,
             "results": results}
 
@@ -123,10 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report = run(args)
     mb = args.rows * args.cols * 4 / 1e6
-    print(f"({args.rows}, {args.cols}) fp32 = {mb:.1f} MB, {args.threads} threads, medians of {args.repeats}")
-    print(f"{'setting':<10}{'set':>6}{'zeros ms':>10}{'faults':>9}{'emb. grad ms':>14}{'faults':>9}")
+    print(f"({args.rows}, {args.cols}) fp32 = {mb:.1f} MB, {args.threads} threads, medians of "
+          f"{args.repeats}, {report['libc']}")
+    print(f"{'setting':<10}{'mmap thr.':>10}{'zeros ms':>10}{'faults':>9}{'emb. grad ms':>14}{'faults':>9}")
     for name, r in report["results"].items():
-        print(f"{name:<10}{str(r['kept']):>6}{r['zeros']['ms']:>10.2f}{r['zeros']['faults']:>9.0f}"
+        threshold = f"{r['kept'] >> 20} MiB" if r["kept"] else "glibc's"
+        print(f"{name:<10}{threshold:>10}{r['zeros']['ms']:>10.2f}{r['zeros']['faults']:>9.0f}"
               f"{r['embedding_grad']['ms']:>14.2f}{r['embedding_grad']['faults']:>9.0f}")
     if args.train_steps:
         print(f"\n{args.preset}, eager library training step, batch 100, medians of {args.train_steps}:")

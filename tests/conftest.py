@@ -15,6 +15,14 @@ needs_openblas = pytest.mark.skipif(openblas.missing() is not None,
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
 
+@pytest.fixture(autouse=True)
+def _allocator_left_alone(monkeypatch):
+    """Trainers built in tests leave the test process's allocator as it is (the setting is
+    process-wide and cannot be undone); ``tests/test_allocator.py`` checks it in processes of
+    its own, and a trainer test turns it back on where it checks the trainer's call."""
+    monkeypatch.setenv("ALIGNDRAW_KEEP_FREED_MEMORY", "0")
+
+
 def seeded_randn(*shape: int, seed: int = 0) -> torch.Tensor:
     """N(0, 1) values of ``shape`` from their own seeded generator."""
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))

@@ -16,9 +16,9 @@ PROBE = textwrap.dedent("""
     import json, resource, sys
     import torch
     from aligndraw import allocator
-    kept = allocator.keep_freed_memory() if sys.argv[1] == "kept" else False
+    kept = allocator.keep_freed_memory() if sys.argv[1] == "kept" else 0
     faults = []
-    for _ in range(20):  # a 64 MB block, freed and taken again, as a training step does
+    for _ in range(30):  # a 64 MB block, freed and taken again, as a training step does
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         block = torch.ones(16 * 2**20)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -35,14 +35,16 @@ def _probe(setting: str) -> dict:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_kept_memory_is_taken_again_without_new_page_faults():
-    default, kept = _probe("default"), _probe("kept")
-    assert kept["kept"] is True and default["kept"] is False
+    kept = _probe("kept")
+    if kept["kept"] < 64 << 20:
+        pytest.skip(f"this C library took an mmap threshold of {kept['kept']} bytes: a 64 MB block "
+                    "stays a fresh mapping")
+    default = _probe("default")
     # by default every new block is fresh pages from the kernel: it faults each time
     assert min(default["faults"]) > 0
-    # kept, the heap grows for the first few blocks (7 on the machines measured) before freed
-    # ones are taken again; from then on the blocks come from memory already faulted in
-    assert kept["faults"][0] > 0
-    assert sum(kept["faults"][-8:]) * 10 < sum(default["faults"][-8:])
+    # kept, the heap grows for the first few blocks before freed ones are taken again; from
+    # then on the blocks come from memory already faulted in
+    assert sum(kept["faults"][-10:]) * 10 < sum(default["faults"][-10:])
 
 
 @pytest.mark.parametrize(("value", "want"), [(None, True), ("1", True), ("0", False), (" 0 ", False)])

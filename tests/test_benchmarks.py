@@ -824,6 +824,5 @@ def test_freed_memory_benchmark_reports_both_settings(capsys) -> None:
     assert main(["--repeats", "2", "--rows", "8192", "--words", "64"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     default, kept = report["results"]["default"], report["results"]["kept"]
-    assert default["kept"] is False and kept["kept"] is (sys.platform.startswith("linux"))
-    for r in (default, kept):
-        assert r["zeros"]["ms"] > 0 and r["embedding_grad"]["faults"] >= 0
+    assert not default["kept"] and bool(kept["kept"]) is sys.platform.startswith("linux")
+    assert kept["zeros"]["faults"] <= default["zeros"]["faults"]

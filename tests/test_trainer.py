@@ -318,7 +318,7 @@ def test_a_cpu_run_keeps_freed_memory_unless_told_not_to(tmp_path, synthetic_dat
     from aligndraw import allocator
 
     calls = []
-    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or 1 << 30)
     config = tiny_run_config()
     monkeypatch.delenv(allocator.ENV, raising=False)
     first = Trainer(config, tmp_path / "a", data=synthetic_data(config), progress_bar=False)

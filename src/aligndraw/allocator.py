@@ -4,17 +4,17 @@ PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves a block
 mmap threshold (128 KiB at first, raised as blocks are freed, at most 32 MiB) with fresh pages
 from the kernel and returns them when the block is freed, and it gives freed heap memory back
 once more than twice that threshold is free at the top. A training step frees and takes back
-the same buffers every step, so they are page-faulted afresh each time: an eager training
-step of mnist-captions took 21,687 page faults, coco32's 64,348, and a zeroed coco32
-embedding gradient (25,325 × 512 floats, 52 MB) 12,663 and 9.9–12.1 ms against none and
-3.0–3.2 ms from kept memory (``benchmarks/freed_memory.py``, an Intel Xeon). Kept, eager training was 1.093×
-faster on mnist-captions and 1.086× on coco32 by medians, compiled training 1.036× on coco32
-and unchanged on mnist-captions; sampling unchanged (``docs/performance.md``, item 20).
+the same buffers every step, so they are page-faulted in afresh each time (thousands of faults
+a step; measured, with what keeping them gains, in ``docs/performance.md``, item 20).
 
-``keep_freed_memory`` raises both thresholds for the process, so that freed blocks up to
-1 GiB stay in the heap for the next step. The cost: the process keeps its peak memory rather
-than returning it to the system between steps. The trainer calls it on the CPU unless
-``ALIGNDRAW_KEEP_FREED_MEMORY=0``.
+``keep_freed_memory`` raises both thresholds for the process, so that freed blocks stay in the
+heap for the next step: mmap threshold 1 GiB (or, where glibc refuses that, its documented
+maximum of 32 MiB), trim threshold INT_MAX (the heap's top is given back only once more than
+2 GiB is free there). The cost: the process keeps the memory it freed, and the heap can hold
+more than the live data while freed blocks of one size wait to be taken again. It changes
+the whole process and cannot be undone. The trainer calls it on the CPU unless
+``ALIGNDRAW_KEEP_FREED_MEMORY=0``. Under another ``malloc`` (jemalloc or tcmalloc preloaded)
+glibc's settings do nothing, though ``mallopt`` may still accept them.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import sys
 
 M_TRIM_THRESHOLD = -1  # <malloc.h>
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 1 << 30  # blocks up to 1 GiB come from the heap
-TRIM_THRESHOLD = 2**31 - 1  # the largest int: the heap's top is never given back
+MMAP_THRESHOLDS = (1 << 30, 32 << 20)  # wanted, then the most glibc's manual documents (64-bit)
+TRIM_THRESHOLD = 2**31 - 1  # INT_MAX
 ENV = "ALIGNDRAW_KEEP_FREED_MEMORY"
 
 
@@ -37,15 +37,17 @@ def wanted() -> bool:
 
 
 @functools.cache
-def keep_freed_memory() -> bool:
-    """Ask the C library to keep freed memory for reuse (once per process). Returns whether
-    it took both settings: False off Linux, and where ``mallopt`` is missing or refuses them
-    (a C library other than glibc)."""
+def keep_freed_memory() -> int:
+    """Ask the C library to keep freed memory for reuse (once per process). Returns the mmap
+    threshold it took, in bytes, or 0 where it took none: off Linux, and where ``mallopt`` is
+    missing or refuses (a C library other than glibc; the trim threshold may then be set)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return 0
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
     except (OSError, AttributeError):
-        return False
+        return 0
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    if not mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD):
+        return 0
+    return next((size for size in MMAP_THRESHOLDS if mallopt(M_MMAP_THRESHOLD, size)), 0)

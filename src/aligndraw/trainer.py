@@ -261,12 +261,13 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         if config.train.num_threads:
             torch.set_num_threads(config.train.num_threads)
-        # freed buffers stay in the heap for the next step (aligndraw.allocator)
-        self.kept_freed_memory = (self.device.type == "cpu" and allocator.wanted()
-                                  and allocator.keep_freed_memory())
         if config.train.batch_size % self.dist.world_size:
             raise ValueError(f"train.batch_size={config.train.batch_size} must divide evenly "
                              f"over {self.dist.world_size} processes")
+        # freed buffers stay in the heap for the next step (aligndraw.allocator): the mmap
+        # threshold taken, in bytes (0: not set)
+        self.kept_freed_memory = (allocator.keep_freed_memory()
+                                  if self.device.type == "cpu" and allocator.wanted() else 0)
         if config.train.precision == "bf16" and (why := gemm.bf16_warning(self.device)):
             log.warning(why)
         torch.manual_seed(config.train.seed)
@@ -508,5 +509,6 @@ class Trainer:
             if self.device.type == "cpu":
                 log.info("CPU fp32 products: %s (aligndraw.gemm; ALIGNDRAW_CPU_GEMM=onednn|openblas|aten)",
                          gemm.backend())
+                kept = f"blocks up to {self.kept_freed_memory >> 20} MiB" if self.kept_freed_memory else "no"
                 log.info("freed memory kept for reuse: %s (aligndraw.allocator; %s=0 turns it off)",
-                         "yes" if self.kept_freed_memory else "no", allocator.ENV)
+                         kept, allocator.ENV)
