@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT)]  # the library and benchmarks.*
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aligndraw import allocator  # noqa: E402
 
 SETTINGS = ("default", "kept")
+CPU = torch.device("cpu")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +64,7 @@ def measure(fn, repeats: int) -> dict[str, float]:
     """Median milliseconds and minor page faults per call of ``fn`` (its result freed each time)."""
     fn(), fn()
     times, faults = [], []
-    for _ in range(repeats):
+    for _ in range(repeats):  # not machine.timed: the result is freed after the timing, not in it
         before, start = _faults(), time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - start)
@@ -95,7 +96,7 @@ def train_steps(preset_name: str, steps: int) -> dict[str, float]:
     from benchmarks.throughput import Variant, random_inputs
 
     cfg = preset(preset_name).model
-    inputs = random_inputs(cfg, 100, 12, torch.device("cpu"), 0)
+    inputs = random_inputs(cfg, 100, 12, CPU, 0)
     variant = Variant("library", AlignDraw(cfg), "fp32", inputs, 0)
     figures = measure(variant.train_step, steps)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

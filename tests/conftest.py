@@ -47,6 +47,12 @@ def random_batch(config: ModelConfig, batch: int = 4, max_len: int = 6, seed: in
     return images, tokens, lengths
 
 
+def relative_distance(got, want) -> float:
+    """‖got − want‖ / ‖want‖ over lists of tensors (e.g. all gradients), each flattened."""
+    flat_got, flat_want = (torch.cat([t.float().flatten() for t in ts]) for ts in (got, want))
+    return float((flat_got - flat_want).norm() / flat_want.norm())
+
+
 def perturbed_model(config: ModelConfig, seed: int = 0, scale: float = 0.3):
     """An ``AlignDraw`` with N(0, scale²) added to every weight: larger weights than the
     paper's init, so that every path carries signal in a comparison."""

@@ -6,7 +6,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from aligndraw import compiler, gemm, openblas
 from aligndraw.model import AlignDraw
 
-from conftest import needs_onednn, needs_openblas, random_batch, tiny_config
+from conftest import needs_onednn, needs_openblas, random_batch, relative_distance, tiny_config
 from conftest import seeded_randn as _rand
 
 
@@ -161,11 +161,6 @@ def _eager_and_compiled_grads(monkeypatch, autocast: bool, backend: str = "onedn
 BF16_TOLERANCE = 0.02  # bf16 rounds to 8 bits; eager and compiled sum in other orders (0.008 measured)
 
 
-def _relative_distance(got, want) -> float:
-    flat_got, flat_want = (torch.cat([g.float().flatten() for g in gs]) for gs in (got, want))
-    return float((flat_got - flat_want).norm() / flat_want.norm())
-
-
 @needs_onednn
 def test_compiled_model_stacks_its_step_gradients_and_keeps_them_equal(monkeypatch):
     want, got, changed, ops = _eager_and_compiled_grads(monkeypatch, autocast=False)
@@ -174,7 +169,7 @@ def test_compiled_model_stacks_its_step_gradients_and_keeps_them_equal(monkeypat
     assert max(changed) >= 5
     # the products call oneDNN's op directly, not the custom op's Python body
     assert "mkldnn::_linear_pointwise" in ops and "aligndraw::onednn_linear" not in ops
-    assert _relative_distance(got, want) <= 1e-5
+    assert relative_distance(got, want) <= 1e-5
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
 
@@ -184,7 +179,7 @@ def test_compiled_model_with_openblas_products_stacks_them_and_equals_eager(monk
     want, got, changed, ops = _eager_and_compiled_grads(monkeypatch, autocast=False, backend="openblas")
     assert max(changed) >= 5  # as with oneDNN: the four step-shared weights and the context mix
     assert {"aligndraw_openblas::addmm", "aligndraw_openblas::tmm"} <= ops
-    assert _relative_distance(got, want) <= 1e-5
+    assert relative_distance(got, want) <= 1e-5
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
 
@@ -197,7 +192,7 @@ def test_compiled_model_with_mkl_products_keeps_its_fp32_step_products_and_equal
     want, got, changed, _ = _eager_and_compiled_grads(monkeypatch, autocast=False, backend="aten")
     # the context mix's batched products are stacked, no fp32 mm sum is
     assert torch.ops.aten.bmm.default in stacked and torch.ops.aten.mm.default not in stacked
-    assert _relative_distance(got, want) <= 1e-5
+    assert relative_distance(got, want) <= 1e-5
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
 
@@ -207,7 +202,7 @@ def test_compiled_model_stacks_its_bf16_step_gradients(monkeypatch):
     # fold into addmm chains had the pass run after them (it then rewrote nothing)
     want, got, changed, _ = _eager_and_compiled_grads(monkeypatch, autocast=True)
     assert max(changed) >= 4  # projection, encoder input, posterior, z's gates
-    assert _relative_distance(got, want) <= BF16_TOLERANCE
+    assert relative_distance(got, want) <= BF16_TOLERANCE
 
 
 def _sum_of_mms_and_outer_products(a1, b1, a2, b2, w1, g1, w2, g2):
