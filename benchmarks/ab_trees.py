@@ -102,13 +102,14 @@ def worker(tree: Path, args: argparse.Namespace, inductor: dict) -> None:
             raise SystemExit("this C library refused aligndraw.allocator's settings")
     torch.set_num_threads(args.threads)
     cfg = ModelConfig(**SMOKE_CONFIG) if args.smoke else preset(args.preset).model
-    inputs = random_inputs(cfg, 8 if args.smoke else 100, 6 if args.smoke else 12, torch.device("cpu"), 0)
+    batch = args.batch or (8 if args.smoke else 100)
+    inputs = random_inputs(cfg, batch, 6 if args.smoke else 12, torch.device("cpu"), 0)
     torch.manual_seed(0)
     variant = Variant(tree.name, AlignDraw(cfg), args.precision, inputs, seed=0, compiled=args.compile,
                       stack_products=not args.plain_a)
     from aligndraw import gemm
 
-    print(f"ready {gemm.backend()} {Path(aligndraw.__file__).resolve().parent}", flush=True)
+    print(f"ready {gemm.backend()} {batch} {Path(aligndraw.__file__).resolve().parent}", flush=True)
     for line in sys.stdin:
         wall, cpu = time.perf_counter(), time.process_time()
         getattr(variant, f"{line.strip()}_step")()
@@ -124,6 +125,7 @@ class _Worker:
                  args: argparse.Namespace) -> None:
         cmd = [sys.executable, __file__, "--worker", str(tree), "--preset", args.preset,
                "--threads", str(args.threads), "--precision", args.precision]
+        cmd += ["--batch", str(args.batch)] if args.batch else []
         cmd += ["--compile"] * args.compile + ["--smoke"] * args.smoke + ["--plain-a"] * plain
         cmd += [f"--inductor-a={item}" for item in inductor]
         cmd += ["--gemm-a", gemm] if gemm else []
@@ -132,8 +134,9 @@ class _Worker:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=os.environ | getattr(args, f"env_{name}"))
         self.pids = (self.proc.pid,)
-        # its product backend and where its aligndraw came from
-        self.gemm, self.package = self._read().removeprefix("ready ").split(" ", 1)
+        # its product backend, the batch it built and where its aligndraw came from
+        self.gemm, batch, self.package = self._read().removeprefix("ready ").split(" ", 2)
+        self.batch = int(batch)
 
     def _read(self) -> str:
         line = self.proc.stdout.readline()
@@ -187,7 +190,8 @@ def compare(args: argparse.Namespace) -> dict:
                 w.close()
     workers: list[_Worker] = []
     result: dict = {"a": str(args.a), "b": str(args.b), "compile": args.compile, "preset": args.preset,
-                    "precision": args.precision, "plain_a": args.plain_a, "plain_b": args.plain_b,
+                    "batch": args.batch or (8 if args.smoke else 100), "precision": args.precision,
+                    "plain_a": args.plain_a, "plain_b": args.plain_b,
                     "inductor_a": inductor_settings(args.inductor_a),
                     "inductor_b": inductor_settings(args.inductor_b),
                     "env_a": args.env_a, "env_b": args.env_b,
@@ -200,6 +204,7 @@ def compare(args: argparse.Namespace) -> dict:
             workers.append(start(name))
         result |= {f"{w.name}_package": w.package for w in workers}
         result |= {f"{w.name}_gemm": w.gemm for w in workers}
+        result |= {f"{w.name}_batch": w.batch for w in workers}
         for phase in PHASES:
             for w in workers:  # with --compile: loading the graphs (or, without the warm-up, the compile)
                 result[f"{phase}_{w.name}_first_s"] = timed(getattr(w, f"{phase}_step"), cpu)
@@ -253,6 +258,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 = torch.autocast(bfloat16) around forward / sample, in both")
     p.add_argument("--smoke", action="store_true", help="tiny config and batch (for CI)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="images per step (default 100, 8 with --smoke); 1 measures what a step "
+                        "costs beside its arithmetic (dispatch, autograd, Python)")
     p.add_argument("--no-warm-cache", action="store_true",
                    help="with --compile: time the workers that compiled (by default each tree "
                         "compiles first in a process of its own, and the timed workers load "
@@ -297,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                     f"got {tree}")
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.batch is not None and args.batch < 1:
+        p.error(f"--batch must be at least 1, got {args.batch}")
     return compare(args)
 
 

@@ -302,6 +302,14 @@ def test_ab_trees_times_two_trees_in_turn_each_with_its_own_package(tmp_path: Pa
     assert report["other_processes_cores"] is None or report["other_processes_cores"] >= 0
 
 
+def test_ab_trees_workers_build_the_batch_asked_for() -> None:
+    report = last_json(run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--smoke",
+                                     "--repeats", "1", "--threads", "1", "--batch", "1"))
+    assert (report["batch"], report["a_batch"], report["b_batch"]) == (1, 1, 1)
+    bad = run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--batch", "0")
+    assert bad.returncode == 2 and "--batch must be at least 1, got 0" in bad.stderr
+
+
 def test_ab_trees_summary_gives_an_interval_and_the_sign_test() -> None:
     from benchmarks.ab_trees import _summary
 

@@ -60,6 +60,26 @@ def _sigmoids(factors: Tensor, q: Tensor) -> Tensor:
     return (factors * q[:, None, :]).add_(1).reciprocal_()
 
 
+def _eager_sigmoids(factors: Tensor, q: Tensor) -> Tensor:
+    """``_sigmoids`` in two passes over (B, L, A), not three: 1 + f·q as one ``addcmul``."""
+    return torch.addcmul(factors.new_ones(()), factors, q[:, None, :]).reciprocal_()
+
+
+def _eager_scores_backward(factors: Tensor, q: Tensor, v: Tensor,
+                           grad: Tensor) -> tuple[Tensor, None, Tensor, Tensor]:
+    """``_FactoredScores.backward`` eagerly: after s, five passes over (B, L, A), not seven.
+
+    v's gradient is one matrix-vector product over the B·L rows (no g·s tensor), and
+    2g·v·s(1 − s) is (s − s²)·2g·v, in place on s. Compiled, the backward keeps the form the
+    compiler fuses (``_FactoredScores.backward``)."""
+    b, length, a = factors.shape
+    s = _eager_sigmoids(factors, q)  # (B, L, A)
+    grad2 = grad * 2  # (B, L)
+    dv = (grad2.reshape(1, b * length) @ s.reshape(b * length, a)).squeeze(0) - grad.sum()  # (A,)
+    dy = s.addcmul_(s, s, value=-1).mul_(grad2[..., None]).mul_(v)  # (B, L, A)
+    return dy, None, dy.sum(1), dv
+
+
 class _FactoredScores(torch.autograd.Function):
     """``factored_scores`` with the gradient of σ(keys2 + query2) as s(1 − s).
 
@@ -73,15 +93,18 @@ class _FactoredScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, keys2: Tensor, factors: Tensor, query2: Tensor, v: Tensor) -> Tensor:
         q = key_factors(query2)  # (B, A): e^(−2q), clamped as the keys' factors are
-        s = _sigmoids(factors, q)  # (B, L, A)
         ctx.save_for_backward(factors, q, v)
-        # compiled: a sum the compiler fuses with s (never stored); eagerly: one matrix-vector product
-        weighted = (s * v).sum(-1) if torch.compiler.is_compiling() else s @ v  # (B, L)
-        return weighted * 2 - v.sum()
+        if not torch.compiler.is_compiling():  # eagerly: 1 + f·q in one pass, a matrix-vector product
+            return _eager_sigmoids(factors, q) @ v * 2 - v.sum()  # (B, L)
+        s = _sigmoids(factors, q)  # (B, L, A)
+        # compiled: a sum the compiler fuses with s (never stored)
+        return (s * v).sum(-1) * 2 - v.sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, Tensor, Tensor]:
         factors, q, v = ctx.saved_tensors
+        if not torch.compiler.is_compiling():
+            return _eager_scores_backward(factors, q, v, grad)
         # (B, L, A), the forward's s again; the product's operands in the other order, so that
         # the compiler's common-subexpression pass does not merge it with the forward's s and
         # then keep that one for the backward (T steps' s stored and read back)

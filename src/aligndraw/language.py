@@ -108,8 +108,11 @@ class CaptionEncoder(nn.Module):
         w_hh_t = w_hh.transpose(1, 2)  # (2, D, 4D)
         h, c = self.h0.expand(-1, b, -1), self.c0.expand(-1, b, -1)  # (2, B, D)
         states = []
+        # one unbind, not L indexings: its backward stacks the words' gradients once, where each
+        # index's backward would fill a (2, B, L, 4D) tensor of zeros and add it to the others
+        x_words = x_gates.unbind(2)  # L × (2, B, 4D)
         for j in range(max_len):  # padding comes after every caption's real words in both
-            h, c = lstm_update(x_gates[:, :, j] + torch.bmm(h, w_hh_t), c)  # (2, B, D)
+            h, c = lstm_update(x_words[j] + torch.bmm(h, w_hh_t), c)  # (2, B, D)
             states.append(h)
         out = torch.stack(states, dim=2)  # (2, B, L, D)
         backward = out[1].gather(1, rev[..., None].expand(-1, -1, out.shape[-1]))  # un-reversed
