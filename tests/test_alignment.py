@@ -129,9 +129,16 @@ def test_factored_scores_stay_finite_for_extreme_pre_activations(dtype):
 
 
 @pytest.mark.parametrize("scale", [3.0, 1e4])
-def test_compiled_factored_scores_gradients_equal_eager(scale):
+def test_compiled_factored_scores_gradients_equal_eager(scale, monkeypatch):
     """The compiled backward (s computed again from the factors, ``_FactoredScores``) gives
-    eager's gradients, finite for extreme pre-activations too."""
+    eager's gradients, finite for extreme pre-activations too. Each runs its own form: the
+    eager one (fewer passes over (B, L, A)) eagerly only, the fused one under the compiler."""
+    import aligndraw.alignment as alignment
+
+    eager_backward_calls = []
+    eager_backward = alignment._eager_scores_backward
+    monkeypatch.setattr(alignment, "_eager_scores_backward",
+                        lambda *args: eager_backward_calls.append(1) or eager_backward(*args))
     g = torch.Generator().manual_seed(4)
     k = torch.randn(3, 5, 32, generator=g) * scale
     q = torch.randn(3, 32, generator=g) * scale
@@ -144,7 +151,11 @@ def test_compiled_factored_scores_gradients_equal_eager(scale):
         return torch.autograd.grad((out * torch.linspace(-1, 1, 5)).sum(), leaves)
 
     eager = grads(factored_scores)
+    assert len(eager_backward_calls) == 1
     compiled = grads(torch.compile(factored_scores, fullgraph=True, dynamic=False))
+    # the compiled backward traced the fused form: had it reached the spy, the count would
+    # grow, or dynamo would refuse the spy's side effect (fullgraph) and fail the call above
+    assert len(eager_backward_calls) == 1
     for got, want in zip(compiled, eager, strict=True):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
