@@ -72,6 +72,11 @@ def environment(items: list[str]) -> dict[str, str]:
     return _key_values(items, "environment variables")
 
 
+def batch_size(args: argparse.Namespace) -> int:
+    """Images per step: ``--batch``, else 100 (8 with ``--smoke``)."""
+    return args.batch or (8 if args.smoke else 100)
+
+
 def worker(tree: Path, args: argparse.Namespace, inductor: dict) -> None:
     """Serve steps of ``tree``'s library model: say where its ``aligndraw`` came from, then read a
     phase name per line and print the step's wall and CPU seconds and how many graphs inductor
@@ -102,14 +107,14 @@ def worker(tree: Path, args: argparse.Namespace, inductor: dict) -> None:
             raise SystemExit("this C library refused aligndraw.allocator's settings")
     torch.set_num_threads(args.threads)
     cfg = ModelConfig(**SMOKE_CONFIG) if args.smoke else preset(args.preset).model
-    batch = args.batch or (8 if args.smoke else 100)
-    inputs = random_inputs(cfg, batch, 6 if args.smoke else 12, torch.device("cpu"), 0)
+    inputs = random_inputs(cfg, batch_size(args), 6 if args.smoke else 12, torch.device("cpu"), 0)
     torch.manual_seed(0)
     variant = Variant(tree.name, AlignDraw(cfg), args.precision, inputs, seed=0, compiled=args.compile,
                       stack_products=not args.plain_a)
     from aligndraw import gemm
 
-    print(f"ready {gemm.backend()} {batch} {Path(aligndraw.__file__).resolve().parent}", flush=True)
+    built = inputs[0].shape[0]  # the images' batch, as built
+    print(f"ready {gemm.backend()} {built} {Path(aligndraw.__file__).resolve().parent}", flush=True)
     for line in sys.stdin:
         wall, cpu = time.perf_counter(), time.process_time()
         getattr(variant, f"{line.strip()}_step")()
@@ -190,7 +195,7 @@ def compare(args: argparse.Namespace) -> dict:
                 w.close()
     workers: list[_Worker] = []
     result: dict = {"a": str(args.a), "b": str(args.b), "compile": args.compile, "preset": args.preset,
-                    "batch": args.batch or (8 if args.smoke else 100), "precision": args.precision,
+                    "batch": batch_size(args), "precision": args.precision,
                     "plain_a": args.plain_a, "plain_b": args.plain_b,
                     "inductor_a": inductor_settings(args.inductor_a),
                     "inductor_b": inductor_settings(args.inductor_b),

@@ -131,8 +131,8 @@ def test_factored_scores_stay_finite_for_extreme_pre_activations(dtype):
 @pytest.mark.parametrize("scale", [3.0, 1e4])
 def test_compiled_factored_scores_gradients_equal_eager(scale, monkeypatch):
     """The compiled backward (s computed again from the factors, ``_FactoredScores``) gives
-    eager's gradients, finite for extreme pre-activations too. Each runs its own form: the
-    eager one (fewer passes over (B, L, A)) eagerly only, the fused one under the compiler."""
+    eager's gradients, finite for extreme pre-activations too. Each backward is its own form:
+    the eager one (fewer passes over (B, L, A)) eagerly only, the fused one under the compiler."""
     import aligndraw.alignment as alignment
 
     eager_backward_calls = []
@@ -205,3 +205,31 @@ def test_reverse_index_reverses_real_words_only_and_is_an_involution():
     idx = reverse_index(lengths, 4)
     assert idx.tolist() == [[2, 1, 0, 3], [0, 1, 2, 3], [3, 2, 1, 0]]
     assert torch.equal(idx.gather(1, idx), torch.arange(4).expand(3, 4))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 8), (1, 1, 4), (4, 1, 4), (1, 7, 4)])
+@pytest.mark.parametrize("dtypes", [("float32", "float32"), ("bfloat16", "float32"),
+                                    ("float32", "bfloat16")])
+def test_factored_scores_eager_gradients_for_mixed_dtypes_and_single_rows(shape, dtypes):
+    """Under autocast, keys and query may come in different dtypes (and the forward's product
+    in bf16); one image or one word too. The gradients equal the tanh form's (computed in
+    float64 from the same values)."""
+    b, length, a = shape
+    g = torch.Generator().manual_seed(5)
+    k64 = torch.randn(b, length, a, generator=g, dtype=torch.float64)
+    q64 = torch.randn(b, a, generator=g, dtype=torch.float64)
+    v64 = torch.randn(a, generator=g, dtype=torch.float64)
+    k_dtype, q_dtype = (getattr(torch, d) for d in dtypes)
+    k, q = k64.to(k_dtype).requires_grad_(), q64.to(q_dtype).requires_grad_()
+    v = v64.float().requires_grad_()
+    mixed = torch.bfloat16 in (k_dtype, q_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+        out = factored_scores(2 * k, key_factors(2 * k), 2 * q, v)
+    w = torch.randn(b, length, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * w).sum(), (k, q, v))  # outside autocast
+    exact = [t.detach().double().requires_grad_() for t in (k, q, v)]  # the same (rounded) values
+    want = torch.autograd.grad((_tanh_scores(*exact) * w).sum(), exact)
+    tol = 3e-2 if mixed else 1e-4
+    for got, ref, leaf in zip(grads, want, (k, q, v), strict=True):
+        assert got.dtype == leaf.dtype and got.shape == leaf.shape
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * (1 + ref.abs().max().item()))

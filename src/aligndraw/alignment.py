@@ -61,7 +61,10 @@ def _sigmoids(factors: Tensor, q: Tensor) -> Tensor:
 
 
 def _eager_sigmoids(factors: Tensor, q: Tensor) -> Tensor:
-    """``_sigmoids`` in two passes over (B, L, A), not three: 1 + f·q as one ``addcmul``."""
+    """``_sigmoids`` in two passes over (B, L, A), not three: 1 + f·q as one ``addcmul``.
+
+    factors (B, L, A), q (B, A) → s (B, L, A), a new tensor.
+    """
     return torch.addcmul(factors.new_ones(()), factors, q[:, None, :]).reciprocal_()
 
 
@@ -69,13 +72,16 @@ def _eager_scores_backward(factors: Tensor, q: Tensor, v: Tensor,
                            grad: Tensor) -> tuple[Tensor, None, Tensor, Tensor]:
     """``_FactoredScores.backward`` eagerly: after s, five passes over (B, L, A), not seven.
 
-    v's gradient is one matrix-vector product over the B·L rows (no g·s tensor), and
-    2g·v·s(1 − s) is (s − s²)·2g·v, in place on s. Compiled, the backward keeps the form the
-    compiler fuses (``_FactoredScores.backward``)."""
+    factors (B, L, A), q (B, A), v (A,), grad (B, L) → the gradients of keys2 (B, L, A),
+    of factors (None), query2 (B, A) and v (A,). v's gradient is one matrix-vector product
+    over the B·L rows (no g·s tensor), and 2g·v·s(1 − s) is (s − s²)·2g·v, in place on s.
+    Compiled, the backward keeps the form the compiler fuses (``_FactoredScores.backward``).
+    """
     b, length, a = factors.shape
     s = _eager_sigmoids(factors, q)  # (B, L, A)
-    grad2 = grad * 2  # (B, L)
-    dv = (grad2.reshape(1, b * length) @ s.reshape(b * length, a)).squeeze(0) - grad.sum()  # (A,)
+    grad2 = grad.to(s.dtype) * 2  # (B, L), in s's dtype: a product does not promote
+    rows = grad2.reshape(1, b * length)  # (1, B·L)
+    dv = (rows @ s.reshape(b * length, a)).squeeze(0) - grad.sum()  # (1, B·L) @ (B·L, A) → (A,)
     dy = s.addcmul_(s, s, value=-1).mul_(grad2[..., None]).mul_(v)  # (B, L, A)
     return dy, None, dy.sum(1), dv
 
