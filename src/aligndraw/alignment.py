@@ -55,13 +55,8 @@ def factored_scores(keys2: Tensor, factors: Tensor, query2: Tensor, v: Tensor) -
 
 
 def _sigmoids(factors: Tensor, q: Tensor) -> Tensor:
-    """σ(2k + 2q) = 1 / (1 + e^(−2k)·e^(−2q)) from the factors (B, L, A) and (B, A): (B, L, A),
-    in place on the one new tensor (eagerly: one allocation, not three)."""
-    return (factors * q[:, None, :]).add_(1).reciprocal_()
-
-
-def _eager_sigmoids(factors: Tensor, q: Tensor) -> Tensor:
-    """``_sigmoids`` in two passes over (B, L, A), not three: 1 + f·q as one ``addcmul``.
+    """σ(2k + 2q) = 1 / (1 + e^(−2k)·e^(−2q)), eagerly: two passes over (B, L, A), 1 + f·q as
+    one ``addcmul``, then the reciprocal in place.
 
     factors (B, L, A), q (B, A) → s (B, L, A), a new tensor.
     """
@@ -78,7 +73,7 @@ def _eager_scores_backward(factors: Tensor, q: Tensor, v: Tensor,
     Compiled, the backward keeps the form the compiler fuses (``_FactoredScores.backward``).
     """
     b, length, a = factors.shape
-    s = _eager_sigmoids(factors, q)  # (B, L, A)
+    s = _sigmoids(factors, q)  # (B, L, A)
     grad2 = grad.to(s.dtype) * 2  # (B, L), in s's dtype: a product does not promote
     rows = grad2.reshape(1, b * length)  # (1, B·L)
     dv = (rows @ s.reshape(b * length, a)).squeeze(0) - grad.sum()  # (1, B·L) @ (B·L, A) → (A,)
@@ -100,10 +95,10 @@ class _FactoredScores(torch.autograd.Function):
     def forward(ctx, keys2: Tensor, factors: Tensor, query2: Tensor, v: Tensor) -> Tensor:
         q = key_factors(query2)  # (B, A): e^(−2q), clamped as the keys' factors are
         ctx.save_for_backward(factors, q, v)
-        if not torch.compiler.is_compiling():  # eagerly: 1 + f·q in one pass, a matrix-vector product
-            return _eager_sigmoids(factors, q) @ v * 2 - v.sum()  # (B, L)
-        s = _sigmoids(factors, q)  # (B, L, A)
-        # compiled: a sum the compiler fuses with s (never stored)
+        if not torch.compiler.is_compiling():  # eagerly: two passes for s, a matrix-vector product
+            return _sigmoids(factors, q) @ v * 2 - v.sum()  # (B, L)
+        # compiled: s and the sum over A, which the compiler fuses into one loop (s never stored)
+        s = (factors * q[:, None, :]).add_(1).reciprocal_()  # (B, L, A)
         return (s * v).sum(-1) * 2 - v.sum()
 
     @staticmethod
