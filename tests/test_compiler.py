@@ -1,9 +1,10 @@
 import contextlib
 
 import torch
+import torch._functorch.config as functorch_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from aligndraw import compiler, gemm, openblas
+from aligndraw import alignment, compiler, gemm, openblas
 from aligndraw.model import AlignDraw
 
 from conftest import needs_onednn, needs_openblas, random_batch, relative_distance, tiny_config
@@ -242,7 +243,7 @@ def test_the_pass_follows_the_cpu_product_backend():
 
 def test_models_on_the_cpu_compile_with_the_cpp_wrapper(monkeypatch):
     seen = []
-    monkeypatch.setattr(torch, "compile", lambda model, options, **kw: seen.append(options) or model)
+    monkeypatch.setattr(torch, "compile", lambda model, backend, **kw: seen.append(backend.config) or model)
     model = torch.nn.Linear(3, 2)
     compiler.compile(model)
     compiler.compile(model.forward)
@@ -269,7 +270,40 @@ def test_a_mode_is_passed_as_its_inductor_options_beside_the_graph_pass(monkeypa
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.update(kwargs) or model)
     compiler.compile(torch.nn.Linear(2, 2), mode="reduce-overhead")
     # torch.compile refuses a mode beside options: the mode must arrive as its options
-    assert "mode" not in seen and seen["options"]["triton.cudagraphs"] is True
-    assert isinstance(seen["options"]["post_grad_custom_pre_pass"], compiler.StackProducts)
+    assert "mode" not in seen and seen["backend"].config["triton.cudagraphs"] is True
+    assert isinstance(seen["backend"].config["post_grad_custom_pre_pass"], compiler.StackProducts)
     compiler.compile(torch.nn.Linear(2, 2), mode="default")
-    assert "triton.cudagraphs" not in seen["options"]
+    assert "triton.cudagraphs" not in seen["backend"].config
+
+
+def _scores_and_grads(compiled, keys2, query2, v):
+    """The alignment's scores (B, L) and the gradients of their sum for keys2, query2 and v."""
+    inputs = [t.clone().requires_grad_() for t in (keys2, query2, v)]
+    scores = compiled(*inputs)
+    return [scores.detach(), *torch.autograd.grad(scores.sum(), inputs)]
+
+
+def test_a_warm_compile_loads_the_alignments_graph_from_aotautograds_cache():
+    """The alignment's ``autograd.Function`` no longer keeps its graph out of AOTAutograd's
+    cache: compiled again (in-memory caches cleared, as in a new process), forward and
+    backward load from it instead of being traced and partitioned again; and the setting that
+    allows it is on only while compiling."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    def scores(keys2, query2, v):
+        return alignment.factored_scores(keys2, alignment.key_factors(keys2), query2, v)
+
+    keys2, query2, v = _rand(3, 5, 8, seed=1), _rand(3, 8, seed=2), _rand(8, seed=3)
+    runs = []
+    with fresh_cache():
+        for _ in range(2):
+            torch._dynamo.reset()
+            counters.clear()
+            got = _scores_and_grads(compiler.compile(scores, cpp_wrapper=False), keys2, query2, v)
+            runs.append(dict(counters["aot_autograd"]))
+    assert "autograd_cache_bypass" not in runs[0] and runs[0].get("autograd_cache_saved") == 1
+    assert runs[1].get("autograd_cache_hit") == 1 and "autograd_cache_miss" not in runs[1]
+    for a, e in zip(got, _scores_and_grads(scores, keys2, query2, v), strict=True):
+        torch.testing.assert_close(a, e)  # the cached graph computes what the eager one does
+    assert not functorch_config.autograd_cache_allow_custom_autograd_functions

@@ -27,11 +27,13 @@ output/input size.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch._functorch.config as functorch_config
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.utils import _pytree as pytree
@@ -228,6 +230,31 @@ def on_cpu(model: Any) -> bool:
     return all(t.device.type == "cpu" for t in (*module.parameters(), *module.buffers()))
 
 
+@contextlib.contextmanager
+def custom_functions_cached() -> Iterator[None]:
+    """Let AOTAutograd's cache take graphs that hold an ``autograd.Function`` (the alignment's
+    ``_FactoredScores``), for what runs inside. PyTorch keeps such graphs out of that cache by
+    default (``autograd_cache_allow_custom_autograd_functions``), so a warm compile traced the
+    joint forward and backward graph again and ran the partitioner, though inductor's own cache
+    held every kernel. Dynamo traces the function's forward and backward into the graph it
+    hands on, and they are pure functions of their inputs, so that graph keys the cached
+    result as it does any other. A PyTorch without the setting runs as before."""
+    if not hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):
+        yield
+        return
+    with functorch_config.patch(autograd_cache_allow_custom_autograd_functions=True):
+        yield
+
+
+class Inductor(torch._TorchCompileInductorWrapper):
+    """The backend ``torch.compile(backend="inductor", options=...)`` makes, each compile run
+    under ``custom_functions_cached``: only while a graph compiles, not process-wide."""
+
+    def __call__(self, model_: fx.GraphModule, inputs_: list, **kwargs: Any) -> Callable:
+        with custom_functions_cached():
+            return super().__call__(model_, inputs_, **kwargs)
+
+
 def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any:  # noqa: A001 - mirrors torch.compile
     """``torch.compile(model, **kwargs)`` with ``StackProducts`` as inductor's first post-grad pass.
 
@@ -238,6 +265,8 @@ def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any: 
     and making them from the generated Python code cost the Intel Xeon's compiled training
     1.05× (sampling 1.04×) against making them from C++ (``docs/performance.md``). A cold
     compile also builds the wrapper; loading from inductor's cache takes as long as without.
+    The backend is ``Inductor``, so that a warm compile loads the whole compiled forward and
+    backward from AOTAutograd's cache (``custom_functions_cached``).
     """
     # before inductor's patterns: they fold mm + C into addmm, hiding bf16 sums (module docstring)
     options = {"post_grad_custom_pre_pass": StackProducts()}
@@ -249,4 +278,4 @@ def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any: 
     if cpp_wrapper if cpp_wrapper is not None else on_cpu(model):
         options |= CPP_WRAPPER
     options |= kwargs.pop("options", None) or {}
-    return torch.compile(model, options=options, **kwargs)
+    return torch.compile(model, backend=Inductor(None, options, kwargs.get("dynamic")), **kwargs)
