@@ -1,11 +1,13 @@
 import contextlib
 
+import pytest
 import torch
 import torch._functorch.config as functorch_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from aligndraw import alignment, compiler, gemm, openblas
 from aligndraw.model import AlignDraw
+from aligndraw.recurrent_linear import StepMix
 
 from conftest import needs_onednn, needs_openblas, random_batch, relative_distance, tiny_config
 from conftest import seeded_randn as _rand
@@ -277,33 +279,42 @@ def test_a_mode_is_passed_as_its_inductor_options_beside_the_graph_pass(monkeypa
 
 
 def _scores_and_grads(compiled, keys2, query2, v):
-    """The alignment's scores (B, L) and the gradients of their sum for keys2, query2 and v."""
+    """``compiled``'s output and the gradients of its sum for keys2, query2 and v."""
     inputs = [t.clone().requires_grad_() for t in (keys2, query2, v)]
     scores = compiled(*inputs)
     return [scores.detach(), *torch.autograd.grad(scores.sum(), inputs)]
 
 
-def test_a_warm_compile_loads_the_alignments_graph_from_aotautograds_cache():
-    """The alignment's ``autograd.Function`` no longer keeps its graph out of AOTAutograd's
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_warm_compile_loads_the_alignments_graph_from_aotautograds_cache(bf16):
+    """Neither the alignment's ``autograd.Function`` nor an autocast region in the graph
+    (bf16: ``StepMix`` leaves autocast while it mixes) keeps the graph out of AOTAutograd's
     cache: compiled again (in-memory caches cleared, as in a new process), forward and
-    backward load from it instead of being traced and partitioned again; and the setting that
-    allows it is on only while compiling."""
+    backward load from it instead of being traced and partitioned again; and the settings
+    that allow it are on only while compiling."""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import fresh_cache
 
-    def scores(keys2, query2, v):
-        return alignment.factored_scores(keys2, alignment.key_factors(keys2), query2, v)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] * 4 + [False]])
+
+    def scores(keys2, query2, v):  # (B, L, A), (B, A), (A,) → the keys mixed by α: (B, A)
+        alpha = alignment.factored_align_weights(keys2, alignment.key_factors(keys2), query2, v, mask)
+        return StepMix(keys2)(alpha)
 
     keys2, query2, v = _rand(3, 5, 8, seed=1), _rand(3, 8, seed=2), _rand(8, seed=3)
     runs = []
-    with fresh_cache():
+    with fresh_cache(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
         for _ in range(2):
             torch._dynamo.reset()
             counters.clear()
             got = _scores_and_grads(compiler.compile(scores, cpp_wrapper=False), keys2, query2, v)
             runs.append(dict(counters["aot_autograd"]))
+    want = _scores_and_grads(scores, keys2, query2, v)  # eagerly, in fp32
     assert "autograd_cache_bypass" not in runs[0] and runs[0].get("autograd_cache_saved") == 1
     assert runs[1].get("autograd_cache_hit") == 1 and "autograd_cache_miss" not in runs[1]
-    for a, e in zip(got, _scores_and_grads(scores, keys2, query2, v), strict=True):
-        torch.testing.assert_close(a, e)  # the cached graph computes what the eager one does
+    for a, e in zip(got, want, strict=True):  # the cached graph computes what the eager one does
+        bf16_tolerance = {"rtol": BF16_TOLERANCE, "atol": BF16_TOLERANCE * float(e.abs().max())}
+        torch.testing.assert_close(a.float(), e, **(bf16_tolerance if bf16 else {}))
     assert not functorch_config.autograd_cache_allow_custom_autograd_functions
+    marked = torch._inductor.config.unsafe_marked_cacheable_functions
+    assert not set(compiler.AUTOCAST_FUNCTIONS) & set(marked)

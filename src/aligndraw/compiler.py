@@ -230,28 +230,43 @@ def on_cpu(model: Any) -> bool:
     return all(t.device.type == "cpu" for t in (*module.parameters(), *module.buffers()))
 
 
+# what Dynamo puts in a graph compiled under autocast (the trainer's and the benchmarks' bf16:
+# the step runs inside ``torch.autocast``); the value keys the cached results
+AUTOCAST_FUNCTIONS = ("torch.amp.autocast_mode._enter_autocast",
+                      "torch.amp.autocast_mode._exit_autocast")
+
+
 @contextlib.contextmanager
-def custom_functions_cached() -> Iterator[None]:
-    """Let AOTAutograd's cache take graphs that hold an ``autograd.Function`` (the alignment's
-    ``_FactoredScores``), for what runs inside. PyTorch keeps such graphs out of that cache by
-    default (``autograd_cache_allow_custom_autograd_functions``), so a warm compile traced the
-    joint forward and backward graph again and ran the partitioner, though inductor's own cache
-    held every kernel. Dynamo traces the function's forward and backward into the graph it
-    hands on, and they are pure functions of their inputs, so that graph keys the cached
-    result as it does any other. A PyTorch without the setting runs as before."""
-    if not hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):
-        yield
-        return
-    with functorch_config.patch(autograd_cache_allow_custom_autograd_functions=True):
+def aot_autograd_cached() -> Iterator[None]:
+    """Let AOTAutograd's cache take the library's graphs, for what runs inside.
+
+    PyTorch keeps two kinds of graph out of that cache by default: those that hold an
+    ``autograd.Function`` (the alignment's ``_FactoredScores``: every training graph;
+    ``autograd_cache_allow_custom_autograd_functions``) and those that enter autocast (bf16;
+    ``AUTOCAST_FUNCTIONS``, not on its list of safe functions). A warm compile then traced the
+    joint forward and backward graph again and ran the partitioner, though inductor's own
+    cache held every kernel. Both are safe to cache here: Dynamo traces the function's forward
+    and backward into the graph it hands on, and they are pure functions of their inputs;
+    autocast's enter and exit act by their arguments alone (device, dtype, enabled), which
+    are in the graph. The cache key hashes that graph. A PyTorch without the first setting
+    runs without it.
+    """
+    marked = {**torch._inductor.config.unsafe_marked_cacheable_functions,
+              **dict.fromkeys(AUTOCAST_FUNCTIONS, torch.__version__)}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch._inductor.config.patch(unsafe_marked_cacheable_functions=marked))
+        if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):
+            stack.enter_context(
+                functorch_config.patch(autograd_cache_allow_custom_autograd_functions=True))
         yield
 
 
 class Inductor(torch._TorchCompileInductorWrapper):
     """The backend ``torch.compile(backend="inductor", options=...)`` makes, each compile run
-    under ``custom_functions_cached``: only while a graph compiles, not process-wide."""
+    under ``aot_autograd_cached``: only while a graph compiles, not process-wide."""
 
     def __call__(self, model_: fx.GraphModule, inputs_: list, **kwargs: Any) -> Callable:
-        with custom_functions_cached():
+        with aot_autograd_cached():
             return super().__call__(model_, inputs_, **kwargs)
 
 
@@ -266,7 +281,7 @@ def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any: 
     1.05× (sampling 1.04×) against making them from C++ (``docs/performance.md``). A cold
     compile also builds the wrapper; loading from inductor's cache takes as long as without.
     The backend is ``Inductor``, so that a warm compile loads the whole compiled forward and
-    backward from AOTAutograd's cache (``custom_functions_cached``).
+    backward from AOTAutograd's cache (``aot_autograd_cached``), bf16 graphs too.
     """
     # before inductor's patterns: they fold mm + C into addmm, hiding bf16 sums (module docstring)
     options = {"post_grad_custom_pre_pass": StackProducts()}
