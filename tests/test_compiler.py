@@ -271,8 +271,10 @@ def test_a_mode_is_passed_as_its_inductor_options_beside_the_graph_pass(monkeypa
     seen = {}
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.update(kwargs) or model)
     compiler.compile(torch.nn.Linear(2, 2), mode="reduce-overhead")
-    # torch.compile refuses a mode beside options: the mode must arrive as its options
+    # torch.compile would hand a mode beside a backend object to the backend's call: the mode
+    # must arrive as its options, in the backend
     assert "mode" not in seen and seen["backend"].config["triton.cudagraphs"] is True
+    assert isinstance(seen["backend"], compiler.InductorBackend) and seen["options"] is None
     assert isinstance(seen["backend"].config["post_grad_custom_pre_pass"], compiler.StackProducts)
     compiler.compile(torch.nn.Linear(2, 2), mode="default")
     assert "triton.cudagraphs" not in seen["backend"].config
@@ -285,13 +287,37 @@ def _scores_and_grads(compiled, keys2, query2, v):
     return [scores.detach(), *torch.autograd.grad(scores.sum(), inputs)]
 
 
-@pytest.mark.parametrize("bf16", [False, True])
+def test_torch_compiles_own_options_go_to_torch_compile_and_the_rest_to_the_backend(monkeypatch):
+    filtered = []  # guard_filter_fn is torch.compile's: the backend would refuse it as unknown
+
+    def keep_all(entries):
+        filtered.append(len(entries))
+        return [True] * len(entries)
+
+    torch._dynamo.reset()
+    double = compiler.compile(lambda x: x * 2, cpp_wrapper=False, options={"guard_filter_fn": keep_all})
+    torch.testing.assert_close(double(torch.ones(3)), torch.full((3,), 2.0))
+    torch._dynamo.reset()
+    assert filtered and filtered[0] > 0
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.update(kwargs) or model)
+    compiler.compile(torch.nn.Linear(2, 2), dynamic=False, name="step")
+    backend = seen["backend"]
+    assert backend.dynamic is False and seen["dynamic"] is False and backend.name == "step"
+    assert backend.__name__ == "inductor"  # what torch.compile's wrapper names the compiler
+    seen.clear()
+    compiler.compile(torch.nn.Linear(2, 2), options={"use_aoti": True})
+    assert "backend" not in seen and seen["options"]["use_aoti"] is True  # torch.compile's own
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_a_warm_compile_loads_the_alignments_graph_from_aotautograds_cache(bf16):
     """Neither the alignment's ``autograd.Function`` nor an autocast region in the graph
     (bf16: ``StepMix`` leaves autocast while it mixes) keeps the graph out of AOTAutograd's
-    cache: compiled again (in-memory caches cleared, as in a new process), forward and
-    backward load from it instead of being traced and partitioned again; and the settings
-    that allow it are on only while compiling."""
+    cache: compiled again after ``torch._dynamo.reset()`` (AOTAutograd's cache is read from
+    disk, as a new process reads it), forward and backward load from it instead of being
+    traced and partitioned again; and the settings that allow it are on only while
+    compiling."""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import fresh_cache
 
@@ -302,6 +328,8 @@ def test_a_warm_compile_loads_the_alignments_graph_from_aotautograds_cache(bf16)
         return StepMix(keys2)(alpha)
 
     keys2, query2, v = _rand(3, 5, 8, seed=1), _rand(3, 8, seed=2), _rand(8, seed=3)
+    allowed = functorch_config.autograd_cache_allow_custom_autograd_functions
+    marked = dict(torch._inductor.config.unsafe_marked_cacheable_functions)
     runs = []
     with fresh_cache(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
         for _ in range(2):
@@ -309,12 +337,12 @@ def test_a_warm_compile_loads_the_alignments_graph_from_aotautograds_cache(bf16)
             counters.clear()
             got = _scores_and_grads(compiler.compile(scores, cpp_wrapper=False), keys2, query2, v)
             runs.append(dict(counters["aot_autograd"]))
+    torch._dynamo.reset()  # no compiled code left behind that points into the removed cache
     want = _scores_and_grads(scores, keys2, query2, v)  # eagerly, in fp32
     assert "autograd_cache_bypass" not in runs[0] and runs[0].get("autograd_cache_saved") == 1
     assert runs[1].get("autograd_cache_hit") == 1 and "autograd_cache_miss" not in runs[1]
     for a, e in zip(got, want, strict=True):  # the cached graph computes what the eager one does
         bf16_tolerance = {"rtol": BF16_TOLERANCE, "atol": BF16_TOLERANCE * float(e.abs().max())}
         torch.testing.assert_close(a.float(), e, **(bf16_tolerance if bf16 else {}))
-    assert not functorch_config.autograd_cache_allow_custom_autograd_functions
-    marked = torch._inductor.config.unsafe_marked_cacheable_functions
-    assert not set(compiler.AUTOCAST_FUNCTIONS) & set(marked)
+    assert functorch_config.autograd_cache_allow_custom_autograd_functions == allowed
+    assert torch._inductor.config.unsafe_marked_cacheable_functions == marked

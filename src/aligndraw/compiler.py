@@ -234,6 +234,8 @@ def on_cpu(model: Any) -> bool:
 # the step runs inside ``torch.autocast``); the value keys the cached results
 AUTOCAST_FUNCTIONS = ("torch.amp.autocast_mode._enter_autocast",
                       "torch.amp.autocast_mode._exit_autocast")
+# options that ``torch.compile`` takes for itself, not for the backend
+TORCH_COMPILE_OPTIONS = ("guard_filter_fn", "use_aoti")
 
 
 @contextlib.contextmanager
@@ -246,24 +248,35 @@ def aot_autograd_cached() -> Iterator[None]:
     ``AUTOCAST_FUNCTIONS``, not on its list of safe functions). A warm compile then traced the
     joint forward and backward graph again and ran the partitioner, though inductor's own
     cache held every kernel. Both are safe to cache here: Dynamo traces the function's forward
-    and backward into the graph it hands on, and they are pure functions of their inputs;
+    and backward into the graph it hands on, and the library's are pure functions of their
+    inputs (the setting admits any ``autograd.Function`` of a model given to ``compile``);
     autocast's enter and exit act by their arguments alone (device, dtype, enabled), which
-    are in the graph. The cache key hashes that graph. A PyTorch without the first setting
-    runs without it.
+    are in the graph. The cache key hashes that graph. Where this PyTorch lacks a setting,
+    it is left out. A caller's own ``unsafe_marked_cacheable_functions`` option to
+    ``compile`` replaces the marking of autocast's functions.
     """
-    marked = {**torch._inductor.config.unsafe_marked_cacheable_functions,
-              **dict.fromkeys(AUTOCAST_FUNCTIONS, torch.__version__)}
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch._inductor.config.patch(unsafe_marked_cacheable_functions=marked))
+        inductor = torch._inductor.config
+        if hasattr(inductor, "unsafe_marked_cacheable_functions"):
+            marked = {**inductor.unsafe_marked_cacheable_functions,
+                      **dict.fromkeys(AUTOCAST_FUNCTIONS, torch.__version__)}
+            stack.enter_context(inductor.patch(unsafe_marked_cacheable_functions=marked))
         if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):
             stack.enter_context(
                 functorch_config.patch(autograd_cache_allow_custom_autograd_functions=True))
         yield
 
 
-class Inductor(torch._TorchCompileInductorWrapper):
-    """The backend ``torch.compile(backend="inductor", options=...)`` makes, each compile run
-    under ``aot_autograd_cached``: only while a graph compiles, not process-wide."""
+class InductorBackend(torch._TorchCompileInductorWrapper):
+    """The backend ``torch.compile(backend="inductor", options=...)`` makes, each call run
+    under ``aot_autograd_cached``: while Dynamo's graph is compiled and the cache looked up
+    (a backward compiled later, at the first backward, needs neither setting), not
+    process-wide. Named "inductor", as Dynamo names that backend (its logs, and the clean-up
+    it does after compiling for registered backends)."""
+
+    def __init__(self, options: dict[str, Any], dynamic: bool | None, name: str | None) -> None:
+        super().__init__(None, options, dynamic, *([name] if name is not None else []))
+        self.__name__ = "inductor"  # torch.compile's wrapper takes it as the compiler's name
 
     def __call__(self, model_: fx.GraphModule, inputs_: list, **kwargs: Any) -> Callable:
         with aot_autograd_cached():
@@ -280,8 +293,8 @@ def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any: 
     and making them from the generated Python code cost the Intel Xeon's compiled training
     1.05× (sampling 1.04×) against making them from C++ (``docs/performance.md``). A cold
     compile also builds the wrapper; loading from inductor's cache takes as long as without.
-    The backend is ``Inductor``, so that a warm compile loads the whole compiled forward and
-    backward from AOTAutograd's cache (``aot_autograd_cached``), bf16 graphs too.
+    The backend is ``InductorBackend``, so that a warm compile loads the whole compiled forward
+    and backward from AOTAutograd's cache (``aot_autograd_cached``), bf16 graphs too.
     """
     # before inductor's patterns: they fold mm + C into addmm, hiding bf16 sums (module docstring)
     options = {"post_grad_custom_pre_pass": StackProducts()}
@@ -293,4 +306,8 @@ def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any: 
     if cpp_wrapper if cpp_wrapper is not None else on_cpu(model):
         options |= CPP_WRAPPER
     options |= kwargs.pop("options", None) or {}
-    return torch.compile(model, backend=Inductor(None, options, kwargs.get("dynamic")), **kwargs)
+    own = {key: options.pop(key) for key in TORCH_COMPILE_OPTIONS if key in options}
+    if own.get("use_aoti"):  # AOTInductor: torch.compile's own backend, without the cache settings
+        return torch.compile(model, options=options | own, **kwargs)
+    backend = InductorBackend(options, kwargs.get("dynamic"), kwargs.get("name"))
+    return torch.compile(model, backend=backend, options=own or None, **kwargs)
