@@ -272,9 +272,17 @@ class InductorBackend(torch._TorchCompileInductorWrapper):
     under ``aot_autograd_cached``: while Dynamo's graph is compiled and the cache looked up
     (a backward compiled later, at the first backward, needs neither setting), not
     process-wide. Named "inductor", as Dynamo names that backend (its logs, and the clean-up
-    it does after compiling for registered backends)."""
+    it does after compiling for registered backends).
+
+    ``options`` are inductor's, ``dynamic`` and ``name`` as given to ``torch.compile``. Passed
+    as an object, it reaches Dynamo inside ``torch.compile``'s wrapper for other backends, so
+    three debugging paths differ from the stock backend: the compiled model's
+    ``get_compiler_config()`` is None, Dynamo's ``debug_inductor_config_override`` cannot
+    reach it, and ``torch._dynamo.aot_compile`` does not recognise it as inductor.
+    """
 
     def __init__(self, options: dict[str, Any], dynamic: bool | None, name: str | None) -> None:
+        # PyTorch before 2.8 or so takes no name (mode, options, dynamic)
         super().__init__(None, options, dynamic, *([name] if name is not None else []))
         self.__name__ = "inductor"  # torch.compile's wrapper takes it as the compiler's name
 
@@ -307,7 +315,8 @@ def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any: 
         options |= CPP_WRAPPER
     options |= kwargs.pop("options", None) or {}
     own = {key: options.pop(key) for key in TORCH_COMPILE_OPTIONS if key in options}
-    if own.get("use_aoti"):  # AOTInductor: torch.compile's own backend, without the cache settings
+    # AOTInductor packages its own artefacts, with no AOTAutograd cache to open: PyTorch's backend
+    if own.get("use_aoti"):
         return torch.compile(model, options=options | own, **kwargs)
     backend = InductorBackend(options, kwargs.get("dynamic"), kwargs.get("name"))
     return torch.compile(model, backend=backend, options=own or None, **kwargs)
