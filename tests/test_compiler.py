@@ -7,6 +7,7 @@ import torch._functorch.config as functorch_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from aligndraw import alignment, compiler, gemm, openblas
+from aligndraw.language import padding_mask
 from aligndraw.model import AlignDraw
 from aligndraw.recurrent_linear import StepMix
 
@@ -332,7 +333,7 @@ def test_a_warm_compile_loads_the_alignments_graph_from_aotautograds_cache(bf16)
     from torch._dynamo.utils import counters
     from torch._inductor.utils import fresh_cache
 
-    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] * 4 + [False]])
+    mask = padding_mask(torch.tensor([5, 3, 4]), 5)  # (3, 5): captions of 5, 3 and 4 words
 
     def scores(keys2, query2, v):  # (B, L, A), (B, A), (A,) → the keys mixed by α: (B, A)
         alpha = alignment.factored_align_weights(keys2, alignment.key_factors(keys2), query2, v, mask)
