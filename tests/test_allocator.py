@@ -4,6 +4,7 @@ The setting is process-wide and cannot be undone, so each side runs in a process
 """
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -54,3 +55,35 @@ def test_the_environment_can_turn_it_off(monkeypatch, value, want):
     else:
         monkeypatch.setenv(allocator.ENV, value)
     assert allocator.wanted() is want
+
+
+HUGE_PAGES = textwrap.dedent("""
+    import json, os
+    try:  # numpy's switch returns the setting it replaces
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except ImportError:
+        from numpy.core.multiarray import _set_madvise_hugepage
+    from aligndraw import allocator
+    if "NUMPY_MADVISE_HUGEPAGE" not in os.environ:
+        _set_madvise_hugepage(True)  # numpy's default from Linux 4.6 on, whatever this kernel
+    kept = allocator.keep_freed_memory()
+    print(json.dumps({"kept": kept, "huge_pages": bool(_set_madvise_hugepage(True))}))
+""")
+
+
+def _probe_huge_pages(numpy_env: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    if numpy_env is not None:
+        env["NUMPY_MADVISE_HUGEPAGE"] = numpy_env
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGES], check=True, capture_output=True,
+                         text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_keeping_freed_memory_stops_numpys_huge_page_marks_unless_the_user_set_them():
+    unset = _probe_huge_pages(None)
+    if not unset["kept"]:
+        pytest.skip("this C library took no mmap threshold: nothing is kept, numpy is left alone")
+    assert unset["huge_pages"] is False
+    assert _probe_huge_pages("1")["huge_pages"] is True  # NUMPY_MADVISE_HUGEPAGE=1 stands

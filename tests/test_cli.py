@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aligndraw.cli import main
+from aligndraw import allocator
+from aligndraw.cli import build_parser, keeps_freed_memory, main
 
 TINY = ["model.steps=3", "model.embed_dim=8", "model.lang_hidden=8", "model.align_dim=8",
         "model.enc_hidden=16", "model.dec_hidden=16", "model.z_dim=4", "model.read_n=3",
@@ -168,3 +169,35 @@ def test_torchrun_data_parallel_two_processes(tmp_path, mnist_dir):
     state = torch.load(out / "last" / "trainer_state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["noise_rng"]) == 2
     assert result.stdout.count("trained to step 4") == 1
+
+
+@pytest.mark.parametrize(("argv", "env", "keeps"), [
+    (["generate", CAPTION], None, True),
+    (["evaluate", "--device", "cpu"], "1", True),
+    (["reader", "evaluate"], None, True),
+    (["report", "RUN", "--out", "r.md"], None, True),
+    (["serve"], None, False),  # a long-lived server: left as it is
+    (["generate", CAPTION, "--device", "cuda:0"], None, False),  # the GPU's allocator holds the tensors
+    (["train", "--out", "run", "--device", "cuda"], None, False),
+    (["data", "mnist"], None, False),  # runs no model
+    (["generate", CAPTION], "0", False),  # turned off
+])
+def test_model_commands_on_the_cpu_keep_freed_memory(monkeypatch, argv, env, keeps):
+    if env is None:
+        monkeypatch.delenv("ALIGNDRAW_KEEP_FREED_MEMORY", raising=False)
+    else:
+        monkeypatch.setenv("ALIGNDRAW_KEEP_FREED_MEMORY", env)
+    assert keeps_freed_memory(build_parser().parse_args(argv)) is keeps
+
+
+@pytest.mark.parametrize("env", [None, "0"])
+def test_generate_asks_the_allocator_to_keep_freed_memory_unless_turned_off(monkeypatch, tmp_path, env):
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or 0)
+    if env is None:
+        monkeypatch.delenv("ALIGNDRAW_KEEP_FREED_MEMORY", raising=False)
+    else:
+        monkeypatch.setenv("ALIGNDRAW_KEEP_FREED_MEMORY", env)
+    assert main(["generate", CAPTION, "--num", "1", "--out", str(tmp_path / "gen")]) == 0
+    assert (tmp_path / "gen" / "caption00_sample00.png").is_file()
+    assert calls == ([1] if env is None else [])

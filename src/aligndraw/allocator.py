@@ -1,4 +1,5 @@
-"""Keeping freed memory: glibc's allocator settings for a CPU training process.
+"""Keeping freed memory: glibc's (and numpy's) allocation settings for a process that runs a
+model batch after batch on the CPU.
 
 PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves a block above its
 mmap threshold (128 KiB at first, raised as blocks are freed, at most 32 MiB) with fresh pages
@@ -12,15 +13,19 @@ heap for the next step: mmap threshold 1 GiB (or, where glibc refuses that, its 
 maximum of 32 MiB), trim threshold INT_MAX (the heap's top is given back only once more than
 2 GiB is free there). The cost: the process keeps the memory it freed, and the heap can hold
 more than the live data while freed blocks of one size wait to be taken again. It changes
-the whole process and cannot be undone. The trainer calls it on the CPU unless
-``ALIGNDRAW_KEEP_FREED_MEMORY=0``. Under another ``malloc`` (jemalloc or tcmalloc preloaded)
-glibc's settings do nothing, though ``mallopt`` may still accept them.
+the whole process and cannot be undone. It also stops numpy from marking large arrays for
+transparent huge pages (``numpy_huge_pages_off``), unless ``NUMPY_MADVISE_HUGEPAGE`` is set.
+The trainer calls it on the CPU, and so do the commands of ``aligndraw.cli`` that run a model
+batch after batch (``MODEL_COMMANDS``), unless ``ALIGNDRAW_KEEP_FREED_MEMORY=0``. Under
+another ``malloc`` (jemalloc or tcmalloc preloaded) glibc's settings do nothing, though
+``mallopt`` may still accept them.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
 import os
 import sys
 
@@ -29,6 +34,7 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLDS = (1 << 30, 32 << 20)  # wanted, then the most glibc's manual documents (64-bit)
 TRIM_THRESHOLD = 2**31 - 1  # INT_MAX
 ENV = "ALIGNDRAW_KEEP_FREED_MEMORY"
+NUMPY_ENV = "NUMPY_MADVISE_HUGEPAGE"  # numpy's own switch, read when it is imported
 
 
 def wanted() -> bool:
@@ -40,7 +46,8 @@ def wanted() -> bool:
 def keep_freed_memory() -> int:
     """Ask the C library to keep freed memory for reuse (once per process). Returns the mmap
     threshold it took, in bytes, or 0 where it took none: off Linux, and where ``mallopt`` is
-    missing or refuses (a C library other than glibc; the trim threshold may then be set)."""
+    missing or refuses (a C library other than glibc; the trim threshold may then be set).
+    Where it took one, numpy's huge-page marks are turned off too (``numpy_huge_pages_off``)."""
     if not sys.platform.startswith("linux"):
         return 0
     try:
@@ -50,4 +57,29 @@ def keep_freed_memory() -> int:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     if not mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD):
         return 0
-    return next((size for size in MMAP_THRESHOLDS if mallopt(M_MMAP_THRESHOLD, size)), 0)
+    taken = next((size for size in MMAP_THRESHOLDS if mallopt(M_MMAP_THRESHOLD, size)), 0)
+    if taken and NUMPY_ENV not in os.environ:  # a user's explicit choice stands
+        numpy_huge_pages_off()
+    return taken
+
+
+def numpy_huge_pages_off() -> bool:
+    """Stop numpy from marking its large arrays for transparent huge pages. Returns whether
+    this numpy has the switch (``NUMPY_MADVISE_HUGEPAGE=0`` does the same at import).
+
+    numpy marks every array of 4 MiB or more with ``madvise(MADV_HUGEPAGE)``, so that the
+    kernel backs it with 2 MiB pages, found (and maybe compacted for) and zeroed when first
+    touched. For arrays made and freed batch after batch that costs more than it gains:
+    retrieval in ``aligndraw evaluate`` (arrays of 500 images) ran slower with the marks,
+    with or without freed memory kept, with more time in the kernel (``docs/performance.md``,
+    item 23). ``keep_freed_memory`` calls it unless ``NUMPY_MADVISE_HUGEPAGE`` is set.
+    """
+    for name in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy ≥ 1.26, 1.24–1.25
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "_set_madvise_hugepage"):
+            module._set_madvise_hugepage(False)
+            return True
+    return False

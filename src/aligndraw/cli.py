@@ -16,11 +16,17 @@ import os
 import sys
 from pathlib import Path
 
+from aligndraw import allocator
 from aligndraw.config import MODEL_KINDS, PRESETS, TrainConfig
 from aligndraw.serve.cli import add_serve_parser
 
 EXIT_BAD_INPUT = 2
 DEFAULT_MODEL = "mnist-captions"
+# Commands that run a model batch after batch: on the CPU they keep freed memory for reuse
+# (``aligndraw.allocator``), as the trainer does. Not ``serve``: a server lives long, and with
+# freed memory kept each of its threads' allocator arenas would hold its largest size (its
+# requests draw a few images each; neither the gain nor the memory was measured).
+MODEL_COMMANDS = frozenset({"train", "generate", "evaluate", "reader", "report"})
 
 
 def _kebab(name: str) -> str:
@@ -502,12 +508,23 @@ def _print_reader_accuracy(metrics: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- entry point
+def keeps_freed_memory(args: argparse.Namespace) -> bool:
+    """Whether this command keeps freed memory for reuse (``aligndraw.allocator``): one of
+    ``MODEL_COMMANDS``, on the CPU (``--device``, where it has one), unless
+    ``ALIGNDRAW_KEEP_FREED_MEMORY=0``. Each batch then takes its large buffers again from the
+    heap instead of page-faulting them in afresh (``docs/performance.md``, item 23)."""
+    device = str(getattr(args, "device", "cpu"))
+    return args.command in MODEL_COMMANDS and device.startswith("cpu") and allocator.wanted()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if keeps_freed_memory(args):
+        allocator.keep_freed_memory()
     try:
         args.func(args)
     except ValueError as err:
