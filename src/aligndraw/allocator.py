@@ -69,12 +69,12 @@ def numpy_huge_pages_off() -> bool:
 
     numpy marks every array of 4 MiB or more with ``madvise(MADV_HUGEPAGE)``, so that the
     kernel backs it with 2 MiB pages, found (and maybe compacted for) and zeroed when first
-    touched. For arrays made and freed batch after batch that costs more than it gains:
-    retrieval in ``aligndraw evaluate`` (arrays of 500 images) ran slower with the marks,
-    with or without freed memory kept, with more time in the kernel (``docs/performance.md``,
-    item 23). ``keep_freed_memory`` calls it unless ``NUMPY_MADVISE_HUGEPAGE`` is set.
+    touched. For arrays made and freed batch after batch that can cost more than it gains:
+    retrieval in ``aligndraw evaluate`` (arrays of 500 images) ran slower with the marks
+    whenever freed memory was kept, and in some runs without (``docs/performance.md``, item
+    23). ``keep_freed_memory`` calls it unless ``NUMPY_MADVISE_HUGEPAGE`` is set.
     """
-    for name in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy ≥ 1.26, 1.24–1.25
+    for name in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy 2, numpy 1
         try:
             module = importlib.import_module(name)
         except ImportError:
