@@ -47,7 +47,8 @@ def keep_freed_memory() -> int:
     """Ask the C library to keep freed memory for reuse (once per process). Returns the mmap
     threshold it took, in bytes, or 0 where it took none: off Linux, and where ``mallopt`` is
     missing or refuses (a C library other than glibc; the trim threshold may then be set).
-    Where it took one, numpy's huge-page marks are turned off too (``numpy_huge_pages_off``)."""
+    Where it took one, numpy's huge-page marks are turned off too (``numpy_huge_pages_off``),
+    unless ``NUMPY_MADVISE_HUGEPAGE`` is set."""
     if not sys.platform.startswith("linux"):
         return 0
     try:
