@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from aligndraw import allocator
 
@@ -46,6 +47,17 @@ def test_kept_memory_is_taken_again_without_new_page_faults():
     # kept, the heap grows for the first few blocks before freed ones are taken again; from
     # then on the blocks come from memory already faulted in
     assert sum(kept["faults"][-10:]) * 10 < sum(default["faults"][-10:])
+
+
+@pytest.mark.parametrize(("device", "env", "want"), [
+    ("cpu", None, True), (torch.device("cpu"), "1", True), ("cuda:0", None, False),
+    (torch.device("cuda", 1), None, False), ("cpu", "0", False)])
+def test_only_a_cpu_process_keeps_freed_memory(monkeypatch, device, env, want):
+    if env is None:
+        monkeypatch.delenv(allocator.ENV, raising=False)
+    else:
+        monkeypatch.setenv(allocator.ENV, env)
+    assert allocator.wanted_on(device) is want
 
 
 @pytest.mark.parametrize(("value", "want"), [(None, True), ("1", True), ("0", False), (" 0 ", False)])

@@ -178,7 +178,7 @@ def test_torchrun_data_parallel_two_processes(tmp_path, mnist_dir):
     (["report", "RUN", "--out", "r.md"], None, True),
     (["serve"], None, False),  # a long-lived server: left as it is
     (["generate", CAPTION, "--device", "cuda:0"], None, False),  # the GPU's allocator holds the tensors
-    (["train", "--out", "run", "--device", "cuda"], None, False),
+    (["train", "--out", "run"], None, False),  # its trainer keeps it (tests/test_trainer.py)
     (["data", "mnist"], None, False),  # runs no model
     (["generate", CAPTION], "0", False),  # turned off
 ])

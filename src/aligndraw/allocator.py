@@ -15,8 +15,9 @@ maximum of 32 MiB), trim threshold INT_MAX (the heap's top is given back only on
 more than the live data while freed blocks of one size wait to be taken again. It changes
 the whole process and cannot be undone. It also stops numpy from marking large arrays for
 transparent huge pages (``numpy_huge_pages_off``), unless ``NUMPY_MADVISE_HUGEPAGE`` is set.
-The trainer calls it on the CPU, and so do the commands of ``aligndraw.cli`` that run a model
-batch after batch (``MODEL_COMMANDS``), unless ``ALIGNDRAW_KEEP_FREED_MEMORY=0``. Under
+The trainer calls it on the CPU, and so do the other commands of ``aligndraw.cli`` that run a
+model batch after batch (``MODEL_COMMANDS``), unless ``ALIGNDRAW_KEEP_FREED_MEMORY=0``
+(``wanted_on``). Under
 another ``malloc`` (jemalloc or tcmalloc preloaded) glibc's settings do nothing, though
 ``mallopt`` may still accept them.
 """
@@ -42,6 +43,13 @@ def wanted() -> bool:
     return os.environ.get(ENV, "1").strip() != "0"
 
 
+def wanted_on(device: object) -> bool:
+    """Whether a process that runs its model on ``device`` (a ``torch.device`` or its name,
+    "cpu", "cuda:0") should keep freed memory: on the CPU, where ``wanted()``. (A GPU's tensors
+    come from PyTorch's own caching allocator.)"""
+    return str(device).partition(":")[0] == "cpu" and wanted()
+
+
 @functools.cache
 def keep_freed_memory() -> int:
     """Ask the C library to keep freed memory for reuse (once per process). Returns the mmap
@@ -64,9 +72,9 @@ def keep_freed_memory() -> int:
     return taken
 
 
-def numpy_huge_pages_off() -> bool:
-    """Stop numpy from marking its large arrays for transparent huge pages. Returns whether
-    this numpy has the switch (``NUMPY_MADVISE_HUGEPAGE=0`` does the same at import).
+def numpy_huge_pages_off() -> None:
+    """Stop numpy from marking its large arrays for transparent huge pages, where this numpy
+    has the switch (``NUMPY_MADVISE_HUGEPAGE=0`` does the same at import).
 
     numpy marks every array of 4 MiB or more with ``madvise(MADV_HUGEPAGE)``, so that the
     kernel backs it with 2 MiB pages, found (and maybe compacted for) and zeroed when first
@@ -82,5 +90,4 @@ def numpy_huge_pages_off() -> bool:
             continue
         if hasattr(module, "_set_madvise_hugepage"):
             module._set_madvise_hugepage(False)
-            return True
-    return False
+            return

@@ -23,10 +23,10 @@ from aligndraw.serve.cli import add_serve_parser
 EXIT_BAD_INPUT = 2
 DEFAULT_MODEL = "mnist-captions"
 # Commands that run a model batch after batch: on the CPU they keep freed memory for reuse
-# (``aligndraw.allocator``), as the trainer does. Not ``serve``: a server lives long, and with
-# freed memory kept each of its threads' allocator arenas would hold its largest size (its
-# requests draw a few images each; neither the gain nor the memory was measured).
-MODEL_COMMANDS = frozenset({"train", "generate", "evaluate", "reader", "report"})
+# (``aligndraw.allocator``), as ``train``'s trainer does itself. Not ``serve``: a server lives
+# long, and with freed memory kept each of its threads' allocator arenas would hold its largest
+# size (its requests draw a few images each; neither the gain nor the memory was measured).
+MODEL_COMMANDS = frozenset({"generate", "evaluate", "reader", "report"})
 
 
 def _kebab(name: str) -> str:
@@ -513,8 +513,7 @@ def keeps_freed_memory(args: argparse.Namespace) -> bool:
     ``MODEL_COMMANDS``, on the CPU (``--device``, where it has one), unless
     ``ALIGNDRAW_KEEP_FREED_MEMORY=0``. Each batch then takes its large buffers again from the
     heap instead of page-faulting them in afresh (``docs/performance.md``, item 23)."""
-    device = str(getattr(args, "device", "cpu"))
-    return args.command in MODEL_COMMANDS and device.startswith("cpu") and allocator.wanted()
+    return args.command in MODEL_COMMANDS and allocator.wanted_on(getattr(args, "device", "cpu"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -266,8 +266,7 @@ class Trainer:
                              f"over {self.dist.world_size} processes")
         # freed buffers stay in the heap for the next step (aligndraw.allocator): the mmap
         # threshold taken, in bytes (0: not set)
-        self.kept_freed_memory = (allocator.keep_freed_memory()
-                                  if self.device.type == "cpu" and allocator.wanted() else 0)
+        self.kept_freed_memory = allocator.keep_freed_memory() if allocator.wanted_on(self.device) else 0
         if config.train.precision == "bf16" and (why := gemm.bf16_warning(self.device)):
             log.warning(why)
         torch.manual_seed(config.train.seed)
