@@ -278,6 +278,21 @@ def test_update_benchmark_times_the_eager_and_the_compiled_update_to_the_same_we
     assert report["max_rel_diff"] < 1e-5  # the same update (N(0, 1) gradients: most tensors clipped), fused
 
 
+def test_evaluation_benchmark_times_eager_and_compiled_calls_to_the_same_results() -> None:
+    report = last_json(run_benchmark("evaluation.py", "--smoke", "--threads", "1", "--rows", "6",
+                                     "--words", "5"))
+    assert report["model"] == "smoke" and report["repeats"] == 2
+    assert report["graphs"] == 3  # the three calls ran compiled, one graph each
+    for call in ("forward", "forward_from_states", "sample"):
+        assert report[f"{call}_eager_ms"] > 0 and report[f"{call}_compiled_ms"] > 0
+        assert report[f"{call}_diff"] < 1e-5
+
+
+def test_evaluation_benchmark_rejects_bad_counts() -> None:
+    proc = run_benchmark("evaluation.py", "--rows", "0")
+    assert proc.returncode == 2 and "must be ≥ 1" in proc.stderr
+
+
 def test_update_benchmark_rejects_bad_counts() -> None:
     proc = run_benchmark("update.py", "--repeats", "0")
     assert proc.returncode == 2 and "--repeats must be ≥ 1" in proc.stderr

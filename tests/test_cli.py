@@ -104,6 +104,27 @@ def test_evaluate_reports_seen_and_held_out(run_dir, tmp_path):
 
 
 @pytest.mark.realdata
+def test_evaluate_compiled_gives_the_eager_results(run_dir, tmp_path):
+    args = ["evaluate", "--model", str(run_dir), "--metrics", "nll,retrieval,ssim",
+            "--retrieval-samples", "1", "--shortlist", "8", "--ssim-samples", "2",
+            "--max-captions", "4", "--batch-size", "12"]  # 32 scenes: batches of 12, 12 and 8
+    eager, compiled = tmp_path / "eager.json", tmp_path / "compiled.json"
+    assert main([*args, "--out", str(eager)]) == 0
+    assert main([*args, "--compile", "--out", str(compiled)]) == 0
+    want, got = json.loads(eager.read_text()), json.loads(compiled.read_text())
+    assert (want["settings"]["compile"], got["settings"]["compile"]) == (False, True)
+    assert "compiled" not in want
+    assert [(c["graph"], c["rows"]) for c in got["compiled"]] == [
+        ("forward", 12), ("forward from caption states", 12), ("sample", 8)]
+    assert got["metrics"]["retrieval_nn"] == want["metrics"]["retrieval_nn"]
+    assert got["metrics"]["retrieval_random"] == want["metrics"]["retrieval_random"]
+    for metric in ("nll", "ssim"):
+        for group, row in want["metrics"][metric].items():
+            # abs: the tiny model's KL is about 1e-5 nats, where fp32 rounding is relatively large
+            assert got["metrics"][metric][group] == pytest.approx(row, rel=1e-5, abs=1e-6), (metric, group)
+
+
+@pytest.mark.realdata
 @pytest.mark.parametrize("args, message", [
     (["generate", "the digit 3 is above the digit 1 .", "--out", "X"], "'above'"),
     (["generate", "", "--out", "X"], "at least one word"),

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from aligndraw import compiler
 from aligndraw import evaluation as ev
 from aligndraw.data.mnist_captions import CAPTION_KINDS, CaptionedMnist, CaptionedMnistConfig, parse_caption
 from aligndraw.model import AlignDraw
@@ -198,6 +199,93 @@ def test_retrieval_end_to_end_on_a_tiny_model(data, model):
     assert a == ev.retrieval(model, data.test(), data.vocab, reader, train, **kwargs)
     with pytest.raises(ValueError, match="shortlist"):
         ev.retrieval(model, data.test(), data.vocab, reader, train, shortlist=500)
+
+
+# ------------------------------------------------------------------------------ compiled
+@pytest.fixture(scope="module")
+def compiled(data, model):
+    longest = encode_batch(data.vocab, data.test().captions)[0].shape[1]
+    return compiler.FixedShapes(model, words=longest + 2)  # every call's captions padded
+
+
+def _new_graphs(run):
+    """run()'s result and how many graphs Dynamo compiled meanwhile."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    out = run()
+    return out, counters["stats"]["unique_graphs"] - before
+
+
+def test_compiled_bounds_equal_the_eager_ones_in_one_graph(data, model, compiled):
+    scenes = data.test()  # 120 scenes: batches of 50, 50 and 20
+    want = ev.per_image_bound(model, scenes, data.vocab, batch_size=50, seed=3)
+    got, graphs = _new_graphs(lambda: ev.per_image_bound(compiled, scenes, data.vocab,
+                                                         batch_size=50, seed=3))
+    assert graphs == 1  # the last, smaller batch and other caption lengths padded into it
+    assert [(g, rows) for g, rows, _ in compiled.compile_seconds if g == "forward"] == [("forward", 50)]
+    for name in ("bound", "nll", "kl"):
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-3)
+    assert torch.equal(got["held_out"], want["held_out"])
+
+
+def test_compiled_importance_weights_equal_the_eager_ones(data, model, compiled):
+    scenes = data.test().subset(slice(0, 12))
+    want = ev.per_image_iwae(model, scenes, data.vocab, k=3, batch_size=8, seed=1)
+    got = ev.per_image_iwae(compiled, scenes, data.vocab, k=3, batch_size=8, seed=1)
+    for name in ("iwae", "bound"):
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-3)
+
+
+def test_compiled_retrieval_bounds_equal_the_eager_ones_for_captions_and_the_mean_sentence(data, model,
+                                                                                           compiled):
+    scenes = data.test()
+    pool = scenes.image_pool()
+    tokens, lengths = encode_batch(data.vocab, scenes.captions[:5])
+    with torch.no_grad():
+        h_lang = model.encoder(tokens, lengths)  # (5, L, D2)
+    noise = torch.randn(model.noise_shape(2), generator=torch.Generator().manual_seed(0))
+    images = torch.arange(7)
+    y_bar = ev.mean_sentence(model, scenes.captions, data.vocab)[None, None]  # (1, 1, D2): one word
+    for states, lens, caption in ((h_lang, lengths, torch.arange(7) % 5),
+                                  (y_bar, torch.ones(1, dtype=torch.long), torch.zeros(7, dtype=torch.long))):
+        args = (pool, images, states, lens, caption, noise, torch.device("cpu"), 4)
+        want = ev._mean_bounds(model, *args)
+        got = ev._mean_bounds(compiled, *args)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+
+
+def test_compiled_samples_equal_the_eager_ones_with_the_calls_words(data, model, compiled):
+    tokens, lengths = encode_batch(data.vocab, data.test().captions[:3])
+    want = model.sample(tokens, lengths, generator=torch.Generator().manual_seed(4))
+    got = compiled.sample(tokens, lengths, generator=torch.Generator().manual_seed(4))
+    assert got.alignments.shape == want.alignments.shape  # (B, T, L), the call's L
+    for name in ("images", "canvases", "alignments", "write_windows"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5)
+    fewer, graphs = _new_graphs(lambda: compiled.sample(tokens[:2], lengths[:2],
+                                                        generator=torch.Generator().manual_seed(4)))
+    assert graphs == 0 and fewer.images.shape[0] == 2  # padded into the 3-row graph, then cut
+    torch.testing.assert_close(fewer.images, model.sample(tokens[:2], lengths[:2],
+                               generator=torch.Generator().manual_seed(4)).images, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_model_refuses_captions_longer_than_it_pads_to(data, compiled):
+    tokens = torch.ones(2, compiled.words + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"pads captions to {compiled.words} words"):
+        compiled.sample(tokens, torch.full((2,), compiled.words + 1))
+    with pytest.raises(ValueError, match="at least 1"):
+        compiler.FixedShapes(compiled.model, words=0)
+
+
+def test_padding_rows_repeats_the_first_and_padding_words_appends_zeros():
+    t = torch.arange(6.0).view(3, 2)
+    assert torch.equal(compiler.pad_rows(t, 5), torch.tensor([[0, 1], [2, 3], [4, 5], [0, 1], [0, 1.0]]))
+    assert compiler.pad_rows(t, 3) is t
+    tokens = torch.tensor([[3, 4], [5, 0]])
+    assert torch.equal(compiler.pad_words(tokens, 4), torch.tensor([[3, 4, 0, 0], [5, 0, 0, 0]]))
+    states = torch.ones(2, 1, 3)
+    padded = compiler.pad_words(states, 3)
+    assert padded.shape == (2, 3, 3) and torch.equal(padded[:, :1], states) and not padded[:, 1:].any()
 
 
 # ------------------------------------------------------------------------------ fidelity

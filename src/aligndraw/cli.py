@@ -207,6 +207,11 @@ def _add_evaluate(sub) -> None:
     ev.add_argument("--seed", type=int, default=0, help="seed of all noise")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    ev.add_argument("--compile", action="store_true",
+                    help="run the model's forward passes and samples under torch.compile, "
+                         "captions padded to the split's longest and rows to the batch size "
+                         "(one graph per batch size; results equal to fp32 rounding; a first "
+                         "compile takes about a minute, later ones load from the compiler's cache)")
     ev.add_argument("--data-dir", help="MNIST idx files or prepared COCO directory "
                                        "(default: the model config's, else the data cache)")
     ev.add_argument("--mnist-source", help="directory with the MNIST idx files (= --data-dir)")
@@ -371,6 +376,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     scenes = data.test() if args.split == "test" else data.validation()
     if "fidelity" in metrics:
         ev.require_compositions(scenes, "fidelity")
+    if args.compile:
+        from aligndraw.compiler import FixedShapes
+        from aligndraw.text import encode_batch
+
+        model = FixedShapes(model, words=encode_batch(vocab, scenes.captions)[0].shape[1])
     reader = None  # retrieval without a reader: neighbours in pixel space (COCO)
     if ("retrieval" in metrics and scenes.compositions) or "fidelity" in metrics:
         from aligndraw.reader import load_reader
@@ -406,15 +416,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     notes = {k: v for k, v in notes.items() if k in results}
     table = ev.markdown_table(results, notes)
     print(table)
+    compiled = [{"graph": what, "rows": rows, "seconds": round(seconds, 1)}
+                for what, rows, seconds in getattr(model, "compile_seconds", [])]
+    for c in compiled:
+        print(f"compiled {c['graph']} for {c['rows']} rows: first call {c['seconds']} s", file=sys.stderr)
     if args.out:
         from aligndraw.checkpoint import write_text_atomically
 
         settings = {k: getattr(args, k) for k in ("batch_size", "max_batches", "max_captions", "iwae_k",
                                                   "retrieval_samples", "shortlist", "ssim_samples",
                                                   "fidelity_samples", "temperature", "reader",
-                                                  "seed")}
+                                                  "seed", "compile")}
         payload = {"model": str(args.model), "split": args.split, "settings": settings,
                    "definitions": notes, "metrics": results}
+        if compiled:
+            payload["compiled"] = compiled
         write_text_atomically(Path(args.out), json.dumps(payload, indent=2) + "\n")
         write_text_atomically(Path(args.out).with_suffix(".md"), table)
         print(f"wrote {args.out}")

@@ -21,6 +21,9 @@ roundings of a running sum. While the library's CPU fp32 products are MKL's (the
 Intel processors), sums of CPU fp32 ``aten.mm`` are left to inductor (``stacks_cpu_fp32_mm``):
 there the stacking measured slower.
 
+``FixedShapes`` runs a model's forward and sample compiled for evaluation (``aligndraw
+evaluate --compile``), each call padded to sizes compiled before.
+
 Symbols: R rows of one step's product (B, or 1 for the shared initial state), N/K a weight's
 output/input size.
 """
@@ -28,17 +31,20 @@ output/input size.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch._functorch.config as functorch_config
-from torch import fx
+from torch import Tensor, fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.utils import _pytree as pytree
 
 from aligndraw import gemm, openblas
+from aligndraw.model import standard_noise
 
 aten = torch.ops.aten
 # product op → (dim of the first operand, dim of the second) along which summed products'
@@ -320,3 +326,124 @@ def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any: 
         return torch.compile(model, options=options | own, **kwargs)
     backend = InductorBackend(options, kwargs.get("dynamic"), kwargs.get("name"))
     return torch.compile(model, backend=backend, options=own or None, **kwargs)
+
+
+# ------------------------------------------------------------------------------ evaluation
+def pad_rows(t: Tensor, rows: int) -> Tensor:
+    """(b, …) → (rows, …), rows ≥ b: the first row repeated below the others (real values,
+    so that padded rows compute what real ones do and give no inf or NaN)."""
+    b = t.shape[0]
+    if b == rows:
+        return t
+    idx = torch.cat([torch.arange(b), torch.zeros(rows - b, dtype=torch.long)]).to(t.device)  # (rows,)
+    return t[idx]
+
+
+def pad_words(t: Tensor, words: int) -> Tensor:
+    """Tokens (B, L) or caption states (B, L, D2) → L = ``words`` ≥ L, padded with 0 (the
+    padding id; past each caption's length the model masks the words out)."""
+    extra = words - t.shape[1]
+    if extra == 0:
+        return t
+    pad = (0, extra) if t.dim() == 2 else (0, 0, 0, extra)  # last dim first
+    return torch.nn.functional.pad(t, pad)
+
+
+class FixedShapes:
+    """A model whose ``forward`` and ``sample`` run compiled, each graph at fixed sizes: for
+    evaluation, which runs many batches of one size, a smaller last one and captions of
+    several lengths.
+
+    A call's captions are padded to ``words`` (the longest of the split): padding gets no
+    alignment weight, and the encoder reads a caption up to its length only. Its rows are
+    padded to the smallest row count compiled before that holds them (repeats of the first
+    row); a call with more rows than any before compiles a graph for its own count. Outputs
+    are cut back to the call's rows and words. Graphs are static (``dynamic=False``): one
+    compile per row count, which evaluation keeps to one or two. Posterior noise not given is
+    drawn as the model draws it (same generator calls), so results equal the eager model's
+    to fp32 rounding. Other attributes are the model's.
+
+    ``compile_seconds``: [(graph, rows, seconds)] of each graph's first call at a new row
+    count (compiling, or loading from the compiler's caches, and running it once). The graphs:
+    "forward", "forward from caption states" (``h_lang`` given), "… with importance
+    weights" (``log_weight``) and "sample"; each is compiled apart.
+    """
+
+    def __init__(self, model: Any, words: int, **kwargs: Any) -> None:
+        if words < 1:
+            raise ValueError(f"words must be at least 1 (the longest caption), got {words}")
+        self.model, self.words = model, words
+        self._forward = compile(model, dynamic=False, **kwargs)
+        self._sample = compile(model.sample, dynamic=False, **kwargs)
+        self._rows: dict[str, list[int]] = {}  # graph → the row counts it was called with
+        self.compile_seconds: list[tuple[str, int, float]] = []
+
+    def __getattr__(self, name: str) -> Any:  # only for names not set in __init__
+        return getattr(self.__dict__["model"], name)
+
+    def _check_words(self, length: int) -> None:
+        if length > self.words:
+            raise ValueError(f"captions of {length} words do not fit this compiled model, which "
+                             f"pads captions to {self.words} words; build it with words ≥ {length}")
+
+    def _run(self, what: str, b: int, call: Callable[[int], Any]) -> Any:
+        """``call(rows)`` at the smallest compiled row count ≥ b, timing a new one's first call."""
+        seen = self._rows.setdefault(what, [])
+        rows = min((r for r in seen if r >= b), default=None)
+        if rows is not None:
+            return call(rows)
+        start = time.perf_counter()
+        out = call(b)
+        seen.append(b)
+        self.compile_seconds.append((what, b, time.perf_counter() - start))
+        return out
+
+    def __call__(self, images: Tensor, tokens: Tensor, lengths: Tensor,
+                 generator: torch.Generator | None = None, noise: Tensor | None = None,
+                 h_lang: Tensor | None = None, log_weight: bool = False) -> Any:
+        """``model(…)`` (arguments as ``AlignDraw.forward``), compiled; a ``DrawLoss``."""
+        b, length = images.shape[0], (h_lang if h_lang is not None else tokens).shape[1]
+        self._check_words(length)
+        eps = standard_noise(self.model.noise_shape(b), noise, images, generator)  # (B, T, Z)
+
+        def call(rows: int) -> Any:
+            states = None if h_lang is None else pad_words(pad_rows(h_lang, rows), self.words)
+            out = self._forward(pad_rows(images, rows), pad_words(pad_rows(tokens, rows), self.words),
+                                pad_rows(lengths, rows), noise=pad_rows(eps, rows), h_lang=states,
+                                log_weight=log_weight)
+            return _cut(out, b)
+
+        graph = "forward" + (" from caption states" if h_lang is not None else "") + \
+            (" with importance weights" if log_weight else "")
+        return self._run(graph, b, call)
+
+    def sample(self, tokens: Tensor, lengths: Tensor, generator: torch.Generator | None = None,
+               noise: Tensor | None = None, temperature: float = 1.0,
+               history: bool = True) -> Any:
+        """``model.sample(…)`` (arguments as ``AlignDraw.sample``), compiled; a ``DrawSample``."""
+        b, length = tokens.shape
+        self._check_words(length)
+        eps = standard_noise(self.model.noise_shape(b), noise, self._like(), generator)  # (B, T, Z)
+
+        def call(rows: int) -> Any:
+            out = self._sample(pad_words(pad_rows(tokens, rows), self.words), pad_rows(lengths, rows),
+                               noise=pad_rows(eps, rows), temperature=temperature, history=history)
+            out = _cut(out, b)
+            out.alignments = out.alignments[..., :length]  # (B, T, L): the call's words
+            return out
+
+        return self._run("sample", b, call)
+
+    def _like(self) -> Tensor:
+        """A tensor with the model's dtype and device (what ``sample`` draws its noise like)."""
+        return next(self.model.parameters())
+
+
+def _cut(out: Any, b: int) -> Any:
+    """A ``DrawLoss`` or ``DrawSample`` with every per-row tensor cut to its first b rows (the
+    batch mean ``loss`` recomputed from them)."""
+    fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+    cut = {k: v[:b] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in fields.items()}
+    if "loss" in cut:
+        cut["loss"] = (cut["nll"] + cut["kl"]).mean()
+    return type(out)(**cut)
