@@ -9,6 +9,7 @@ Times the three calls ``aligndraw.evaluation`` makes, without gradients, on one 
 - forward: the bound from word ids (nll and iwae);
 - forward from caption states: the bound from given h_lang (retrieval);
 - sample: images from the prior (ssim and fidelity).
+Compiled, the first two share one graph (the caption encoder runs eagerly before it).
 Each call eagerly and compiled in turn (every other round in reverse order), after two
 untimed rounds (in the first, each compiled call compiles its graph or loads it from the
 compiler's caches: its time is printed as the compile time). Prints the median ms of each,

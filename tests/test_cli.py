@@ -110,14 +110,17 @@ def test_evaluate_compiled_gives_the_eager_results(run_dir, tmp_path):
             "--max-captions", "4", "--batch-size", "12"]  # 32 scenes: batches of 12, 12 and 8
     eager, compiled = tmp_path / "eager.json", tmp_path / "compiled.json"
     assert main([*args, "--out", str(eager)]) == 0
+    torch._dynamo.reset()  # a test process compiles many models; each code object takes only so many graphs
     assert main([*args, "--compile", "--out", str(compiled)]) == 0
     want, got = json.loads(eager.read_text()), json.loads(compiled.read_text())
     assert (want["settings"]["compile"], got["settings"]["compile"]) == (False, True)
     assert "compiled" not in want
-    assert [(c["graph"], c["rows"]) for c in got["compiled"]] == [
-        ("forward", 12), ("forward from caption states", 12), ("sample", 8)]
-    assert got["metrics"]["retrieval_nn"] == want["metrics"]["retrieval_nn"]
-    assert got["metrics"]["retrieval_random"] == want["metrics"]["retrieval_random"]
+    # nll and retrieval share the forward graph; ssim's 4 × 2 samples are one call of 8 rows
+    assert [(c["graph"], c["rows"]) for c in got["compiled"]] == [("forward", 12), ("sample", 8)]
+    for name in ("retrieval_nn", "retrieval_random"):  # ranks: a near tie may fall either way
+        for group, row in want["metrics"][name].items():
+            assert got["metrics"][name][group]["count"] == row["count"]
+            assert got["metrics"][name][group]["med_r"] == pytest.approx(row["med_r"], abs=1)
     for metric in ("nll", "ssim"):
         for group, row in want["metrics"][metric].items():
             # abs: the tiny model's KL is about 1e-5 nats, where fp32 rounding is relatively large

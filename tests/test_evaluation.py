@@ -1,5 +1,6 @@
 """Evaluation metrics on hand-made cases with known answers, and on tiny models."""
 
+import copy
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from aligndraw import compiler
 from aligndraw import evaluation as ev
+from aligndraw.baselines import build_model
 from aligndraw.data.mnist_captions import CAPTION_KINDS, CaptionedMnist, CaptionedMnistConfig, parse_caption
 from aligndraw.model import AlignDraw
 from aligndraw.reader import (
@@ -202,8 +204,10 @@ def test_retrieval_end_to_end_on_a_tiny_model(data, model):
 
 
 # ------------------------------------------------------------------------------ compiled
-@pytest.fixture(scope="module")
-def compiled(data, model):
+def _fixed_shapes(data, model) -> compiler.FixedShapes:
+    """A new compiled wrapper of ``model``, Dynamo's caches emptied first (a test process
+    compiles many models; each code object takes only so many graphs)."""
+    torch._dynamo.reset()
     longest = encode_batch(data.vocab, data.test().captions)[0].shape[1]
     return compiler.FixedShapes(model, words=longest + 2)  # every call's captions padded
 
@@ -217,67 +221,94 @@ def _new_graphs(run):
     return out, counters["stats"]["unique_graphs"] - before
 
 
-def test_compiled_bounds_equal_the_eager_ones_in_one_graph(data, model, compiled):
+def _close(got, want):
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+
+
+def test_compiled_bounds_iwae_and_retrieval_share_one_graph_and_equal_eager(data, model):
+    compiled = _fixed_shapes(data, model)
     scenes = data.test()  # 120 scenes: batches of 50, 50 and 20
-    want = ev.per_image_bound(model, scenes, data.vocab, batch_size=50, seed=3)
-    got, graphs = _new_graphs(lambda: ev.per_image_bound(compiled, scenes, data.vocab,
-                                                         batch_size=50, seed=3))
-    assert graphs == 1  # the last, smaller batch and other caption lengths padded into it
-    assert [(g, rows) for g, rows, _ in compiled.compile_seconds if g == "forward"] == [("forward", 50)]
+
+    def evaluate(m):
+        bound = ev.per_image_bound(m, scenes, data.vocab, batch_size=50, seed=3)
+        iwae = ev.per_image_iwae(m, scenes.subset(slice(0, 12)), data.vocab, k=3, batch_size=8, seed=1)
+        tokens, lengths = encode_batch(data.vocab, scenes.captions[:5])
+        with torch.no_grad():
+            h_lang = model.encoder(tokens, lengths)  # (5, L, D2)
+        y_bar = ev.mean_sentence(model, scenes.captions, data.vocab)[None, None]  # (1, 1, D2): one word
+        noise = torch.randn(model.noise_shape(2), generator=torch.Generator().manual_seed(0))
+        common = (scenes.image_pool(), torch.arange(7))
+        retrieval = [ev._mean_bounds(m, *common, h_lang, lengths, torch.arange(7) % 5, noise,
+                                     torch.device("cpu"), 4),
+                     ev._mean_bounds(m, *common, y_bar, torch.ones(1, dtype=torch.long),
+                                     torch.zeros(7, dtype=torch.long), noise, torch.device("cpu"), 4)]
+        return bound, iwae, retrieval
+
+    want = evaluate(model)
+    got, graphs = _new_graphs(lambda: evaluate(compiled))
+    assert graphs == 1  # smaller batches, other caption lengths, given caption states: one graph
+    assert [(g, rows) for g, rows, _ in compiled.compile_seconds] == [("forward", 50)]
     for name in ("bound", "nll", "kl"):
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-3)
-    assert torch.equal(got["held_out"], want["held_out"])
-
-
-def test_compiled_importance_weights_equal_the_eager_ones(data, model, compiled):
-    scenes = data.test().subset(slice(0, 12))
-    want = ev.per_image_iwae(model, scenes, data.vocab, k=3, batch_size=8, seed=1)
-    got = ev.per_image_iwae(compiled, scenes, data.vocab, k=3, batch_size=8, seed=1)
+        _close(got[0][name], want[0][name])
+    assert torch.equal(got[0]["held_out"], want[0]["held_out"])
     for name in ("iwae", "bound"):
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-3)
+        _close(got[1][name], want[1][name])
+    for g, w in zip(got[2], want[2], strict=True):
+        _close(g, w)
 
 
-def test_compiled_retrieval_bounds_equal_the_eager_ones_for_captions_and_the_mean_sentence(data, model,
-                                                                                           compiled):
-    scenes = data.test()
-    pool = scenes.image_pool()
-    tokens, lengths = encode_batch(data.vocab, scenes.captions[:5])
-    with torch.no_grad():
-        h_lang = model.encoder(tokens, lengths)  # (5, L, D2)
-    noise = torch.randn(model.noise_shape(2), generator=torch.Generator().manual_seed(0))
-    images = torch.arange(7)
-    y_bar = ev.mean_sentence(model, scenes.captions, data.vocab)[None, None]  # (1, 1, D2): one word
-    for states, lens, caption in ((h_lang, lengths, torch.arange(7) % 5),
-                                  (y_bar, torch.ones(1, dtype=torch.long), torch.zeros(7, dtype=torch.long))):
-        args = (pool, images, states, lens, caption, noise, torch.device("cpu"), 4)
-        want = ev._mean_bounds(model, *args)
-        got = ev._mean_bounds(compiled, *args)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
-
-
-def test_compiled_samples_equal_the_eager_ones_with_the_calls_words(data, model, compiled):
+def test_compiled_samples_equal_the_eager_ones_one_graph_with_canvases_and_one_without(data, model):
+    compiled = _fixed_shapes(data, model)
     tokens, lengths = encode_batch(data.vocab, data.test().captions[:3])
-    want = model.sample(tokens, lengths, generator=torch.Generator().manual_seed(4))
-    got = compiled.sample(tokens, lengths, generator=torch.Generator().manual_seed(4))
-    assert got.alignments.shape == want.alignments.shape  # (B, T, L), the call's L
-    for name in ("images", "canvases", "alignments", "write_windows"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5)
-    fewer, graphs = _new_graphs(lambda: compiled.sample(tokens[:2], lengths[:2],
-                                                        generator=torch.Generator().manual_seed(4)))
-    assert graphs == 0 and fewer.images.shape[0] == 2  # padded into the 3-row graph, then cut
-    torch.testing.assert_close(fewer.images, model.sample(tokens[:2], lengths[:2],
-                               generator=torch.Generator().manual_seed(4)).images, rtol=1e-5, atol=1e-5)
+
+    def draw(m, rows, history, temperature):
+        return m.sample(tokens[:rows], lengths[:rows], generator=torch.Generator().manual_seed(4),
+                        history=history, temperature=temperature)
+
+    calls = [(3, True, 1.0), (3, False, 1.0), (3, False, 0.5), (2, False, 0.0)]
+    got, graphs = _new_graphs(lambda: [draw(compiled, *c) for c in calls])
+    assert graphs == 2  # other temperatures and fewer rows: no graph of their own
+    assert [(g, rows) for g, rows, _ in compiled.compile_seconds] == [("sample with canvases", 3),
+                                                                      ("sample", 3)]
+    for g, call in zip(got, calls, strict=True):
+        w = draw(model, *call)
+        assert g.alignments.shape == w.alignments.shape  # (B, T, L), the call's B and L
+        assert (g.canvases is None) == (w.canvases is None)
+        for name in ("images", "canvases", "alignments", "write_windows"):
+            if getattr(w, name) is not None:
+                torch.testing.assert_close(getattr(g, name), getattr(w, name), rtol=1e-5, atol=1e-5)
 
 
-def test_a_compiled_model_refuses_captions_longer_than_it_pads_to(data, compiled):
-    tokens = torch.ones(2, compiled.words + 1, dtype=torch.long)
-    with pytest.raises(ValueError, match=f"pads captions to {compiled.words} words"):
-        compiled.sample(tokens, torch.full((2,), compiled.words + 1))
+@pytest.mark.parametrize("kind", ["fcvae", "convvae"])
+def test_compiled_caption_vaes_equal_the_eager_ones(data, kind):
+    torch.manual_seed(0)
+    vae = build_model(tiny_config(model=kind, height=60, width=60, init_std=0.1)).eval()
+    compiled = _fixed_shapes(data, vae)
+    scenes = data.test().subset(slice(0, 20))
+    want = ev.per_image_iwae(vae, scenes, data.vocab, k=2, batch_size=16, seed=2)
+    got = ev.per_image_iwae(compiled, scenes, data.vocab, k=2, batch_size=16, seed=2)
+    for name in ("iwae", "bound"):
+        _close(got[name], want[name])
+    tokens, lengths = encode_batch(data.vocab, scenes.captions[:3])
+    g = torch.Generator()
+    want_images = vae.sample(tokens, lengths, generator=g.manual_seed(1), history=False).images
+    got_images = compiled.sample(tokens, lengths, generator=g.manual_seed(1), history=False).images
+    torch.testing.assert_close(got_images, want_images, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_model_refuses_captions_longer_than_it_pads_to(data, model):
+    compiled = compiler.FixedShapes(model, words=4)  # compiles nothing: the check comes first
+    tokens = torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="pads captions to 4 words"):
+        compiled.sample(tokens, torch.full((2,), 5))
     with pytest.raises(ValueError, match="at least 1"):
-        compiler.FixedShapes(compiled.model, words=0)
+        compiler.FixedShapes(model, words=0)
+    assert not hasattr(compiler.FixedShapes.__new__(compiler.FixedShapes), "words")  # no KeyError
+    duplicate = copy.copy(compiled)  # asks for __setstate__ before it has a model
+    assert duplicate.model is model and duplicate.noise_shape(2) == model.noise_shape(2)
 
 
-def test_padding_rows_repeats_the_first_and_padding_words_appends_zeros():
+def test_padding_rows_repeats_the_first_padding_words_appends_zeros_and_packing_sets_strides():
     t = torch.arange(6.0).view(3, 2)
     assert torch.equal(compiler.pad_rows(t, 5), torch.tensor([[0, 1], [2, 3], [4, 5], [0, 1], [0, 1.0]]))
     assert compiler.pad_rows(t, 3) is t
@@ -286,6 +317,14 @@ def test_padding_rows_repeats_the_first_and_padding_words_appends_zeros():
     states = torch.ones(2, 1, 3)
     padded = compiler.pad_words(states, 3)
     assert padded.shape == (2, 3, 3) and torch.equal(padded[:, :1], states) and not padded[:, 1:].any()
+    odd = torch.arange(32.0).view(2, 4, 4, 1).permute(0, 3, 1, 2)  # (2, 1, 4, 4), stride 1 on dim 1
+    assert odd.is_contiguous() and odd.stride() != (16, 16, 4, 1)
+    assert compiler.packed(odd).stride() == (16, 16, 4, 1) and torch.equal(compiler.packed(odd), odd)
+    assert compiler.packed(t) is t
+    with pytest.raises(ValueError, match="cannot pad 3 rows to 2"):
+        compiler.pad_rows(t, 2)
+    with pytest.raises(ValueError, match="cannot pad 2 words to 1"):
+        compiler.pad_words(tokens, 1)
 
 
 # ------------------------------------------------------------------------------ fidelity

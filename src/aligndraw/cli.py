@@ -209,9 +209,10 @@ def _add_evaluate(sub) -> None:
     ev.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     ev.add_argument("--compile", action="store_true",
                     help="run the model's forward passes and samples under torch.compile, "
-                         "captions padded to the split's longest and rows to the batch size "
-                         "(one graph per batch size; results equal to fp32 rounding; a first "
-                         "compile takes about a minute, later ones load from the compiler's cache)")
+                         "captions padded to the split's longest and a smaller batch's rows to "
+                         "the batch size, so that each kind of call (forward; sample) compiles "
+                         "one graph; results equal to fp32 rounding. A first run compiles for "
+                         "tens of seconds a graph, later ones load from the compiler's caches")
     ev.add_argument("--data-dir", help="MNIST idx files or prepared COCO directory "
                                        "(default: the model config's, else the data cache)")
     ev.add_argument("--mnist-source", help="directory with the MNIST idx files (= --data-dir)")
@@ -378,9 +379,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         ev.require_compositions(scenes, "fidelity")
     if args.compile:
         from aligndraw.compiler import FixedShapes
-        from aligndraw.text import encode_batch
 
-        model = FixedShapes(model, words=encode_batch(vocab, scenes.captions)[0].shape[1])
+        model = FixedShapes(model, words=max(len(vocab.encode(c)) for c in scenes.captions))
     reader = None  # retrieval without a reader: neighbours in pixel space (COCO)
     if ("retrieval" in metrics and scenes.compositions) or "fidelity" in metrics:
         from aligndraw.reader import load_reader

@@ -44,7 +44,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.utils import _pytree as pytree
 
 from aligndraw import gemm, openblas
-from aligndraw.model import standard_noise
+from aligndraw.model import check_temperature, standard_noise
 
 aten = torch.ops.aten
 # product op → (dim of the first operand, dim of the second) along which summed products'
@@ -333,110 +333,139 @@ def pad_rows(t: Tensor, rows: int) -> Tensor:
     """(b, …) → (rows, …), rows ≥ b: the first row repeated below the others (real values,
     so that padded rows compute what real ones do and give no inf or NaN)."""
     b = t.shape[0]
+    if rows < b:
+        raise ValueError(f"cannot pad {b} rows to {rows}: rows must be at least {b}")
     if b == rows:
         return t
-    idx = torch.cat([torch.arange(b), torch.zeros(rows - b, dtype=torch.long)]).to(t.device)  # (rows,)
-    return t[idx]
+    return torch.cat([t, t[:1].expand(rows - b, *t.shape[1:])])  # (rows, …)
 
 
 def pad_words(t: Tensor, words: int) -> Tensor:
-    """Tokens (B, L) or caption states (B, L, D2) → L = ``words`` ≥ L, padded with 0 (the
-    padding id; past each caption's length the model masks the words out)."""
-    extra = words - t.shape[1]
-    if extra == 0:
+    """Word ids (B, L) or caption states (B, L, D2) → L = ``words`` ≥ L, padded with 0 (the
+    vocabulary's padding id, ``Vocabulary.pad_id``; past each caption's length the models
+    mask the words out)."""
+    length = t.shape[1]
+    if words < length:
+        raise ValueError(f"cannot pad {length} words to {words}: words must be at least {length}")
+    if words == length:
         return t
-    pad = (0, extra) if t.dim() == 2 else (0, 0, 0, extra)  # last dim first
+    pad = (0, words - length) if t.dim() == 2 else (0, 0, 0, words - length)  # last dim first
     return torch.nn.functional.pad(t, pad)
 
 
-class FixedShapes:
-    """A model whose ``forward`` and ``sample`` run compiled, each graph at fixed sizes: for
-    evaluation, which runs many batches of one size, a smaller last one and captions of
-    several lengths.
+def packed(t: Tensor) -> Tensor:
+    """``t`` with the strides a new tensor of its shape has, copied only where they differ.
+    A static graph's guards compare strides, those of size-1 dimensions too (a (B, 1, H, W)
+    image batch from numpy and one made by ``torch.cat`` differ there)."""
+    strides, step = [], 1
+    for size in reversed(t.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return t if t.stride() == tuple(reversed(strides)) else t.clone(memory_format=torch.contiguous_format)
 
-    A call's captions are padded to ``words`` (the longest of the split): padding gets no
-    alignment weight, and the encoder reads a caption up to its length only. Its rows are
-    padded to the smallest row count compiled before that holds them (repeats of the first
-    row); a call with more rows than any before compiles a graph for its own count. Outputs
-    are cut back to the call's rows and words. Graphs are static (``dynamic=False``): one
-    compile per row count, which evaluation keeps to one or two. Posterior noise not given is
-    drawn as the model draws it (same generator calls), so results equal the eager model's
-    to fp32 rounding. Other attributes are the model's.
+
+class FixedShapes:
+    """A model (``AlignDraw`` or ``CaptionVAE``) whose ``forward`` and ``sample`` run compiled
+    at fixed sizes: for evaluation, which runs many batches of one size, a smaller last one
+    and captions of several lengths.
+
+    Each call is padded so that a graph compiles once. Captions go to ``words`` words (the
+    split's longest): padding gets no alignment weight, and the encoders read a caption up to
+    its length only. Rows go to the smallest row count called before that holds them (the
+    first row repeated); a call with more rows than any before compiles a graph for its own
+    count. Outputs are cut back to the call's rows and words. Graphs are static
+    (``dynamic=False``).
+
+    ``forward`` runs the caption encoder eagerly (it is small) and the rest compiled, always
+    with the importance weight, so that the lower bound, the importance-weighted bound and
+    retrieval (caption states given) share one graph. ``sample`` compiles one graph with and
+    one without the canvases (``history``); its temperature scales the noise outside the
+    graph. Noise not given is drawn as the model draws it (the same generator calls). So the
+    results equal the eager model's to fp32 rounding. Other attributes are the model's.
 
     ``compile_seconds``: [(graph, rows, seconds)] of each graph's first call at a new row
-    count (compiling, or loading from the compiler's caches, and running it once). The graphs:
-    "forward", "forward from caption states" (``h_lang`` given), "… with importance
-    weights" (``log_weight``) and "sample"; each is compiled apart.
+    count (compiling, or loading from the compiler's caches, and running it once); graphs
+    "forward", "sample" and "sample with canvases".
     """
 
     def __init__(self, model: Any, words: int, **kwargs: Any) -> None:
         if words < 1:
             raise ValueError(f"words must be at least 1 (the longest caption), got {words}")
         self.model, self.words = model, words
-        self._forward = compile(model, dynamic=False, **kwargs)
-        self._sample = compile(model.sample, dynamic=False, **kwargs)
+        kwargs.setdefault("dynamic", False)
+        self._forward = compile(model, **kwargs)
+        self._sample = compile(model.sample, **kwargs)
         self._rows: dict[str, list[int]] = {}  # graph → the row counts it was called with
         self.compile_seconds: list[tuple[str, int, float]] = []
 
     def __getattr__(self, name: str) -> Any:  # only for names not set in __init__
-        return getattr(self.__dict__["model"], name)
+        model = self.__dict__.get("model")
+        if model is None:  # e.g. while copied or unpickled, before __init__'s attributes
+            raise AttributeError(name)
+        return getattr(model, name)
 
     def _check_words(self, length: int) -> None:
         if length > self.words:
             raise ValueError(f"captions of {length} words do not fit this compiled model, which "
                              f"pads captions to {self.words} words; build it with words ≥ {length}")
 
-    def _run(self, what: str, b: int, call: Callable[[int], Any]) -> Any:
-        """``call(rows)`` at the smallest compiled row count ≥ b, timing a new one's first call."""
-        seen = self._rows.setdefault(what, [])
+    def _fixed(self, t: Tensor, rows: int, words: bool = False) -> Tensor:
+        """An argument padded to ``rows`` (and to ``self.words`` words), ``packed``."""
+        t = pad_rows(t, rows)
+        return packed(pad_words(t, self.words) if words else t)
+
+    def _run(self, graph: str, b: int, call: Callable[[int], Any]) -> Any:
+        """``call(rows)`` at the smallest row count ≥ b called before, timing a new one's first call."""
+        seen = self._rows.setdefault(graph, [])
         rows = min((r for r in seen if r >= b), default=None)
         if rows is not None:
             return call(rows)
         start = time.perf_counter()
         out = call(b)
         seen.append(b)
-        self.compile_seconds.append((what, b, time.perf_counter() - start))
+        self.compile_seconds.append((graph, b, time.perf_counter() - start))
         return out
 
     def __call__(self, images: Tensor, tokens: Tensor, lengths: Tensor,
                  generator: torch.Generator | None = None, noise: Tensor | None = None,
                  h_lang: Tensor | None = None, log_weight: bool = False) -> Any:
-        """``model(…)`` (arguments as ``AlignDraw.forward``), compiled; a ``DrawLoss``."""
+        """``model(…)``, arguments as ``AlignDraw.forward`` (noise (B, T, Z); ``CaptionVAE``'s
+        (B, 1, Z)), compiled; a ``DrawLoss`` (``log_weight`` None unless asked for)."""
         b, length = images.shape[0], (h_lang if h_lang is not None else tokens).shape[1]
         self._check_words(length)
+        if h_lang is None:
+            h_lang = self.model.encoder(tokens, lengths)  # (B, L, D2), eagerly
         eps = standard_noise(self.model.noise_shape(b), noise, images, generator)  # (B, T, Z)
 
         def call(rows: int) -> Any:
-            states = None if h_lang is None else pad_words(pad_rows(h_lang, rows), self.words)
-            out = self._forward(pad_rows(images, rows), pad_words(pad_rows(tokens, rows), self.words),
-                                pad_rows(lengths, rows), noise=pad_rows(eps, rows), h_lang=states,
-                                log_weight=log_weight)
-            return _cut(out, b)
+            return self._forward(self._fixed(images, rows), self._fixed(tokens, rows, words=True),
+                                 self._fixed(lengths, rows), noise=self._fixed(eps, rows),
+                                 h_lang=self._fixed(h_lang, rows, words=True), log_weight=True)
 
-        graph = "forward" + (" from caption states" if h_lang is not None else "") + \
-            (" with importance weights" if log_weight else "")
-        return self._run(graph, b, call)
+        out = _cut(self._run("forward", b, call), b)
+        if not log_weight:
+            out.log_weight = None
+        return out
 
     def sample(self, tokens: Tensor, lengths: Tensor, generator: torch.Generator | None = None,
                noise: Tensor | None = None, temperature: float = 1.0,
                history: bool = True) -> Any:
-        """``model.sample(…)`` (arguments as ``AlignDraw.sample``), compiled; a ``DrawSample``."""
+        """``model.sample(…)``, arguments as ``AlignDraw.sample``, compiled; a ``DrawSample``."""
+        temperature = check_temperature(temperature)
         b, length = tokens.shape
         self._check_words(length)
-        eps = standard_noise(self.model.noise_shape(b), noise, self._like(), generator)  # (B, T, Z)
+        like = next(self.model.parameters())  # the model's dtype and device
+        eps = standard_noise(self.model.noise_shape(b), noise, like, generator) * temperature
 
         def call(rows: int) -> Any:
-            out = self._sample(pad_words(pad_rows(tokens, rows), self.words), pad_rows(lengths, rows),
-                               noise=pad_rows(eps, rows), temperature=temperature, history=history)
-            out = _cut(out, b)
-            out.alignments = out.alignments[..., :length]  # (B, T, L): the call's words
-            return out
+            # temperature 1 in the graph: a Python float would be a constant, a graph per value
+            out = self._sample(self._fixed(tokens, rows, words=True), self._fixed(lengths, rows),
+                               noise=self._fixed(eps, rows), temperature=1.0, history=history)
+            return _cut(out, b)
 
-        return self._run("sample", b, call)
-
-    def _like(self) -> Tensor:
-        """A tensor with the model's dtype and device (what ``sample`` draws its noise like)."""
-        return next(self.model.parameters())
+        out = self._run("sample with canvases" if history else "sample", b, call)
+        out.alignments = out.alignments[..., :length]  # (B, T, L): the call's words
+        return out
 
 
 def _cut(out: Any, b: int) -> Any:
