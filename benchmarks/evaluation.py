@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         diff = ((comp - eager).abs().max() if call == "sample"
                 else ((comp - eager).abs() / eager.abs()).max()).item()
         e, c = ms[f"{call}_eager"], ms[f"{call}_compiled"]
-        print(f"{call:20s} eager {e:7.1f} ms, compiled {c:7.1f} ms ({e / c:.2f}×; compiled in "
+        print(f"{call:20s} eager {e:7.1f} ms, compiled {c:7.1f} ms ({e / c:.2f}×; first call "
               f"{compile_s[call]:.1f} s); largest {'absolute' if call == 'sample' else 'relative'} "
               f"difference {diff:.1e}")
         result |= {f"{call}_eager_ms": e, f"{call}_compiled_ms": c, f"{call}_compile_s": compile_s[call],

@@ -289,11 +289,35 @@ def test_compiled_caption_vaes_equal_the_eager_ones(data, kind):
     got = ev.per_image_iwae(compiled, scenes, data.vocab, k=2, batch_size=16, seed=2)
     for name in ("iwae", "bound"):
         _close(got[name], want[name])
-    tokens, lengths = encode_batch(data.vocab, scenes.captions[:3])
+    _check_samples(vae, compiled, data)
+
+
+def _check_samples(model, compiled, data):
+    """Samples of 3 captions, then of 2 (padded into the first call's rows) at temperature
+    0.5, equal to the eager model's."""
+    tokens, lengths = encode_batch(data.vocab, data.test().captions[:3])
     g = torch.Generator()
-    want_images = vae.sample(tokens, lengths, generator=g.manual_seed(1), history=False).images
-    got_images = compiled.sample(tokens, lengths, generator=g.manual_seed(1), history=False).images
-    torch.testing.assert_close(got_images, want_images, rtol=1e-5, atol=1e-5)
+    for rows, temperature in ((3, 1.0), (2, 0.5)):
+        args = (tokens[:rows], lengths[:rows])
+        kwargs = dict(history=False, temperature=temperature)
+        want = model.sample(*args, generator=g.manual_seed(1), **kwargs).images
+        got = compiled.sample(*args, generator=g.manual_seed(1), **kwargs).images
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["noalign", "sentvec"])
+def test_compiled_noalign_and_sentvec_equal_the_eager_ones(data, kind):
+    torch.manual_seed(0)
+    draw = build_model(tiny_config(model=kind, height=60, width=60, steps=2, init_std=0.1)).eval()
+    compiled = _fixed_shapes(data, draw)
+    scenes = data.test().subset(slice(0, 24))
+    want = ev.per_image_bound(draw, scenes, data.vocab, batch_size=16, seed=2)
+    got, graphs = _new_graphs(lambda: ev.per_image_bound(compiled, scenes, data.vocab,
+                                                         batch_size=16, seed=2))
+    assert graphs == 1  # the encoder (sentvec's packed GRU too) runs before the graph
+    for name in ("bound", "nll", "kl"):
+        _close(got[name], want[name])
+    _check_samples(draw, compiled, data)  # sentvec's sample graph is split at its encoder
 
 
 def test_a_compiled_model_refuses_captions_longer_than_it_pads_to(data, model):
@@ -325,6 +349,8 @@ def test_padding_rows_repeats_the_first_padding_words_appends_zeros_and_packing_
         compiler.pad_rows(t, 2)
     with pytest.raises(ValueError, match="cannot pad 2 words to 1"):
         compiler.pad_words(tokens, 1)
+    with pytest.raises(ValueError, match=r"\(B, L\) or caption states \(B, L, D2\), got shape \(2,\)"):
+        compiler.pad_words(torch.ones(2), 3)
 
 
 # ------------------------------------------------------------------------------ fidelity

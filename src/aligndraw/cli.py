@@ -211,8 +211,10 @@ def _add_evaluate(sub) -> None:
                     help="run the model's forward passes and samples under torch.compile, "
                          "captions padded to the split's longest and a smaller batch's rows to "
                          "the batch size, so that each kind of call (forward; sample) compiles "
-                         "one graph; results equal to fp32 rounding. A first run compiles for "
-                         "tens of seconds a graph, later ones load from the compiler's caches")
+                         "one graph (sentvec's caption encoder splits the sample graph); bounds "
+                         "and SSIM equal to fp32 rounding, retrieval ranks up to near ties. A first "
+                         "run compiles each graph (15-60 s on two cores), later ones load them from "
+                         "the compiler's caches (about 7 s)")
     ev.add_argument("--data-dir", help="MNIST idx files or prepared COCO directory "
                                        "(default: the model config's, else the data cache)")
     ev.add_argument("--mnist-source", help="directory with the MNIST idx files (= --data-dir)")

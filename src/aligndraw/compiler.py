@@ -344,6 +344,9 @@ def pad_words(t: Tensor, words: int) -> Tensor:
     """Word ids (B, L) or caption states (B, L, D2) → L = ``words`` ≥ L, padded with 0 (the
     vocabulary's padding id, ``Vocabulary.pad_id``; past each caption's length the models
     mask the words out)."""
+    if t.dim() not in (2, 3):
+        raise ValueError(f"pad_words takes word ids (B, L) or caption states (B, L, D2), "
+                         f"got shape {tuple(t.shape)}")
     length = t.shape[1]
     if words < length:
         raise ValueError(f"cannot pad {length} words to {words}: words must be at least {length}")
@@ -380,8 +383,10 @@ class FixedShapes:
     with the importance weight, so that the lower bound, the importance-weighted bound and
     retrieval (caption states given) share one graph. ``sample`` compiles one graph with and
     one without the canvases (``history``); its temperature scales the noise outside the
-    graph. Noise not given is drawn as the model draws it (the same generator calls). So the
-    results equal the eager model's to fp32 rounding. Other attributes are the model's.
+    graph. (``sentvec``'s caption encoder, a GRU over packed sequences, runs inside ``sample``
+    and splits its graph: Dynamo does not trace it.) Noise not given is drawn as the model
+    draws it (the same generator calls). So the results equal the eager model's to fp32
+    rounding. Other attributes are the model's.
 
     ``compile_seconds``: [(graph, rows, seconds)] of each graph's first call at a new row
     count (compiling, or loading from the compiler's caches, and running it once); graphs
