@@ -13,8 +13,8 @@ Compiled, the first two share one graph (the caption encoder runs eagerly before
 Each call eagerly and compiled in turn (every other round in reverse order), after two
 untimed rounds (in the first, each compiled call compiles its graph or loads it from the
 compiler's caches: its time is printed as the compile time). Prints the median ms of each,
-the ratio and the largest relative difference of the bounds (largest absolute difference of
-the images); one JSON line last.
+the ratio and the difference of the results (``benchmarks.forms.relative_difference``: the
+largest difference over the eager result's largest magnitude); one JSON line last.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from aligndraw import allocator, compiler  # noqa: E402
 from aligndraw.checkpoint import load_model_dir  # noqa: E402
 from aligndraw.config import ModelConfig  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
+from benchmarks.forms import relative_difference  # noqa: E402
 from benchmarks.throughput import SMOKE_CONFIG  # noqa: E402
 
 CALLS = ("forward", "forward_from_states", "sample")
@@ -112,12 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{repeats} calls each after 2")
     for call in CALLS:
         eager, comp = outputs[f"{call}_eager"], outputs[f"{call}_compiled"]
-        diff = ((comp - eager).abs().max() if call == "sample"
-                else ((comp - eager).abs() / eager.abs()).max()).item()
+        diff = relative_difference(comp, eager)
         e, c = ms[f"{call}_eager"], ms[f"{call}_compiled"]
         print(f"{call:20s} eager {e:7.1f} ms, compiled {c:7.1f} ms ({e / c:.2f}×; first call "
-              f"{compile_s[call]:.1f} s); largest {'absolute' if call == 'sample' else 'relative'} "
-              f"difference {diff:.1e}")
+              f"{compile_s[call]:.1f} s); difference {diff:.1e}")
         result |= {f"{call}_eager_ms": e, f"{call}_compiled_ms": c, f"{call}_compile_s": compile_s[call],
                    f"{call}_diff": diff}
     print(json.dumps(result))

@@ -327,6 +327,7 @@ def test_a_compiled_model_refuses_captions_longer_than_it_pads_to(data, model):
         compiled.sample(tokens, torch.full((2,), 5))
     with pytest.raises(ValueError, match="at least 1"):
         compiler.FixedShapes(model, words=0)
+    assert not compiler.FixedShapes(model.train(), words=4).model.training  # traced in eval mode
     assert not hasattr(compiler.FixedShapes.__new__(compiler.FixedShapes), "words")  # no KeyError
     duplicate = copy.copy(compiled)  # asks for __setstate__ before it has a model
     assert duplicate.model is model and duplicate.noise_shape(2) == model.noise_shape(2)

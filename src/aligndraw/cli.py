@@ -213,8 +213,8 @@ def _add_evaluate(sub) -> None:
                          "the batch size, so that each kind of call (forward; sample) compiles "
                          "one graph (sentvec's caption encoder splits the sample graph); bounds "
                          "and SSIM equal to fp32 rounding, retrieval ranks up to near ties. A first "
-                         "run compiles each graph (15-60 s on two cores), later ones load them from "
-                         "the compiler's caches (about 7 s)")
+                         "run compiles each graph, later ones load them from the compiler's caches "
+                         "(times: docs/performance.md, item 24)")
     ev.add_argument("--data-dir", help="MNIST idx files or prepared COCO directory "
                                        "(default: the model config's, else the data cache)")
     ev.add_argument("--mnist-source", help="directory with the MNIST idx files (= --data-dir)")

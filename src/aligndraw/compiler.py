@@ -386,7 +386,8 @@ class FixedShapes:
     graph. (``sentvec``'s caption encoder, a GRU over packed sequences, runs inside ``sample``
     and splits its graph: Dynamo does not trace it.) Noise not given is drawn as the model
     draws it (the same generator calls). So the results equal the eager model's to fp32
-    rounding. Other attributes are the model's.
+    rounding. The model is put in eval mode, the mode its graphs are traced in. Other
+    attributes are the model's.
 
     ``compile_seconds``: [(graph, rows, seconds)] of each graph's first call at a new row
     count (compiling, or loading from the compiler's caches, and running it once); graphs
@@ -396,11 +397,10 @@ class FixedShapes:
     def __init__(self, model: Any, words: int, **kwargs: Any) -> None:
         if words < 1:
             raise ValueError(f"words must be at least 1 (the longest caption), got {words}")
-        self.model, self.words = model, words
+        self.model, self.words = model.eval(), words
         kwargs.setdefault("dynamic", False)
         self._forward = compile(model, **kwargs)
         self._sample = compile(model.sample, **kwargs)
-        self._rows: dict[str, list[int]] = {}  # graph → the row counts it was called with
         self.compile_seconds: list[tuple[str, int, float]] = []
 
     def __getattr__(self, name: str) -> Any:  # only for names not set in __init__
@@ -421,13 +421,11 @@ class FixedShapes:
 
     def _run(self, graph: str, b: int, call: Callable[[int], Any]) -> Any:
         """``call(rows)`` at the smallest row count ≥ b called before, timing a new one's first call."""
-        seen = self._rows.setdefault(graph, [])
-        rows = min((r for r in seen if r >= b), default=None)
+        rows = min((r for g, r, _ in self.compile_seconds if g == graph and r >= b), default=None)
         if rows is not None:
             return call(rows)
         start = time.perf_counter()
         out = call(b)
-        seen.append(b)
         self.compile_seconds.append((graph, b, time.perf_counter() - start))
         return out
 

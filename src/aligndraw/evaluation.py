@@ -39,7 +39,6 @@ import torch
 from torch import Tensor
 
 from aligndraw.baselines import Model
-from aligndraw.compiler import FixedShapes
 from aligndraw.data import CaptionSplit
 from aligndraw.data.mnist_captions import CAPTION_KINDS, parse_caption
 from aligndraw.reader import ImageReader, layout_accuracy, read_features, read_layouts
@@ -91,11 +90,9 @@ def _captions(scenes: CaptionSplit, max_captions: int | None) -> CaptionSplit:
 
 
 class _eval_mode:
-    """Put modules in eval mode for a block and restore their previous mode after (a compiled
-    ``FixedShapes`` model's own module)."""
+    """Put modules in eval mode for a block and restore their previous mode after."""
 
     def __init__(self, *modules: torch.nn.Module) -> None:
-        modules = tuple(m.model if isinstance(m, FixedShapes) else m for m in modules)
         self.modules = [m for m in modules if isinstance(m, torch.nn.Module)]
 
     def __enter__(self) -> None:
