@@ -80,8 +80,8 @@ def numpy_huge_pages_off() -> None:
     kernel backs it with 2 MiB pages, found (and maybe compacted for) and zeroed when first
     touched. For arrays made and freed batch after batch that can cost more than it gains:
     retrieval in ``aligndraw evaluate`` (arrays of 500 images) ran slower with the marks
-    whenever freed memory was kept, and in some runs without (``docs/performance.md``, item
-    23). ``keep_freed_memory`` calls it unless ``NUMPY_MADVISE_HUGEPAGE`` is set.
+    whenever freed memory was kept, and in some runs without (``docs/performance-log.md``,
+    item 23). ``keep_freed_memory`` calls it unless ``NUMPY_MADVISE_HUGEPAGE`` is set.
     """
     for name in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy 2, numpy 1
         try:

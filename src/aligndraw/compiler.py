@@ -181,9 +181,10 @@ def stacks_cpu_fp32_mm() -> bool:
     """Whether the pass should stack CPU fp32 ``mm`` sums: not while the library's CPU products
     are MKL's (``gemm.backend()`` "aten", the default on Intel processors). There MKL forms the
     T products of B rows about as fast as one of T·B rows, and gathering the stacked operands
-    costs more than it saves (mnist-captions on an Intel Xeon: compiled training 1.04–1.09×
-    faster without any stacking, coco32 unchanged; ``docs/performance.md``). oneDNN's weight
-    gradients, batched products and bf16 sums are stacked either way."""
+    costs more than it saves (mnist-captions on an Intel Xeon: compiled training 1.044× and
+    1.086× faster without any stacking in two A/Bs, coco32 unchanged;
+    ``docs/performance-log.md``, item 3). oneDNN's weight gradients, batched products and bf16
+    sums are stacked either way."""
     return gemm.backend() != "aten"
 
 
@@ -212,9 +213,10 @@ def lower_onednn_linear() -> None:
     """Have inductor call oneDNN's own op for ``aligndraw::onednn_linear`` (one extern kernel,
     called from the C++ wrapper through PyTorch's dispatcher) rather than the custom op, whose
     body is Python: per product that cost 233 µs of CPU on an AVX2 AMD EPYC (61 ms of a
-    compiled training step's 1125, 262 calls; ``docs/performance.md``). Same oneDNN call, same
-    operands (the op keeps its traced strides). Registered once; where this PyTorch's inductor
-    lacks the hooks used, nothing is registered and the custom op runs as before."""
+    compiled training step's 1125, 262 calls; ``docs/performance-log.md``, item 13). Same
+    oneDNN call, same operands (the op keeps its traced strides). Registered once; where this
+    PyTorch's inductor lacks the hooks used, nothing is registered and the custom op runs as
+    before."""
     try:
         from torch._inductor.lowering import fallback_handler, register_lowering
     except ImportError:  # another PyTorch's inductor
