@@ -213,10 +213,10 @@ def lower_onednn_linear() -> None:
     """Have inductor call oneDNN's own op for ``aligndraw::onednn_linear`` (one extern kernel,
     called from the C++ wrapper through PyTorch's dispatcher) rather than the custom op, whose
     body is Python: per product that cost 233 µs of CPU on an AVX2 AMD EPYC (61 ms of a
-    compiled training step's 1125, 262 calls; ``docs/performance-log.md``, item 13). Same
-    oneDNN call, same operands (the op keeps its traced strides). Registered once; where this
-    PyTorch's inductor lacks the hooks used, nothing is registered and the custom op runs as
-    before."""
+    compiled training step's 1125, 262 calls; ``docs/performance-log.md``, item 13 and the Zen 3
+    profile it points to). Same oneDNN call, same operands (the op keeps its traced strides).
+    Registered once; where this PyTorch's inductor lacks the hooks used, nothing is registered
+    and the custom op runs as before."""
     try:
         from torch._inductor.lowering import fallback_handler, register_lowering
     except ImportError:  # another PyTorch's inductor
