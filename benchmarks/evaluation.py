@@ -10,20 +10,21 @@ Times the three calls ``aligndraw.evaluation`` makes, without gradients, on one 
 - forward from caption states: the bound from given h_lang (retrieval);
 - sample: images from the prior (ssim and fidelity).
 Compiled, the first two share one graph (the caption encoder runs eagerly before it).
-Each call eagerly and compiled in turn (every other round in reverse order), after two
-untimed rounds (in the first, each compiled call compiles its graph or loads it from the
-compiler's caches: its time is printed as the compile time). Prints the median ms of each,
-the ratio and the difference of the results (``benchmarks.forms.relative_difference``: the
-largest difference over the eager result's largest magnitude); one JSON line last.
+Each call eagerly and compiled in turn (``throughput.round_robin``: every other round in
+reverse order), after two untimed rounds (in the first, each compiled graph compiles or loads
+from the compiler's caches: its first call, as ``FixedShapes.compile_seconds`` timed it, is
+printed). Prints the median ms of each, the ratio and the difference of the results
+(``benchmarks.forms.relative_difference``: the largest difference over the eager result's
+largest magnitude); one JSON line last.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,19 +38,19 @@ from aligndraw.checkpoint import load_model_dir  # noqa: E402
 from aligndraw.config import ModelConfig  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
 from benchmarks.forms import relative_difference  # noqa: E402
-from benchmarks.throughput import SMOKE_CONFIG  # noqa: E402
+from benchmarks.throughput import SMOKE_CONFIG, random_inputs, round_robin  # noqa: E402
 
 CALLS = ("forward", "forward_from_states", "sample")
 
 
 def _inputs(model: AlignDraw, rows: int, words: int) -> dict[str, torch.Tensor]:
-    """Random binary images, captions of words − 3 … words real words, their caption states
-    and the posterior noise, all seeded."""
-    cfg, g = model.config, torch.Generator().manual_seed(0)
-    images = (torch.rand(rows, cfg.channels, cfg.height, cfg.width, generator=g) > 0.8).float()
+    """``throughput.random_inputs``' images and captions, cut to words − 3 … words real words
+    (so that the compiled calls pad them), their caption states and the posterior noise, all
+    seeded."""
+    images, tokens, _ = random_inputs(model.config, rows, words, torch.device("cpu"), seed=0)
+    g = torch.Generator().manual_seed(1)
     lengths = torch.randint(max(1, words - 3), words + 1, (rows,), generator=g)
     lengths[0] = words
-    tokens = torch.randint(1, cfg.vocab_size, (rows, words), generator=g)
     tokens = tokens * (torch.arange(words)[None, :] < lengths[:, None])  # (B, L), 0-padded
     with torch.no_grad():
         h_lang = model.encoder(tokens, lengths)  # (B, L, D2)
@@ -68,6 +69,21 @@ def _calls(model, x: dict[str, torch.Tensor]) -> dict[str, Callable[[], torch.Te
     return {"forward": lambda: forward(False), "forward_from_states": lambda: forward(True),
             "sample": lambda: model.sample(x["tokens"], x["lengths"], noise=x["noise"],
                                            history=False).images}
+
+
+class _Side:
+    """One side (eager or compiled) as ``throughput.round_robin`` runs it: a ``{call}_step``
+    per call, each keeping its last result in ``outputs``."""
+
+    worker_cpu_s = 0.0  # no worker processes
+
+    def __init__(self, name: str, calls: dict[str, Callable[[], torch.Tensor]]) -> None:
+        self.name, self.outputs = name, {}
+        for call, fn in calls.items():
+            setattr(self, f"{call}_step", functools.partial(self._run, call, fn))
+
+    def _run(self, call: str, fn: Callable[[], torch.Tensor]) -> None:
+        self.outputs[call] = fn()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -89,36 +105,26 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model, label, repeats = load_model_dir(args.model)[0], args.model, args.repeats
     x = _inputs(model, args.rows, args.words)
-    sides = {"eager": _calls(model, x),
-             "compiled": _calls(compiler.FixedShapes(model, words=args.words), x)}
-    times: dict[str, list[float]] = {f"{call}_{side}": [] for call in CALLS for side in sides}
-    compile_s, outputs = {}, {}
+    compiled = compiler.FixedShapes(model, words=args.words)
+    eager, comp = _Side("eager", _calls(model, x)), _Side("compiled", _calls(compiled, x))
     torch._dynamo.utils.counters.clear()
-    for step in range(2 + repeats):  # two untimed: the first (compiling) and a second
-        order = list(sides.items())
-        for side, calls in order[::-1] if step % 2 else order:  # alternating
-            for call, fn in calls.items():
-                start = time.perf_counter()
-                outputs[f"{call}_{side}"] = fn()
-                seconds = time.perf_counter() - start
-                if step >= 2:
-                    times[f"{call}_{side}"].append(seconds)
-                elif side == "compiled" and step == 0:
-                    compile_s[call] = seconds
-    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    ms = {}
+    for call in CALLS:  # two untimed rounds: the first compiles (or loads) the compiled graph
+        walls, _ = round_robin([eager, comp], call, 2, repeats, torch.device("cpu"))
+        ms |= {f"{call}_{side}": statistics.median(t) * 1e3 for side, t in walls.items()}
+    first_calls = {graph: seconds for graph, _, seconds in compiled.compile_seconds}
     result: dict = {"model": label, "rows": args.rows, "words": args.words, "threads": args.threads,
-                    "repeats": repeats,
+                    "repeats": repeats, "first_call_s": first_calls,
                     "graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"])}
     print(f"{label}: {args.rows} rows, captions of up to {args.words} words, {args.threads} threads, "
           f"{repeats} calls each after 2")
     for call in CALLS:
-        eager, comp = outputs[f"{call}_eager"], outputs[f"{call}_compiled"]
-        diff = relative_difference(comp, eager)
+        diff = relative_difference(comp.outputs[call], eager.outputs[call])
         e, c = ms[f"{call}_eager"], ms[f"{call}_compiled"]
-        print(f"{call:20s} eager {e:7.1f} ms, compiled {c:7.1f} ms ({e / c:.2f}×; first call "
-              f"{compile_s[call]:.1f} s); difference {diff:.1e}")
-        result |= {f"{call}_eager_ms": e, f"{call}_compiled_ms": c, f"{call}_compile_s": compile_s[call],
-                   f"{call}_diff": diff}
+        print(f"{call:20s} eager {e:7.1f} ms, compiled {c:7.1f} ms ({e / c:.2f}×); difference {diff:.1e}")
+        result |= {f"{call}_eager_ms": e, f"{call}_compiled_ms": c, f"{call}_diff": diff}
+    for graph, seconds in first_calls.items():
+        print(f"first call of the compiled {graph!r} graph (compiling or loading it): {seconds:.1f} s")
     print(json.dumps(result))
     return result
 

@@ -283,6 +283,7 @@ def test_evaluation_benchmark_times_eager_and_compiled_calls_to_the_same_results
                                      "--words", "5"))
     assert report["model"] == "smoke" and report["repeats"] == 2
     assert report["graphs"] == 2  # ran compiled: the two forward calls share a graph, sample has one
+    assert set(report["first_call_s"]) == {"forward", "sample"}  # FixedShapes' record of them
     for call in ("forward", "forward_from_states", "sample"):
         assert report[f"{call}_eager_ms"] > 0 and report[f"{call}_compiled_ms"] > 0
         assert report[f"{call}_diff"] < 1e-5

@@ -151,8 +151,7 @@ class CaptionVAE(nn.Module):
         weight = None
         if log_weight:
             weight = -nll + gaussian_log_prob(z, *prior) - gaussian_log_prob(z, mu_q, log_sigma_q)
-        return DrawLoss(loss=(nll + kl).mean(), nll=nll, kl=kl, kl_steps=kl[:, None],
-                        log_weight=weight)
+        return DrawLoss.of(nll, kl, kl[:, None], weight)  # kl_steps (B, 1): one latent
 
     @torch.no_grad()
     def sample(self, tokens: Tensor, lengths: Tensor, generator: torch.Generator | None = None,

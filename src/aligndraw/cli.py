@@ -381,8 +381,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         ev.require_compositions(scenes, "fidelity")
     if args.compile:
         from aligndraw.compiler import FixedShapes
+        from aligndraw.text import encode_batch
 
-        model = FixedShapes(model, words=max(len(vocab.encode(c)) for c in scenes.captions))
+        longest = encode_batch(vocab, scenes.captions)[0].shape[1]  # (N, L): L the split's longest
+        model = FixedShapes(model, words=longest)
     reader = None  # retrieval without a reader: neighbours in pixel space (COCO)
     if ("retrieval" in metrics and scenes.compositions) or "fidelity" in metrics:
         from aligndraw.reader import load_reader

@@ -44,7 +44,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.utils import _pytree as pytree
 
 from aligndraw import gemm, openblas
-from aligndraw.model import check_temperature, standard_noise
+from aligndraw.model import DrawLoss, check_temperature, standard_noise
 
 aten = torch.ops.aten
 # product op → (dim of the first operand, dim of the second) along which summed products'
@@ -474,10 +474,11 @@ class FixedShapes:
 
 
 def _cut(out: Any, b: int) -> Any:
-    """A ``DrawLoss`` or ``DrawSample`` with every per-row tensor cut to its first b rows (the
-    batch mean ``loss`` recomputed from them)."""
+    """A ``DrawLoss`` or ``DrawSample`` with every per-row tensor cut to its first b rows (a
+    ``DrawLoss``'s batch mean ``loss`` made anew from them)."""
     fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
     cut = {k: v[:b] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in fields.items()}
-    if "loss" in cut:
-        cut["loss"] = (cut["nll"] + cut["kl"]).mean()
+    if isinstance(out, DrawLoss):
+        del cut["loss"]
+        return DrawLoss.of(**cut)
     return type(out)(**cut)

@@ -58,6 +58,11 @@ class DrawLoss:
         """(B,) −L per image, in nats (an upper bound on −log p(x | y))."""
         return self.nll + self.kl
 
+    @classmethod
+    def of(cls, nll: Tensor, kl: Tensor, kl_steps: Tensor, log_weight: Tensor | None = None) -> DrawLoss:
+        """The terms with ``loss`` their batch mean: nll, kl (B,), kl_steps (B, T)."""
+        return cls(loss=(nll + kl).mean(), nll=nll, kl=kl, kl_steps=kl_steps, log_weight=log_weight)
+
 
 @dataclass
 class DrawSample:
@@ -343,8 +348,7 @@ class AlignDraw(nn.Module):
         kl_steps_t = torch.stack(kl_steps, dim=1)  # (B, T)
         kl = kl_steps_t.sum(1)
         weight = -nll + torch.stack(log_ratios, 1).sum(1) if log_weight else None
-        return DrawLoss(loss=(nll + kl).mean(), nll=nll, kl=kl, kl_steps=kl_steps_t,
-                        log_weight=weight)
+        return DrawLoss.of(nll, kl, kl_steps_t, weight)
 
     def _decode(self, st: dict[str, Tensor], proj: dict[str, Tensor], z: Tensor, context: ContextStep,
                 dec_in: StepLinear) -> tuple[dict[str, Tensor], Tensor]:
