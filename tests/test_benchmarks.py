@@ -850,3 +850,46 @@ def test_freed_memory_benchmark_reports_both_settings(capsys) -> None:
     # each side in its own process: only the kept one took the library's setting (the effect on
     # page faults is tests/test_allocator.py's)
     assert not default["kept"] and bool(kept["kept"]) is sys.platform.startswith("linux")
+
+
+def test_native_profile_reads_perf_samples_and_what_runs_while_a_thread_waits() -> None:
+    from benchmarks.native_profile import OPENMP, library_kind, parse_samples, while_waiting
+
+    lines = [  # perf script -F tid,time,ip,sym,dso; C++ symbols hold spaces and parentheses
+        " 11 100.000000:  7f01 mkl_blas_avx512_sgemm_kernel_0 (/t/lib/libtorch_cpu.so)",
+        " 12 100.000100:  7f02 [unknown] (/t/lib/libgomp.so.1)",  # 11 runs MKL meanwhile
+        " 11 100.010000:  7f03 c10::function_ref<void (char**, long)>::callback_fn<k> (/t/libtorch_cpu.so)",
+        " 12 100.010200:  7f04 [unknown] (/t/lib/libgomp.so.1)",  # 11's sample is 0.2 ms away
+        " 12 100.020000:  7f05 cpp_fused_add_3._omp_fn.0 (/tmp/torchinductor_root/ab/cabc.main.so)",
+        "not a sample line",
+    ]
+    samples = parse_samples(lines)
+    assert [s.tid for s in samples] == [11, 12, 11, 12, 12]
+    assert samples[2].symbol == "c10::function_ref<void (char**, long)>::callback_fn<k>"
+    assert samples[2].library == "/t/libtorch_cpu.so"
+    kinds = [library_kind(s.library, s.symbol) for s in samples]
+    assert kinds == ["MKL products", OPENMP, "PyTorch ops (libtorch_cpu)", OPENMP,
+                     "compiled kernels and their wrapper"]
+    assert while_waiting(samples, 0.00015) == {("MKL products", "mkl_blas_avx512_sgemm_kernel_0"): 1}
+    assert sum(while_waiting(samples, 0.001).values()) == 2  # a wider window takes both
+
+
+def test_native_profile_samples_the_training_step_with_perf() -> None:
+    proc = run_benchmark("native_profile.py", "--smoke", "--threads", "2", "--seconds", "1",
+                         "--warmup", "1", "--frequency", "499")
+    if shutil.which("perf") is None:  # .ci/run installs it; elsewhere it says what is missing
+        assert proc.returncode != 0 and "needs Linux perf" in proc.stderr
+        return
+    report = last_json(proc)
+    assert report["variant"] == "library_fp32" and report["phase"] == "train"
+    assert report["steps"] >= 1 and report["seconds"] >= 1
+    assert sum(report["samples"].values()) > 0
+    assert sum(report["kinds"]["all"].values()) == pytest.approx(1)
+    assert report["kinds"]["all"].get("PyTorch ops (libtorch_cpu)", 0) > 0  # the step ran its ops
+
+
+def test_native_profile_rejects_bad_settings() -> None:
+    proc = run_benchmark("native_profile.py", "--seconds", "0")
+    assert proc.returncode == 2 and "--seconds must be positive" in proc.stderr
+    proc = run_benchmark("native_profile.py", "--compile", "--naive")
+    assert proc.returncode == 2 and "drop --naive" in proc.stderr

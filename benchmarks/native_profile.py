@@ -1,0 +1,270 @@
+"""Where a step's CPU time goes below PyTorch: Linux ``perf`` sampling every thread of the process.
+
+    python benchmarks/native_profile.py --preset mnist-captions --compile [--phase sample] [--seconds 8]
+
+``profile_step.py`` sees ops and compiled kernels; this sees the machine code under them, per
+thread: the product library's kernels (MKL's ``mkl_blas_*``), the compiled kernels (inductor's
+``.so`` files), PyTorch's own kernels, the C library (malloc, memcpy), the interpreter, the
+kernel, and OpenMP's runtime (``libgomp``), where a thread of the team waits for the others or
+for the next parallel region. It runs the trainer's step (or a sampling batch) after warm-up
+steps, records ``perf record -F FREQ -p PID`` while steps run for ``--seconds``, and prints:
+
+- steps per second while recorded, and each thread's share of the samples;
+- the samples by library, per thread, and the top symbols;
+- for the samples in which a thread waits in OpenMP's runtime, what the other threads run at
+  that moment (the nearest sample of each within half a sampling period): the serial or
+  unbalanced work that keeps the team waiting;
+- one JSON line last: steps, seconds, samples per thread, each thread's shares by kind and
+  the shares by kind of what runs while a thread waits.
+
+Needs ``perf`` (Linux; ``kernel.perf_event_paranoid`` low enough to record this process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aligndraw.config import ModelConfig, preset  # noqa: E402
+from aligndraw.model import AlignDraw  # noqa: E402
+from benchmarks.throughput import PRESETS, SMOKE_CONFIG, Variant, random_inputs  # noqa: E402
+
+# perf script -F tid,time,ip,sym,dso: "  7842 63312.568789:  7fc96d01e02a sym (/path/lib.so)"
+# (a C++ symbol may hold spaces and parentheses; the library is the last parenthesised part)
+SAMPLE = re.compile(r"\s*(\d+)\s+([\d.]+):\s+[0-9a-f]+\s+(.*)\s+\(([^()]*)\)\s*$")
+OPENMP = "OpenMP runtime (waits)"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One perf sample: thread id, time (s), symbol, and the library it is in."""
+
+    tid: int
+    time: float
+    symbol: str
+    library: str
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, default="mnist-captions", help="model configuration")
+    p.add_argument("--batch", type=int, default=100, help="images per batch")
+    p.add_argument("--caption-len", type=int, default=12, help="words per random caption")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--phase", choices=("train", "sample"), default="train")
+    p.add_argument("--compile", action="store_true", help="the library under torch.compile")
+    p.add_argument("--naive", action="store_true", help="the naive reference instead")
+    p.add_argument("--warmup", type=int, default=4, help="untimed steps first (the compiled ones compile)")
+    p.add_argument("--seconds", type=float, default=8.0, help="how long to record steps")
+    p.add_argument("--frequency", type=int, default=1999, help="perf samples per second and thread")
+    p.add_argument("--top", type=int, default=25, help="rows of each table")
+    p.add_argument("--smoke", action="store_true", help="tiny config and batch (for CI)")
+    args = p.parse_args(argv)
+    if args.compile and args.naive:
+        p.error("--compile profiles the library model; drop --naive")
+    if args.warmup < 0:
+        p.error(f"--warmup must be 0 or more, got {args.warmup}")
+    for name in ("seconds", "frequency", "top", "threads", "batch"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.smoke:
+        args.batch, args.caption_len, args.top = 8, 6, 10
+    return args
+
+
+def perf_binary() -> str:
+    """The ``perf`` executable, or a ``SystemExit`` that says what is missing."""
+    path = shutil.which("perf")
+    if path is None:
+        raise SystemExit("native_profile.py needs Linux perf, and no 'perf' is on PATH "
+                         "(Debian/Ubuntu: the linux-perf or linux-tools package)")
+    return path
+
+
+def library_kind(library: str, symbol: str) -> str:
+    """A sample's kind, from its library's file name (and, inside libtorch, MKL's symbol prefix)."""
+    name = Path(library).name
+    if name.startswith("libgomp") or name.startswith("libiomp"):
+        return OPENMP
+    if name.startswith("libtorch_cpu"):
+        return "MKL products" if symbol.startswith("mkl_") else "PyTorch ops (libtorch_cpu)"
+    if name.startswith(("libc10", "libtorch_python")):
+        return "PyTorch dispatch and bindings"
+    if name.endswith(".main.so") or "torchinductor" in library:
+        return "compiled kernels and their wrapper"
+    if name.startswith(("libc.so", "libc-", "libm.so")):
+        return "C library (malloc, memcpy)"
+    if name.startswith("libpython") or name.startswith("python"):
+        return "interpreter"
+    if library.startswith("[kernel"):
+        return "kernel"
+    return "other"
+
+
+def parse_samples(lines) -> list[Sample]:
+    """``perf script -F tid,time,ip,sym,dso`` lines → samples (lines that do not parse are skipped)."""
+    out = []
+    for line in lines:
+        m = SAMPLE.match(line)
+        if m:
+            tid, t, symbol, library = m.groups()
+            out.append(Sample(int(tid), float(t), symbol, library))
+    return out
+
+
+def shares(samples: list[Sample], key) -> dict[str, collections.Counter]:
+    """Per thread id (as a string) and "all": a Counter of key(sample)."""
+    out: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for s in samples:
+        k = key(s)
+        out[str(s.tid)][k] += 1
+        out["all"][k] += 1
+    return dict(out)
+
+
+def while_waiting(samples: list[Sample], window: float) -> collections.Counter:
+    """What the other threads run when a thread waits in OpenMP's runtime: for each such sample,
+    the nearest sample of every other thread within ``window`` seconds, counted by (kind, symbol)."""
+    by_tid: dict[int, list[Sample]] = collections.defaultdict(list)
+    for s in sorted(samples, key=lambda s: s.time):
+        by_tid[s.tid].append(s)
+    times = {tid: [s.time for s in ss] for tid, ss in by_tid.items()}
+    found: collections.Counter = collections.Counter()
+    for s in samples:
+        if library_kind(s.library, s.symbol) != OPENMP:
+            continue
+        for tid, ts in times.items():
+            if tid == s.tid:
+                continue
+            i = bisect.bisect_left(ts, s.time)
+            near = min((j for j in (i - 1, i) if 0 <= j < len(ts)), key=lambda j: abs(ts[j] - s.time),
+                       default=None)
+            if near is not None and abs(ts[near] - s.time) <= window:
+                o = by_tid[tid][near]
+                found[(library_kind(o.library, o.symbol), o.symbol)] += 1
+    return found
+
+
+def build_variant(args) -> Variant:
+    cfg = ModelConfig(**SMOKE_CONFIG) if args.smoke else preset(args.preset).model
+    torch.manual_seed(0)
+    if args.naive:
+        from benchmarks.naive_reference import NaiveAlignDraw, load_from_library
+
+        model, name = load_from_library(NaiveAlignDraw(cfg), AlignDraw(cfg)), "naive"
+    else:
+        model, name = AlignDraw(cfg), "library_compiled" if args.compile else "library"
+    inputs = random_inputs(cfg, args.batch, args.caption_len, torch.device("cpu"), seed=0)
+    return Variant(f"{name}_{args.precision}", model, args.precision, inputs, seed=0, compiled=args.compile)
+
+
+def record(step, seconds: float, frequency: int, data: Path) -> tuple[int, float]:
+    """Run ``step`` for ``seconds`` under ``perf record`` of this process; (steps, seconds)."""
+    cmd = [perf_binary(), "record", "-q", "-F", str(frequency), "-p", str(os.getpid()), "-o", str(data)]
+    perf = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # perf attaches to every thread before the first timed step
+    if perf.poll() is not None:
+        raise SystemExit(f"perf record failed (exit {perf.returncode}): {perf.stderr.read().strip()[:500]}")
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        steps += 1
+    elapsed = time.perf_counter() - start
+    perf.send_signal(signal.SIGINT)
+    _, err = perf.communicate(timeout=120)
+    if perf.returncode not in (0, -signal.SIGINT) or not data.exists():
+        raise SystemExit(f"perf record failed (exit {perf.returncode}): {err.strip()[:500]}")
+    return steps, elapsed
+
+
+def read_samples(data: Path) -> list[Sample]:
+    out = subprocess.run([perf_binary(), "script", "-i", str(data), "-F", "tid,time,ip,sym,dso"],
+                         capture_output=True, text=True, check=True)
+    return parse_samples(out.stdout.splitlines())
+
+
+def short_symbol(symbol: str) -> str:
+    """A C++ symbol without the wrapping that PyTorch's loops put around every elementwise kernel."""
+    return (symbol.replace("c10::function_ref<void (char**, long const*, long, long)>::callback_fn<", "")
+            .replace("at::native::", ""))
+
+
+def print_counter(title: str, counter: collections.Counter, top: int) -> None:
+    total = sum(counter.values())
+    print(f"\n{title} ({total} samples)")
+    for key, n in counter.most_common(top):
+        label = f"{key[0]}  {short_symbol(key[1])}" if isinstance(key, tuple) else key
+        print(f"  {100 * n / max(total, 1):5.1f}%  {n:7d}  {label[:160]}")
+
+
+def report(samples: list[Sample], top: int, frequency: int) -> dict:
+    """Print the tables; return the figures (per-thread shares of each kind, waits)."""
+    kinds = shares(samples, lambda s: library_kind(s.library, s.symbol))
+    threads = {tid: sum(c.values()) for tid, c in kinds.items() if tid != "all"}
+    print("samples per thread: " + ", ".join(f"{tid} {n}" for tid, n in sorted(threads.items())))
+    for tid in [*sorted(threads), "all"]:
+        print_counter(f"by kind, thread {tid}", kinds[tid], top)
+    print_counter("top symbols, all threads",
+                  shares(samples, lambda s: (library_kind(s.library, s.symbol), s.symbol))["all"], top)
+    waiting = while_waiting(samples, 0.5 / frequency)
+    print_counter("what the other threads run while a thread waits in OpenMP's runtime", waiting, top)
+    return {"samples": threads, "kinds": {tid: fractions(c) for tid, c in kinds.items()},
+            "while_waiting": fractions(shares_of_kinds(waiting))}
+
+
+def fractions(counter: collections.Counter) -> dict:
+    """Counts → shares of their total."""
+    total = max(sum(counter.values()), 1)
+    return {k: n / total for k, n in counter.items()}
+
+
+def shares_of_kinds(counter: collections.Counter) -> collections.Counter:
+    """(kind, symbol) counts → counts per kind."""
+    out: collections.Counter = collections.Counter()
+    for (kind, _), n in counter.items():
+        out[kind] += n
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    perf_binary()  # before any compile: say at once if perf is missing
+    torch.set_num_threads(args.threads)
+    variant = build_variant(args)
+    step = getattr(variant, f"{args.phase}_step")
+    for _ in range(args.warmup):
+        step()
+    print(f"{variant.name}, {args.phase}, preset {'smoke' if args.smoke else args.preset}, "
+          f"batch {args.batch}, threads {torch.get_num_threads()}, torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "perf.data"
+        steps, elapsed = record(step, args.seconds, args.frequency, data)
+        samples = read_samples(data)
+    print(f"{steps} steps in {elapsed:.2f} s under perf: {1e3 * elapsed / max(steps, 1):.1f} ms a step")
+    figures = report(samples, args.top, args.frequency)
+    figures.update(steps=steps, seconds=elapsed, variant=variant.name, phase=args.phase)
+    print(json.dumps(figures))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
