@@ -101,12 +101,14 @@ def perf_binary() -> str:
 
 
 def library_kind(library: str, symbol: str) -> str:
-    """A sample's kind, from its library's file name (and, inside libtorch, MKL's symbol prefix)."""
+    """A sample's kind, from its library's file name (and, inside libtorch, MKL's symbol prefixes)."""
     name = Path(library).name
     if name.startswith("libgomp") or name.startswith("libiomp"):
         return OPENMP
     if name.startswith("libtorch_cpu"):
-        return "MKL products" if symbol.startswith("mkl_") else "PyTorch ops (libtorch_cpu)"
+        if symbol.startswith("mkl_blas"):
+            return "MKL products"
+        return "MKL, other (vector math)" if symbol.startswith("mkl_") else "PyTorch ops (libtorch_cpu)"
     if name.startswith(("libc10", "libtorch_python")):
         return "PyTorch dispatch and bindings"
     if name.endswith(".main.so") or "torchinductor" in library:

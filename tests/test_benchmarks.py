@@ -861,15 +861,16 @@ def test_native_profile_reads_perf_samples_and_what_runs_while_a_thread_waits() 
         " 11 100.010000:  7f03 c10::function_ref<void (char**, long)>::callback_fn<k> (/t/libtorch_cpu.so)",
         " 12 100.010200:  7f04 [unknown] (/t/lib/libgomp.so.1)",  # 11's sample is 0.2 ms away
         " 12 100.020000:  7f05 cpp_fused_add_3._omp_fn.0 (/tmp/torchinductor_root/ab/cabc.main.so)",
+        " 11 100.030000:  7f06 mkl_vml_kernel_sExp_Z0HAynn (/t/lib/libtorch_cpu.so)",
         "not a sample line",
     ]
     samples = parse_samples(lines)
-    assert [s.tid for s in samples] == [11, 12, 11, 12, 12]
+    assert [s.tid for s in samples] == [11, 12, 11, 12, 12, 11]
     assert samples[2].symbol == "c10::function_ref<void (char**, long)>::callback_fn<k>"
     assert samples[2].library == "/t/libtorch_cpu.so"
     kinds = [library_kind(s.library, s.symbol) for s in samples]
     assert kinds == ["MKL products", OPENMP, "PyTorch ops (libtorch_cpu)", OPENMP,
-                     "compiled kernels and their wrapper"]
+                     "compiled kernels and their wrapper", "MKL, other (vector math)"]
     assert while_waiting(samples, 0.00015) == {("MKL products", "mkl_blas_avx512_sgemm_kernel_0"): 1}
     assert sum(while_waiting(samples, 0.001).values()) == 2  # a wider window takes both
 
