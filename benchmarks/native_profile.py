@@ -218,18 +218,24 @@ def print_counter(title: str, counter: collections.Counter, top: int) -> None:
         print(f"  {100 * n / max(total, 1):5.1f}%  {n:7d}  {label[:160]}")
 
 
-def report(samples: list[Sample], top: int, frequency: int) -> dict:
-    """Print the tables; return the figures (per-thread shares of each kind, waits)."""
+def report(samples: list[Sample], top: int, frequency: int, main_tid: int) -> dict:
+    """Print the tables; return the figures (per-thread shares of each kind, waits).
+    ``main_tid``: the process's main thread (its id is the process id), named as such."""
     kinds = shares(samples, lambda s: library_kind(s.library, s.symbol))
     threads = {tid: sum(c.values()) for tid, c in kinds.items() if tid != "all"}
-    print("samples per thread: " + ", ".join(f"{tid} {n}" for tid, n in sorted(threads.items())))
+
+    def name(tid: str) -> str:
+        return f"{tid} (main)" if tid == str(main_tid) else tid
+
+    print("samples per thread: " + ", ".join(f"{name(tid)} {n}" for tid, n in sorted(threads.items())))
     for tid in [*sorted(threads), "all"]:
-        print_counter(f"by kind, thread {tid}", kinds[tid], top)
+        print_counter(f"by kind, thread {name(tid)}", kinds[tid], top)
     print_counter("top symbols, all threads",
                   shares(samples, lambda s: (library_kind(s.library, s.symbol), s.symbol))["all"], top)
     waiting = while_waiting(samples, 0.5 / frequency)
     print_counter("what the other threads run while a thread waits in OpenMP's runtime", waiting, top)
-    return {"samples": threads, "kinds": {tid: fractions(c) for tid, c in kinds.items()},
+    return {"main_thread": str(main_tid), "samples": threads,
+            "kinds": {tid: fractions(c) for tid, c in kinds.items()},
             "while_waiting": fractions(shares_of_kinds(waiting))}
 
 
@@ -262,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
         steps, elapsed = record(step, args.seconds, args.frequency, data)
         samples = read_samples(data)
     print(f"{steps} steps in {elapsed:.2f} s under perf: {1e3 * elapsed / max(steps, 1):.1f} ms a step")
-    figures = report(samples, args.top, args.frequency)
+    figures = report(samples, args.top, args.frequency, main_tid=os.getpid())
     figures.update(steps=steps, seconds=elapsed, variant=variant.name, phase=args.phase)
     print(json.dumps(figures))
     return figures

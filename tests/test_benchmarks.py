@@ -884,6 +884,7 @@ def test_native_profile_samples_the_training_step_with_perf() -> None:
     report = last_json(proc)
     assert report["variant"] == "library_fp32" and report["phase"] == "train"
     assert report["steps"] >= 1 and report["seconds"] >= 1
+    assert report["main_thread"] in report["samples"]  # the process's own thread was sampled
     assert sum(report["samples"].values()) > 0
     assert sum(report["kinds"]["all"].values()) == pytest.approx(1)
     assert report["kinds"]["all"].get("PyTorch ops (libtorch_cpu)", 0) > 0  # the step ran its ops
