@@ -106,6 +106,47 @@ def test_viewed_products_used_elsewhere_are_left_alone():
         torch.testing.assert_close(got, want)
 
 
+def _unfused(f, *args):
+    gm = _traced(f, *args)
+    changed = compiler.unfuse_cpu_bias(gm.graph)
+    gm.recompile()
+    return gm, changed
+
+
+def _gates(bias, x, w):
+    # an LSTM's gates: a biased product, split into four, through nonlinearities (all pointwise)
+    i, f, g, o = torch.addmm(bias, x, w).chunk(4, dim=1)
+    return torch.sigmoid(i) * torch.tanh(g) + torch.sigmoid(f) * torch.sigmoid(o)
+
+
+def test_a_biased_product_feeding_pointwise_ops_adds_its_bias_in_them():
+    args = (_rand(8), _rand(5, 3, seed=1), _rand(3, 8, seed=2))
+    gm, changed = _unfused(_gates, *args)
+    assert changed == 1 and _count(gm, torch.ops.aten.addmm.default) == 0
+    assert _count(gm, torch.ops.aten.mm.default) == 1
+    torch.testing.assert_close(gm(*args), _gates(*args))
+
+
+def _biased_product_into_a_product(bias, x, w, v):
+    return torch.addmm(bias, x, w) @ v  # a product is no pointwise use
+
+
+def _running_sum(acc, x, w):
+    return torch.sigmoid(torch.addmm(acc, x, w))  # a (M, N) addend: a running sum, not a bias
+
+
+@pytest.mark.parametrize(("f", "args"), [
+    (_biased_product_into_a_product,
+     (_rand(4), _rand(5, 3, seed=1), _rand(3, 4, seed=2), _rand(4, 2, seed=3))),
+    (_running_sum, (_rand(5, 4), _rand(5, 3, seed=1), _rand(3, 4, seed=2))),
+    (_gates, (_rand(8).bfloat16(), _rand(5, 3, seed=1).bfloat16(), _rand(3, 8, seed=2).bfloat16())),
+])
+def test_other_biased_products_keep_their_addmm(f, args):
+    gm, changed = _unfused(f, *args)
+    assert changed == 0 and _count(gm, torch.ops.aten.addmm.default) == 1
+    torch.testing.assert_close(gm(*args), f(*args))
+
+
 @needs_onednn
 def test_onednn_weight_gradients_are_stacked_over_their_rows():
     def f(g1, x1, g2, x2):
@@ -135,8 +176,8 @@ def test_openblas_weight_gradients_are_stacked_over_their_rows():
 
 def _eager_and_compiled_grads(monkeypatch, autocast: bool, backend: str = "onednn"):
     """Parameter gradients of a small model, eager and through ``compiler.compile``, how
-    many sums the pass rewrote in each compiled graph, and the names of the ops a compiled
-    step calls."""
+    many sums the pass rewrote in each compiled graph, the names of the ops a compiled step
+    calls, and how many biased products ``unfuse_cpu_bias`` rewrote in each graph."""
     config = tiny_config(lang_hidden=32, align_dim=64, enc_hidden=64, dec_hidden=64, z_dim=64)
     model = AlignDraw(config)
     with torch.no_grad():  # away from the zero init, so that every gradient is informative
@@ -144,10 +185,11 @@ def _eager_and_compiled_grads(monkeypatch, autocast: bool, backend: str = "onedn
             p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
     images, tokens, lengths = random_batch(config)
     noise = _rand(4, config.steps, config.z_dim, seed=2)
-    changed = []
-    stack = compiler.stack_products
+    changed, unfused = [], []
+    stack, unfuse = compiler.stack_products, compiler.unfuse_cpu_bias
     monkeypatch.setattr(compiler, "stack_products",
                         lambda graph, *rest: changed.append(stack(graph, *rest)))
+    monkeypatch.setattr(compiler, "unfuse_cpu_bias", lambda graph: unfused.append(unfuse(graph)))
     # caches off, so that the pass runs even where an earlier run compiled this graph
     products = contextlib.nullcontext() if autocast else gemm.using(backend)
     with (products, torch.compiler.config.patch(force_disable_caches=True),
@@ -160,7 +202,7 @@ def _eager_and_compiled_grads(monkeypatch, autocast: bool, backend: str = "onedn
                                   list(model.parameters()))
         with torch.profiler.profile() as prof:  # the ops a compiled step calls, once compiled
             compiled(images, tokens, lengths, noise=noise).loss.backward()
-    return want, got, changed, {e.name for e in prof.events()}
+    return want, got, changed, {e.name for e in prof.events()}, unfused
 
 
 BF16_TOLERANCE = 0.02  # bf16 rounds to 8 bits; eager and compiled sum in other orders (0.008 measured)
@@ -168,7 +210,7 @@ BF16_TOLERANCE = 0.02  # bf16 rounds to 8 bits; eager and compiled sum in other 
 
 @needs_onednn
 def test_compiled_model_stacks_its_step_gradients_and_keeps_them_equal(monkeypatch):
-    want, got, changed, ops = _eager_and_compiled_grads(monkeypatch, autocast=False)
+    want, got, changed, ops, _ = _eager_and_compiled_grads(monkeypatch, autocast=False)
     # the backward graph: at least the four step-shared weights (projection, encoder input,
     # posterior, z's gates) and the context mix's values
     assert max(changed) >= 5
@@ -181,7 +223,7 @@ def test_compiled_model_stacks_its_step_gradients_and_keeps_them_equal(monkeypat
 
 @needs_openblas
 def test_compiled_model_with_openblas_products_stacks_them_and_equals_eager(monkeypatch):
-    want, got, changed, ops = _eager_and_compiled_grads(monkeypatch, autocast=False, backend="openblas")
+    want, got, changed, ops, _ = _eager_and_compiled_grads(monkeypatch, autocast=False, backend="openblas")
     assert max(changed) >= 5  # as with oneDNN: the four step-shared weights and the context mix
     assert {"aligndraw_openblas::addmm", "aligndraw_openblas::tmm"} <= ops
     assert relative_distance(got, want) <= 1e-5
@@ -194,9 +236,13 @@ def test_compiled_model_with_mkl_products_keeps_its_fp32_step_products_and_equal
     stack = compiler._stacked
     monkeypatch.setattr(compiler, "_stacked", lambda graph, terms: (
         stacked.append(compiler._product(terms[0])[0].target), stack(graph, terms))[1])
-    want, got, changed, _ = _eager_and_compiled_grads(monkeypatch, autocast=False, backend="aten")
+    want, got, changed, _, unfused = _eager_and_compiled_grads(monkeypatch, autocast=False,
+                                                               backend="aten")
     # the context mix's batched products are stacked, no fp32 mm sum is
     assert torch.ops.aten.bmm.default in stacked and torch.ops.aten.mm.default not in stacked
+    # forward: at least the projection of h_dec and the posterior at every step add their bias
+    # in a fused kernel; the backward graph has no biased product
+    assert max(unfused) >= 2 * tiny_config().steps and min(unfused) == 0
     assert relative_distance(got, want) <= 1e-5
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
@@ -205,7 +251,8 @@ def test_compiled_model_with_mkl_products_keeps_its_fp32_step_products_and_equal
 def test_compiled_model_stacks_its_bf16_step_gradients(monkeypatch):
     # under autocast the per-step products are bf16 ``mm``s, which inductor's patterns would
     # fold into addmm chains had the pass run after them (it then rewrote nothing)
-    want, got, changed, _ = _eager_and_compiled_grads(monkeypatch, autocast=True)
+    want, got, changed, _, unfused = _eager_and_compiled_grads(monkeypatch, autocast=True)
+    assert max(unfused) == 0  # bf16 biases keep their addmm: the pass rewrites fp32 products only
     assert max(changed) >= 4  # projection, encoder input, posterior, z's gates
     assert relative_distance(got, want) <= BF16_TOLERANCE
 
