@@ -3,10 +3,13 @@
     python benchmarks/native_profile.py --preset mnist-captions --compile [--phase sample] [--seconds 8]
 
 ``profile_step.py`` sees ops and compiled kernels; this sees the machine code under them, per
-thread: the product library's kernels (MKL's ``mkl_blas_*``), the compiled kernels (inductor's
-``.so`` files), PyTorch's own kernels, the C library (malloc, memcpy), the interpreter, the
-kernel, and OpenMP's runtime (``libgomp``), where a thread of the team waits for the others or
-for the next parallel region. It runs the trainer's step (or a sampling batch) after warm-up
+thread: MKL's products (``mkl_blas_*``; PyTorch links MKL into ``libtorch_cpu``, where its C
+symbols, unlike PyTorch's C++ ones, have no ``::``) and its other code, the vector math that
+compiled kernels and PyTorch's ops call (SLEEF's ``Sleef_*``), the compiled kernels (inductor's
+``.so`` files), PyTorch's own ops, its dispatch and bindings, the C library (malloc, memcpy),
+the interpreter, the kernel, and OpenMP's runtime (``libgomp``): a thread there spins waiting
+for the others or for the next parallel region, or starts or ends one (a thread that sleeps
+is not sampled). It runs the trainer's step (or a sampling batch) after warm-up
 steps, records ``perf record -F FREQ -p PID`` while steps run for ``--seconds``, and prints:
 
 - steps per second while recorded, and each thread's share of the samples;
@@ -42,9 +45,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aligndraw.config import ModelConfig, preset  # noqa: E402
-from aligndraw.model import AlignDraw  # noqa: E402
-from benchmarks.throughput import PRESETS, SMOKE_CONFIG, Variant, random_inputs  # noqa: E402
+from benchmarks.profile_step import add_step_args, build_variant, check_step_args  # noqa: E402
 
 # perf script -F tid,time,ip,sym,dso: "  7842 63312.568789:  7fc96d01e02a sym (/path/lib.so)"
 # (a C++ symbol may hold spaces and parentheses; the library is the last parenthesised part)
@@ -63,31 +64,24 @@ class Sample:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The step's options (``profile_step.add_step_args``) and the recording's."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=PRESETS, default="mnist-captions", help="model configuration")
-    p.add_argument("--batch", type=int, default=100, help="images per batch")
-    p.add_argument("--caption-len", type=int, default=12, help="words per random caption")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    add_step_args(p)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--phase", choices=("train", "sample"), default="train")
-    p.add_argument("--compile", action="store_true", help="the library under torch.compile")
-    p.add_argument("--naive", action="store_true", help="the naive reference instead")
-    p.add_argument("--warmup", type=int, default=4, help="untimed steps first (the compiled ones compile)")
+    p.add_argument("--warmup", type=int, default=4,
+                   help="steps before recording (with --compile at least 1: the first compiles)")
     p.add_argument("--seconds", type=float, default=8.0, help="how long to record steps")
     p.add_argument("--frequency", type=int, default=1999, help="perf samples per second and thread")
-    p.add_argument("--top", type=int, default=25, help="rows of each table")
-    p.add_argument("--smoke", action="store_true", help="tiny config and batch (for CI)")
     args = p.parse_args(argv)
-    if args.compile and args.naive:
-        p.error("--compile profiles the library model; drop --naive")
-    if args.warmup < 0:
-        p.error(f"--warmup must be 0 or more, got {args.warmup}")
-    for name in ("seconds", "frequency", "top", "threads", "batch"):
+    check_step_args(p, args)
+    if args.warmup < (1 if args.compile else 0):
+        p.error(f"--warmup must be at least {1 if args.compile else 0}"
+                f"{' with --compile (the first step compiles)' if args.compile else ''}, got {args.warmup}")
+    for name in ("seconds", "frequency", "threads"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.smoke:
-        args.batch, args.caption_len, args.top = 8, 6, 10
     return args
 
 
@@ -101,36 +95,43 @@ def perf_binary() -> str:
 
 
 def library_kind(library: str, symbol: str) -> str:
-    """A sample's kind, from its library's file name (and, inside libtorch, MKL's symbol prefixes)."""
+    """A sample's kind, from its library's file name and, inside ``libtorch_cpu`` (which holds
+    MKL and SLEEF too), its symbol: C symbols (no ``::``) are MKL's, but for SLEEF's."""
     name = Path(library).name
-    if name.startswith("libgomp") or name.startswith("libiomp"):
+    if name.startswith(("libgomp", "libiomp")):
         return OPENMP
+    if symbol.startswith("Sleef_"):
+        return "vector math (SLEEF)"
+    if name.startswith("libmkl") or (name.startswith("libtorch_cpu") and "::" not in symbol
+                                     and symbol != "[unknown]"):
+        return "MKL products" if symbol.startswith(("mkl_blas", "gblock_")) else "MKL, other"
     if name.startswith("libtorch_cpu"):
-        if symbol.startswith("mkl_blas"):
-            return "MKL products"
-        return "MKL, other (vector math)" if symbol.startswith("mkl_") else "PyTorch ops (libtorch_cpu)"
+        return "PyTorch ops (libtorch_cpu)"
     if name.startswith(("libc10", "libtorch_python")):
         return "PyTorch dispatch and bindings"
     if name.endswith(".main.so") or "torchinductor" in library:
         return "compiled kernels and their wrapper"
     if name.startswith(("libc.so", "libc-", "libm.so")):
         return "C library (malloc, memcpy)"
-    if name.startswith("libpython") or name.startswith("python"):
+    if name.startswith(("libpython", "python")):
         return "interpreter"
     if library.startswith("[kernel"):
         return "kernel"
     return "other"
 
 
-def parse_samples(lines) -> list[Sample]:
-    """``perf script -F tid,time,ip,sym,dso`` lines → samples (lines that do not parse are skipped)."""
-    out = []
+def parse_samples(lines) -> tuple[list[Sample], int]:
+    """``perf script -F tid,time,ip,sym,dso`` lines → (samples, how many non-blank lines did
+    not parse)."""
+    out, skipped = [], 0
     for line in lines:
         m = SAMPLE.match(line)
         if m:
             tid, t, symbol, library = m.groups()
             out.append(Sample(int(tid), float(t), symbol, library))
-    return out
+        elif line.strip():
+            skipped += 1
+    return out, skipped
 
 
 def shares(samples: list[Sample], key) -> dict[str, collections.Counter]:
@@ -166,42 +167,46 @@ def while_waiting(samples: list[Sample], window: float) -> collections.Counter:
     return found
 
 
-def build_variant(args) -> Variant:
-    cfg = ModelConfig(**SMOKE_CONFIG) if args.smoke else preset(args.preset).model
-    torch.manual_seed(0)
-    if args.naive:
-        from benchmarks.naive_reference import NaiveAlignDraw, load_from_library
-
-        model, name = load_from_library(NaiveAlignDraw(cfg), AlignDraw(cfg)), "naive"
-    else:
-        model, name = AlignDraw(cfg), "library_compiled" if args.compile else "library"
-    inputs = random_inputs(cfg, args.batch, args.caption_len, torch.device("cpu"), seed=0)
-    return Variant(f"{name}_{args.precision}", model, args.precision, inputs, seed=0, compiled=args.compile)
-
-
 def record(step, seconds: float, frequency: int, data: Path) -> tuple[int, float]:
-    """Run ``step`` for ``seconds`` under ``perf record`` of this process; (steps, seconds)."""
+    """Run ``step`` for ``seconds`` under ``perf record`` of this process; (steps, seconds).
+    perf is stopped (and, if it does not stop, killed) whatever the steps do."""
     cmd = [perf_binary(), "record", "-q", "-F", str(frequency), "-p", str(os.getpid()), "-o", str(data)]
     perf = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # perf attaches to every thread before the first timed step
-    if perf.poll() is not None:
-        raise SystemExit(f"perf record failed (exit {perf.returncode}): {perf.stderr.read().strip()[:500]}")
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        step()
-        steps += 1
-    elapsed = time.perf_counter() - start
-    perf.send_signal(signal.SIGINT)
-    _, err = perf.communicate(timeout=120)
+    try:
+        time.sleep(1.0)  # perf attaches to every thread before the first timed step
+        if perf.poll() is not None:
+            err = perf.stderr.read().strip()[:500]
+            raise SystemExit(f"perf record failed (exit {perf.returncode}): {err}")
+        steps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            step()
+            steps += 1
+        elapsed = time.perf_counter() - start
+    finally:
+        if perf.poll() is None:
+            perf.send_signal(signal.SIGINT)
+        try:
+            _, err = perf.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            perf.kill()
+            _, err = perf.communicate()
     if perf.returncode not in (0, -signal.SIGINT) or not data.exists():
         raise SystemExit(f"perf record failed (exit {perf.returncode}): {err.strip()[:500]}")
     return steps, elapsed
 
 
 def read_samples(data: Path) -> list[Sample]:
+    """The samples of a ``perf record`` file, through ``perf script``; a ``SystemExit`` that
+    says why where perf fails, or where none of its lines is a sample this script reads."""
     out = subprocess.run([perf_binary(), "script", "-i", str(data), "-F", "tid,time,ip,sym,dso"],
-                         capture_output=True, text=True, check=True)
-    return parse_samples(out.stdout.splitlines())
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"perf script failed (exit {out.returncode}): {out.stderr.strip()[:500]}")
+    samples, skipped = parse_samples(out.stdout.splitlines())
+    if not samples:
+        raise SystemExit(f"perf script gave no sample in the form 'TID TIME: IP SYMBOL (LIBRARY)' "
+                         f"({skipped} other lines; first: {out.stdout.strip().splitlines()[:1]})")
+    return samples
 
 
 def short_symbol(symbol: str) -> str:
@@ -211,6 +216,7 @@ def short_symbol(symbol: str) -> str:
 
 
 def print_counter(title: str, counter: collections.Counter, top: int) -> None:
+    """``title``, then the ``top`` most common keys with their shares and counts."""
     total = sum(counter.values())
     print(f"\n{title} ({total} samples)")
     for key, n in counter.most_common(top):
@@ -227,8 +233,9 @@ def report(samples: list[Sample], top: int, frequency: int, main_tid: int) -> di
     def name(tid: str) -> str:
         return f"{tid} (main)" if tid == str(main_tid) else tid
 
-    print("samples per thread: " + ", ".join(f"{name(tid)} {n}" for tid, n in sorted(threads.items())))
-    for tid in [*sorted(threads), "all"]:
+    tids = sorted(threads, key=int)
+    print("samples per thread: " + ", ".join(f"{name(tid)} {threads[tid]}" for tid in tids))
+    for tid in [*tids, "all"]:
         print_counter(f"by kind, thread {name(tid)}", kinds[tid], top)
     print_counter("top symbols, all threads",
                   shares(samples, lambda s: (library_kind(s.library, s.symbol), s.symbol))["all"], top)
@@ -257,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     perf_binary()  # before any compile: say at once if perf is missing
     torch.set_num_threads(args.threads)
-    variant = build_variant(args)
+    variant = build_variant(args, torch.device("cpu"))
     step = getattr(variant, f"{args.phase}_step")
     for _ in range(args.warmup):
         step()

@@ -29,27 +29,57 @@ from aligndraw.model import AlignDraw  # noqa: E402
 from benchmarks.throughput import PRESETS, SMOKE_CONFIG, Variant, random_inputs  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_step_args(p: argparse.ArgumentParser) -> None:
+    """The options that say which step to run: model, batch, precision, compiled or naive,
+    table rows (shared with ``native_profile.py``)."""
     p.add_argument("--preset", choices=PRESETS, default="mnist-captions", help="model configuration")
     p.add_argument("--batch", type=int, default=100, help="images per batch")
     p.add_argument("--caption-len", type=int, default=12, help="words per random caption")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--top", type=int, default=25, help="rows of each table")
+    p.add_argument("--naive", action="store_true", help="the naive reference instead of the library")
+    p.add_argument("--compile", action="store_true", help="the library under torch.compile")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny config, batch 8, captions of 6 words, 10 rows a table (for CI)")
+
+
+def check_step_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``add_step_args``' checks (``p.error`` names what is wrong), then ``--smoke``'s sizes."""
+    if args.compile and args.naive:
+        p.error("--compile profiles the library model; drop --naive")
+    for name in ("batch", "caption_len", "top"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.smoke:
+        args.batch, args.caption_len, args.top = 8, 6, 10
+
+
+def build_variant(args: argparse.Namespace, device: torch.device) -> Variant:
+    """The step ``add_step_args`` describes: the library (maybe compiled) or the naive
+    reference, with its optimiser, on random inputs of ``args.batch`` images."""
+    cfg = ModelConfig(**SMOKE_CONFIG) if args.smoke else preset(args.preset).model
+    torch.manual_seed(0)
+    if args.naive:
+        from benchmarks.naive_reference import NaiveAlignDraw, load_from_library
+
+        model, name = load_from_library(NaiveAlignDraw(cfg), AlignDraw(cfg)).to(device), "naive"
+    else:
+        model, name = AlignDraw(cfg).to(device), "library_compiled" if args.compile else "library"
+    inputs = random_inputs(cfg, args.batch, args.caption_len, device, seed=0)
+    return Variant(f"{name}_{args.precision}", model, args.precision, inputs, seed=0, compiled=args.compile)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_step_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--top", type=int, default=25, help="rows of the op table")
-    p.add_argument("--naive", action="store_true", help="profile the naive reference instead")
-    p.add_argument("--compile", action="store_true", help="profile the library under torch.compile")
     p.add_argument("--shapes", action="store_true",
                    help="also a table of the products (mm, addmm, bmm, baddbmm) and copies by input shape")
     p.add_argument("--trace-dir", type=Path, default=None, help="write Chrome traces here")
-    p.add_argument("--smoke", action="store_true", help="tiny config and batch (for CI)")
     args = p.parse_args(argv)
-    if args.compile and args.naive:
-        p.error("--compile profiles the library model; drop --naive")
-    if args.smoke:
-        args.batch, args.caption_len, args.top = 8, 6, 10
+    check_step_args(p, args)
     return args
 
 
@@ -115,22 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
-    cfg = ModelConfig(**SMOKE_CONFIG) if args.smoke else preset(args.preset).model
-    torch.manual_seed(0)
-    if args.naive:
-        from benchmarks.naive_reference import NaiveAlignDraw, load_from_library
-
-        model, name = load_from_library(NaiveAlignDraw(cfg), AlignDraw(cfg)).to(device), "naive"
-    else:
-        model, name = AlignDraw(cfg).to(device), "library"
-    inputs = random_inputs(cfg, args.batch, args.caption_len, device, seed=0)
     if args.compile:
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp.enable_kernel_profile = True  # each compiled kernel is a profiler row
-        name += "_compiled"
-    variant = Variant(f"{name}_{args.precision}", model, args.precision, inputs, seed=0,
-                      compiled=args.compile)
+    variant = build_variant(args, device)
     print(f"preset {'smoke' if args.smoke else args.preset}, threads {torch.get_num_threads()}, "
           f"device {device}, torch {torch.__version__}")
     for phase in ("train", "sample"):

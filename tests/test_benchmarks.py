@@ -862,15 +862,20 @@ def test_native_profile_reads_perf_samples_and_what_runs_while_a_thread_waits() 
         " 12 100.010200:  7f04 [unknown] (/t/lib/libgomp.so.1)",  # 11's sample is 0.2 ms away
         " 12 100.020000:  7f05 cpp_fused_add_3._omp_fn.0 (/tmp/torchinductor_root/ab/cabc.main.so)",
         " 11 100.030000:  7f06 mkl_vml_kernel_sExp_Z0HAynn (/t/lib/libtorch_cpu.so)",
+        " 11 100.040000:  7f07 Sleef_finz_tanhf16_u10avx512f (/t/lib/libtorch_cpu.so)",
+        " 11 100.050000:  7f08 gblock_by_k_omp (/t/lib/libtorch_cpu.so)",  # MKL's, without mkl_
         "not a sample line",
+        "",
     ]
-    samples = parse_samples(lines)
-    assert [s.tid for s in samples] == [11, 12, 11, 12, 12, 11]
+    samples, skipped = parse_samples(lines)
+    assert skipped == 1  # the blank line is no line to read
+    assert [s.tid for s in samples] == [11, 12, 11, 12, 12, 11, 11, 11]
     assert samples[2].symbol == "c10::function_ref<void (char**, long)>::callback_fn<k>"
     assert samples[2].library == "/t/libtorch_cpu.so"
     kinds = [library_kind(s.library, s.symbol) for s in samples]
     assert kinds == ["MKL products", OPENMP, "PyTorch ops (libtorch_cpu)", OPENMP,
-                     "compiled kernels and their wrapper", "MKL, other (vector math)"]
+                     "compiled kernels and their wrapper", "MKL, other", "vector math (SLEEF)",
+                     "MKL products"]
     assert while_waiting(samples, 0.00015) == {("MKL products", "mkl_blas_avx512_sgemm_kernel_0"): 1}
     assert sum(while_waiting(samples, 0.001).values()) == 2  # a wider window takes both
 
@@ -890,8 +895,12 @@ def test_native_profile_samples_the_training_step_with_perf() -> None:
     assert report["kinds"]["all"].get("PyTorch ops (libtorch_cpu)", 0) > 0  # the step ran its ops
 
 
-def test_native_profile_rejects_bad_settings() -> None:
-    proc = run_benchmark("native_profile.py", "--seconds", "0")
-    assert proc.returncode == 2 and "--seconds must be positive" in proc.stderr
-    proc = run_benchmark("native_profile.py", "--compile", "--naive")
-    assert proc.returncode == 2 and "drop --naive" in proc.stderr
+@pytest.mark.parametrize(("args", "says"), [
+    (["--seconds", "0"], "--seconds must be positive"),
+    (["--compile", "--naive"], "drop --naive"),
+    (["--caption-len", "0"], "--caption-len must be at least 1"),
+    (["--compile", "--warmup", "0"], "--warmup must be at least 1 with --compile"),
+])
+def test_native_profile_rejects_bad_settings(args, says) -> None:
+    proc = run_benchmark("native_profile.py", *args)
+    assert proc.returncode == 2 and says in proc.stderr

@@ -212,9 +212,10 @@ def unfuse_cpu_bias(graph: fx.Graph) -> int:
     views) as ``mm(A, B) + bias``; returns how many changed. Inductor then adds the bias inside the
     fused kernel that already reads the product (the LSTM gates' nonlinearities, the projection's
     parts), instead of ``addmm`` copying the broadcast bias into its output before the product
-    (a one-thread copy below PyTorch's parallel grain for (100, 300)). Inductor does the same on
-    GPUs (``post_grad.unfuse_bias_add_to_pointwise``); run after its patterns, which would fold
-    the two back into ``addmm`` on the CPU. Same sum, the bias added last: other rounding."""
+    adds into it (a copy op of its own per product, and the output written twice). Inductor
+    does the same on GPUs (``post_grad.unfuse_bias_add_to_pointwise``); run after its patterns,
+    which would fold the two back into ``addmm`` on the CPU. Same sum, the bias added last:
+    other rounding."""
     from torch._inductor.utils import is_pointwise_use
 
     changed = 0
