@@ -3,14 +3,15 @@
     python benchmarks/native_profile.py --preset mnist-captions --compile [--phase sample] [--seconds 8]
 
 ``profile_step.py`` sees ops and compiled kernels; this sees the machine code under them, per
-thread: MKL's products (``mkl_blas_*``; PyTorch links MKL into ``libtorch_cpu``, where its C
-symbols, unlike PyTorch's C++ ones, have no ``::``) and its other code, the vector math that
+thread: MKL's products (``mkl_blas_*``; PyTorch links MKL into ``libtorch_cpu``, where its
+symbols are told by their prefixes, ``MKL_PREFIX``) and its other code, the vector math that
 compiled kernels and PyTorch's ops call (SLEEF's ``Sleef_*``), the compiled kernels (inductor's
 ``.so`` files), PyTorch's own ops, its dispatch and bindings, the C library (malloc, memcpy),
-the interpreter, the kernel, and OpenMP's runtime (``libgomp``): a thread there spins waiting
-for the others or for the next parallel region, or starts or ends one (a thread that sleeps
-is not sampled). It runs the trainer's step (or a sampling batch) after warm-up
-steps, records ``perf record -F FREQ -p PID`` while steps run for ``--seconds``, and prints:
+the interpreter, the kernel, and OpenMP's runtime (``libgomp``): a thread there probably
+spins waiting for the others or for the next parallel region, or starts or ends one (its
+symbols are not resolved; a thread that sleeps is not sampled). It runs the trainer's step
+(or a sampling batch) after warm-up steps, records ``perf record -F FREQ -p PID`` while steps
+run for ``--seconds``, and prints:
 
 - steps per second while recorded, and each thread's share of the samples;
 - the samples by library, per thread, and the top symbols;
@@ -51,6 +52,9 @@ from benchmarks.profile_step import add_step_args, build_variant, check_step_arg
 # (a C++ symbol may hold spaces and parentheses; the library is the last parenthesised part)
 SAMPLE = re.compile(r"\s*(\d+)\s+([\d.]+):\s+[0-9a-f]+\s+(.*)\s+\(([^()]*)\)\s*$")
 OPENMP = "OpenMP runtime (waits)"
+# MKL's symbols inside libtorch_cpu: its API and kernels (mkl_*), its threaded GEMM driver
+# (gblock_*), its vector math's internal paths (vsexp_cout_rare and the like)
+MKL_PREFIX = re.compile(r"mkl_|gblock_|v[sdcz][a-z0-9]+_[a-z0-9_]+$")
 
 
 @dataclass(frozen=True)
@@ -71,14 +75,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--phase", choices=("train", "sample"), default="train")
     p.add_argument("--warmup", type=int, default=4,
-                   help="steps before recording (with --compile at least 1: the first compiles)")
+                   help="steps before recording (with --compile at least 1 for sampling and 2 for "
+                        "training: the first compiles the model, the second the update)")
     p.add_argument("--seconds", type=float, default=8.0, help="how long to record steps")
     p.add_argument("--frequency", type=int, default=1999, help="perf samples per second and thread")
     args = p.parse_args(argv)
     check_step_args(p, args)
-    if args.warmup < (1 if args.compile else 0):
-        p.error(f"--warmup must be at least {1 if args.compile else 0}"
-                f"{' with --compile (the first step compiles)' if args.compile else ''}, got {args.warmup}")
+    least = (2 if args.phase == "train" else 1) if args.compile else 0
+    if args.warmup < least:
+        p.error(f"--warmup must be at least {least} with --compile and --phase {args.phase} (the "
+                f"steps that compile), got {args.warmup}" if least else
+                f"--warmup must be 0 or more, got {args.warmup}")
     for name in ("seconds", "frequency", "threads"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
@@ -96,14 +103,13 @@ def perf_binary() -> str:
 
 def library_kind(library: str, symbol: str) -> str:
     """A sample's kind, from its library's file name and, inside ``libtorch_cpu`` (which holds
-    MKL and SLEEF too), its symbol: C symbols (no ``::``) are MKL's, but for SLEEF's."""
+    MKL and SLEEF too), its symbol's prefix (``MKL_PREFIX``, ``Sleef_``)."""
     name = Path(library).name
     if name.startswith(("libgomp", "libiomp")):
         return OPENMP
     if symbol.startswith("Sleef_"):
         return "vector math (SLEEF)"
-    if name.startswith("libmkl") or (name.startswith("libtorch_cpu") and "::" not in symbol
-                                     and symbol != "[unknown]"):
+    if name.startswith("libmkl") or (name.startswith("libtorch_cpu") and MKL_PREFIX.match(symbol)):
         return "MKL products" if symbol.startswith(("mkl_blas", "gblock_")) else "MKL, other"
     if name.startswith("libtorch_cpu"):
         return "PyTorch ops (libtorch_cpu)"

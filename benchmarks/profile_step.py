@@ -36,7 +36,7 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=100, help="images per batch")
     p.add_argument("--caption-len", type=int, default=12, help="words per random caption")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--top", type=int, default=25, help="rows of each table")
+    p.add_argument("--top", type=int, default=25, help="rows of each ranked table")
     p.add_argument("--naive", action="store_true", help="the naive reference instead of the library")
     p.add_argument("--compile", action="store_true", help="the library under torch.compile")
     p.add_argument("--smoke", action="store_true",

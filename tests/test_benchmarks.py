@@ -864,18 +864,20 @@ def test_native_profile_reads_perf_samples_and_what_runs_while_a_thread_waits() 
         " 11 100.030000:  7f06 mkl_vml_kernel_sExp_Z0HAynn (/t/lib/libtorch_cpu.so)",
         " 11 100.040000:  7f07 Sleef_finz_tanhf16_u10avx512f (/t/lib/libtorch_cpu.so)",
         " 11 100.050000:  7f08 gblock_by_k_omp (/t/lib/libtorch_cpu.so)",  # MKL's, without mkl_
+        " 11 100.060000:  7f09 aoti_torch_cpu_mm_out (/t/lib/libtorch_cpu.so)",  # PyTorch's C shim
+        " 11 100.070000:  7f0a vsexp_cout_rare (/t/lib/libtorch_cpu.so)",  # MKL's vector math
         "not a sample line",
         "",
     ]
     samples, skipped = parse_samples(lines)
     assert skipped == 1  # the blank line is no line to read
-    assert [s.tid for s in samples] == [11, 12, 11, 12, 12, 11, 11, 11]
+    assert [s.tid for s in samples] == [11, 12, 11, 12, 12, 11, 11, 11, 11, 11]
     assert samples[2].symbol == "c10::function_ref<void (char**, long)>::callback_fn<k>"
     assert samples[2].library == "/t/libtorch_cpu.so"
     kinds = [library_kind(s.library, s.symbol) for s in samples]
     assert kinds == ["MKL products", OPENMP, "PyTorch ops (libtorch_cpu)", OPENMP,
                      "compiled kernels and their wrapper", "MKL, other", "vector math (SLEEF)",
-                     "MKL products"]
+                     "MKL products", "PyTorch ops (libtorch_cpu)", "MKL, other"]
     assert while_waiting(samples, 0.00015) == {("MKL products", "mkl_blas_avx512_sgemm_kernel_0"): 1}
     assert sum(while_waiting(samples, 0.001).values()) == 2  # a wider window takes both
 
@@ -899,7 +901,9 @@ def test_native_profile_samples_the_training_step_with_perf() -> None:
     (["--seconds", "0"], "--seconds must be positive"),
     (["--compile", "--naive"], "drop --naive"),
     (["--caption-len", "0"], "--caption-len must be at least 1"),
-    (["--compile", "--warmup", "0"], "--warmup must be at least 1 with --compile"),
+    (["--compile", "--warmup", "1"], "--warmup must be at least 2 with --compile and --phase train"),
+    (["--compile", "--phase", "sample", "--warmup", "0"], "--warmup must be at least 1 with --compile"),
+    (["--warmup", "-1"], "--warmup must be 0 or more"),
 ])
 def test_native_profile_rejects_bad_settings(args, says) -> None:
     proc = run_benchmark("native_profile.py", *args)
