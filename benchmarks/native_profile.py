@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
+import functools
 import json
 import os
 import re
@@ -59,12 +60,14 @@ MKL_PREFIX = re.compile(r"mkl_|gblock_|v[sdcz][a-z0-9]+_[a-z0-9_]+$")
 
 @dataclass(frozen=True)
 class Sample:
-    """One perf sample: thread id, time (s), symbol, and the library it is in."""
+    """One perf sample: thread id, time (s), symbol, the library it is in, and its kind
+    (``library_kind``, worked out once when the line is read)."""
 
     tid: int
     time: float
     symbol: str
     library: str
+    kind: str
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@functools.cache
 def perf_binary() -> str:
     """The ``perf`` executable, or a ``SystemExit`` that says what is missing."""
     path = shutil.which("perf")
@@ -134,7 +138,7 @@ def parse_samples(lines) -> tuple[list[Sample], int]:
         m = SAMPLE.match(line)
         if m:
             tid, t, symbol, library = m.groups()
-            out.append(Sample(int(tid), float(t), symbol, library))
+            out.append(Sample(int(tid), float(t), symbol, library, library_kind(library, symbol)))
         elif line.strip():
             skipped += 1
     return out, skipped
@@ -159,7 +163,7 @@ def while_waiting(samples: list[Sample], window: float) -> collections.Counter:
     times = {tid: [s.time for s in ss] for tid, ss in by_tid.items()}
     found: collections.Counter = collections.Counter()
     for s in samples:
-        if library_kind(s.library, s.symbol) != OPENMP:
+        if s.kind != OPENMP:
             continue
         for tid, ts in times.items():
             if tid == s.tid:
@@ -169,7 +173,7 @@ def while_waiting(samples: list[Sample], window: float) -> collections.Counter:
                        default=None)
             if near is not None and abs(ts[near] - s.time) <= window:
                 o = by_tid[tid][near]
-                found[(library_kind(o.library, o.symbol), o.symbol)] += 1
+                found[(o.kind, o.symbol)] += 1
     return found
 
 
@@ -233,7 +237,7 @@ def print_counter(title: str, counter: collections.Counter, top: int) -> None:
 def report(samples: list[Sample], top: int, frequency: int, main_tid: int) -> dict:
     """Print the tables; return the figures (per-thread shares of each kind, waits).
     ``main_tid``: the process's main thread (its id is the process id), named as such."""
-    kinds = shares(samples, lambda s: library_kind(s.library, s.symbol))
+    kinds = shares(samples, lambda s: s.kind)
     threads = {tid: sum(c.values()) for tid, c in kinds.items() if tid != "all"}
 
     def name(tid: str) -> str:
@@ -244,26 +248,18 @@ def report(samples: list[Sample], top: int, frequency: int, main_tid: int) -> di
     for tid in [*tids, "all"]:
         print_counter(f"by kind, thread {name(tid)}", kinds[tid], top)
     print_counter("top symbols, all threads",
-                  shares(samples, lambda s: (library_kind(s.library, s.symbol), s.symbol))["all"], top)
+                  collections.Counter((s.kind, s.symbol) for s in samples), top)
     waiting = while_waiting(samples, 0.5 / frequency)
     print_counter("what the other threads run while a thread waits in OpenMP's runtime", waiting, top)
     return {"main_thread": str(main_tid), "samples": threads,
             "kinds": {tid: fractions(c) for tid, c in kinds.items()},
-            "while_waiting": fractions(shares_of_kinds(waiting))}
+            "while_waiting": fractions(collections.Counter(kind for kind, _ in waiting.elements()))}
 
 
 def fractions(counter: collections.Counter) -> dict:
     """Counts → shares of their total."""
     total = max(sum(counter.values()), 1)
     return {k: n / total for k, n in counter.items()}
-
-
-def shares_of_kinds(counter: collections.Counter) -> collections.Counter:
-    """(kind, symbol) counts → counts per kind."""
-    out: collections.Counter = collections.Counter()
-    for (kind, _), n in counter.items():
-        out[kind] += n
-    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
