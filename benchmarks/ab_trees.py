@@ -172,7 +172,7 @@ def compare(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's benchmarks
     import torch
 
-    from benchmarks.machine import BUSY_CORES, OtherLoad, timed
+    from benchmarks.machine import BUSY_CORES, OtherLoad, kernel_environment, timed
     from benchmarks.throughput import round_robin
 
     cpu = torch.device("cpu")
@@ -199,7 +199,7 @@ def compare(args: argparse.Namespace) -> dict:
                     "plain_a": args.plain_a, "plain_b": args.plain_b,
                     "inductor_a": inductor_settings(args.inductor_a),
                     "inductor_b": inductor_settings(args.inductor_b),
-                    "env_a": args.env_a, "env_b": args.env_b,
+                    "env_a": args.env_a, "env_b": args.env_b, "kernel_env": kernel_environment(),
                     "keep_freed_memory_a": args.keep_freed_memory_a,
                     "keep_freed_memory_b": args.keep_freed_memory_b}
     result |= {f"warm_up_{name}_s": seconds for name, seconds in warm_up_s.items()}

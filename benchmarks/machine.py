@@ -17,6 +17,20 @@ import torch
 
 from aligndraw import gemm
 
+# Environment variables that choose which CPU kernels run, read once as a library loads:
+# the library's product backend, PyTorch's (and inductor's) vector width, MKL's, OpenBLAS's
+# and oneDNN's instruction sets. ``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
+# OPENBLAS_CORETYPE=Haswell ALIGNDRAW_CPU_GEMM=openblas`` runs an AVX-512 machine's step with
+# an AVX2-only processor's kernels (docs/performance.md, "An AVX2 proxy").
+KERNEL_ENV = ("ALIGNDRAW_CPU_GEMM", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+              "MKL_DEBUG_CPU_TYPE", "OPENBLAS_CORETYPE", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
+def kernel_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The ``KERNEL_ENV`` variables set in ``environ`` (default this process's), by name."""
+    environ = os.environ if environ is None else environ
+    return {k: environ[k] for k in KERNEL_ENV if environ.get(k, "").strip()}
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":

@@ -4,7 +4,8 @@
 
 ``profile_step.py`` sees ops and compiled kernels; this sees the machine code under them, per
 thread: MKL's products (``mkl_blas_*``; PyTorch links MKL into ``libtorch_cpu``, where its
-symbols are told by their prefixes, ``MKL_PREFIX``) and its other code, the vector math that
+symbols are told by their prefixes, ``MKL_PREFIX``) and its other code, OpenBLAS's products
+(numpy's OpenBLAS and the op that calls it, ``aligndraw.openblas``), the vector math that
 compiled kernels and PyTorch's ops call (SLEEF's ``Sleef_*``), the compiled kernels (inductor's
 ``.so`` files), PyTorch's own ops, its dispatch and bindings, the C library (malloc, memcpy),
 the interpreter, the kernel, and OpenMP's runtime (``libgomp``): a thread there probably
@@ -117,6 +118,8 @@ def library_kind(library: str, symbol: str) -> str:
         return "MKL products" if symbol.startswith(("mkl_blas", "gblock_")) else "MKL, other"
     if name.startswith("libtorch_cpu"):
         return "PyTorch ops (libtorch_cpu)"
+    if "openblas" in name.lower():  # numpy's OpenBLAS, and the op that calls it (aligndraw.openblas)
+        return "OpenBLAS products"
     if name.startswith(("libc10", "libtorch_python")):
         return "PyTorch dispatch and bindings"
     if name.endswith(".main.so") or "torchinductor" in library:

@@ -40,7 +40,14 @@ from aligndraw.model import AlignDraw  # noqa: E402
 from aligndraw.trainer import PaperRMSprop, Update, average_gradients  # noqa: E402
 from benchmarks.data_parallel import DataParallelVariant, WorkerSpec  # noqa: E402
 from benchmarks.flops import flops_per_image  # noqa: E402
-from benchmarks.machine import BUSY_CORES, OtherLoad, matmul_peak, timed, timed_cpu  # noqa: E402
+from benchmarks.machine import (  # noqa: E402
+    BUSY_CORES,
+    OtherLoad,
+    kernel_environment,
+    matmul_peak,
+    timed,
+    timed_cpu,
+)
 from benchmarks.naive_reference import (  # noqa: E402
     NaiveAlignDraw,
     load_from_library,
@@ -498,8 +505,12 @@ def print_table(report: dict) -> None:
     print(f"preset {report['preset']}  batch {report['batch']}  threads {report['threads']}  "
           f"device {report['gpu'] or report['device']}  torch {report['torch']}  "
           f"load avg {report['loadavg_before']}")
-    print(f"cpu {report['cpu_vendor'] or report['cpu']}  library's fp32 products: {report['gemm_backend']}"
+    print(f"cpu {report['cpu_vendor'] or report['cpu']}  PyTorch's kernels: {report['aten_cpu_capability']}  "
+          f"library's fp32 products: {report['gemm_backend']}"
           + ("  subnormal numbers flushed to 0 (--flush-denormal)" if report["flush_denormal"] else ""))
+    if report["kernel_env"]:
+        print("kernels chosen by the environment: "
+              + ", ".join(f"{k}={v}" for k, v in report["kernel_env"].items()))
     if report["busy"]:
         print(f"WARNING: the machine was busy: other processes used {report['other_processes_cores']:.2f} "
               f"of {report['cores']} cores on average while timing. With several threads "
@@ -671,6 +682,7 @@ def main(argv: list[str] | None = None) -> dict:
         "caption_len": args.caption_len, "threads": threads, "device": str(device),
         "cpu": platform.processor() or platform.machine(), "cpu_vendor": gemm.cpu_vendor(),
         "gemm_backend": gemm.backend(), "cpu_bf16_native": gemm.cpu_bf16_native(),
+        "kernel_env": kernel_environment(), "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "flush_denormal": args.flush_denormal, "compile_mode": args.compile_mode,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "subnormals_flushed": subnormals_flushed(),

@@ -158,15 +158,16 @@ def test_flop_counts_match_the_issue_estimate() -> None:
     assert big["sample"] - flops["sample"] == pytest.approx(input_gates - input_gates * 23 / 12 / 100)
 
 
-def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
-    """``benchmarks/SCRIPT ARGS`` as a real process."""
+def run_benchmark(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``benchmarks/SCRIPT ARGS`` as a real process, with ``env`` added to this one's environment."""
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=os.environ | (env or {}))
 
 
-def run_throughput(*args: str) -> subprocess.CompletedProcess:
+def run_throughput(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``benchmarks/throughput.py --smoke ARGS`` as a real process."""
-    return run_benchmark("throughput.py", "--smoke", *args)
+    return run_benchmark("throughput.py", "--smoke", *args, env=env)
 
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
@@ -191,6 +192,31 @@ def test_throughput_smoke_prints_json_last() -> None:
     for phase in ("train", "sample"):  # an interval around the paired ratio, or none for few rounds
         interval = ratio[f"{phase}_paired_ci95"]
         assert interval is None or interval[0] <= ratio[f"{phase}_paired"] <= interval[1]
+
+
+def test_kernel_environment_names_the_variables_that_choose_kernels() -> None:
+    from benchmarks.machine import kernel_environment
+
+    environ = {"ATEN_CPU_CAPABILITY": "avx2", "OPENBLAS_CORETYPE": "Haswell",
+               "MKL_ENABLE_INSTRUCTIONS": " ", "OMP_NUM_THREADS": "2", "HOME": "/root"}
+    assert kernel_environment(environ) == {"ATEN_CPU_CAPABILITY": "avx2", "OPENBLAS_CORETYPE": "Haswell"}
+    assert kernel_environment({}) == {}
+
+
+def test_throughput_reports_kernels_limited_by_the_environment() -> None:
+    """An AVX2 proxy: PyTorch's kernels and MKL's limited to AVX2; the run says so and stays equal."""
+    env = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ALIGNDRAW_CPU_GEMM": "aten"}
+    proc = run_throughput("--threads", "1", env=env)
+    report = last_json(proc)
+    assert report["kernel_env"] == env
+    assert report["aten_cpu_capability"] == "AVX2" and report["gemm_backend"] == "aten"
+    assert report["check"]["equal"] is True
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("kernels chosen by the environment: "))
+    assert all(f"{k}={v}" in line for k, v in env.items())
+    plain = last_json(run_throughput("--threads", "1", "--skip-naive",
+                                     env={k: "" for k in env}))  # blank: as if unset
+    assert plain["kernel_env"] == {}
+    assert plain["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_bf16_peak_is_measured_for_bf16_runs_and_native_bf16_only() -> None:
@@ -866,18 +892,19 @@ def test_native_profile_reads_perf_samples_and_what_runs_while_a_thread_waits() 
         " 11 100.050000:  7f08 gblock_by_k_omp (/t/lib/libtorch_cpu.so)",  # MKL's, without mkl_
         " 11 100.060000:  7f09 aoti_torch_cpu_mm_out (/t/lib/libtorch_cpu.so)",  # PyTorch's C shim
         " 11 100.070000:  7f0a vsexp_cout_rare (/t/lib/libtorch_cpu.so)",  # MKL's vector math
+        " 12 100.080000:  7f0b sgemm_kernel_HASWELL (/t/numpy.libs/libscipy_openblas64_-32a4.so)",
         "not a sample line",
         "",
     ]
     samples, skipped = parse_samples(lines)
     assert skipped == 1  # the blank line is no line to read
-    assert [s.tid for s in samples] == [11, 12, 11, 12, 12, 11, 11, 11, 11, 11]
+    assert [s.tid for s in samples] == [11, 12, 11, 12, 12, 11, 11, 11, 11, 11, 12]
     assert samples[2].symbol == "c10::function_ref<void (char**, long)>::callback_fn<k>"
     assert samples[2].library == "/t/libtorch_cpu.so"
     kinds = [s.kind for s in samples]  # worked out by library_kind as each line is read
     assert kinds == ["MKL products", OPENMP, "PyTorch ops (libtorch_cpu)", OPENMP,
                      "compiled kernels and their wrapper", "MKL, other", "vector math (SLEEF)",
-                     "MKL products", "PyTorch ops (libtorch_cpu)", "MKL, other"]
+                     "MKL products", "PyTorch ops (libtorch_cpu)", "MKL, other", "OpenBLAS products"]
     assert while_waiting(samples, 0.00015) == {("MKL products", "mkl_blas_avx512_sgemm_kernel_0"): 1}
     assert sum(while_waiting(samples, 0.001).values()) == 2  # a wider window takes both
 
