@@ -199,7 +199,10 @@ def compare(args: argparse.Namespace) -> dict:
                     "plain_a": args.plain_a, "plain_b": args.plain_b,
                     "inductor_a": inductor_settings(args.inductor_a),
                     "inductor_b": inductor_settings(args.inductor_b),
-                    "env_a": args.env_a, "env_b": args.env_b, "kernel_env": kernel_environment(),
+                    "env_a": args.env_a, "env_b": args.env_b,
+                    # each worker's kernel variables as it starts (its --gemm-x is a_gemm / b_gemm)
+                    "kernel_env_a": kernel_environment(os.environ | args.env_a),
+                    "kernel_env_b": kernel_environment(os.environ | args.env_b),
                     "keep_freed_memory_a": args.keep_freed_memory_a,
                     "keep_freed_memory_b": args.keep_freed_memory_b}
     result |= {f"warm_up_{name}_s": seconds for name, seconds in warm_up_s.items()}

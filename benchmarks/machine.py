@@ -10,23 +10,24 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 
 import torch
 
 from aligndraw import gemm
 
-# Environment variables that choose which CPU kernels run, read once as a library loads:
-# the library's product backend, PyTorch's (and inductor's) vector width, MKL's, OpenBLAS's
-# and oneDNN's instruction sets. ``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
-# OPENBLAS_CORETYPE=Haswell ALIGNDRAW_CPU_GEMM=openblas`` runs an AVX-512 machine's step with
-# an AVX2-only processor's kernels (docs/performance.md, "An AVX2 proxy").
+# Environment variables that choose which CPU kernels run, read once: as a library loads, or
+# (inductor) at its first compile. The library's product backend, PyTorch's and inductor's
+# vector width, MKL's, OpenBLAS's and oneDNN's instruction sets. ``ATEN_CPU_CAPABILITY=avx2
+# MKL_ENABLE_INSTRUCTIONS=AVX2 OPENBLAS_CORETYPE=Haswell`` runs an AVX-512 machine's step with
+# AVX2 kernels in PyTorch, inductor, MKL and OpenBLAS (oneDNN too with ONEDNN_MAX_CPU_ISA=AVX2;
+# the C library keeps its own): docs/performance.md, "An AVX2 proxy".
 KERNEL_ENV = ("ALIGNDRAW_CPU_GEMM", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
-              "MKL_DEBUG_CPU_TYPE", "OPENBLAS_CORETYPE", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+              "OPENBLAS_CORETYPE", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 
 
-def kernel_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+def kernel_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The ``KERNEL_ENV`` variables set in ``environ`` (default this process's), by name."""
     environ = os.environ if environ is None else environ
     return {k: environ[k] for k in KERNEL_ENV if environ.get(k, "").strip()}

@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.accumulate import weight_shapes  # noqa: E402
 from benchmarks.flops import flops_per_image  # noqa: E402
+from benchmarks.machine import KERNEL_ENV  # noqa: E402
 from benchmarks.naive_reference import (  # noqa: E402
     NaiveAlignDraw,
     load_from_library,
@@ -166,7 +167,7 @@ def run_benchmark(script: str, *args: str, env: dict[str, str] | None = None) ->
 
 
 def run_throughput(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``benchmarks/throughput.py --smoke ARGS`` as a real process."""
+    """``benchmarks/throughput.py --smoke ARGS`` as a real process, with ``env`` added to its environment."""
     return run_benchmark("throughput.py", "--smoke", *args, env=env)
 
 
@@ -203,20 +204,28 @@ def test_kernel_environment_names_the_variables_that_choose_kernels() -> None:
     assert kernel_environment({}) == {}
 
 
+# every kernel variable blank (as if unset), whatever the environment the tests run in
+NO_KERNEL_ENV = {k: "" for k in KERNEL_ENV}
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or "avx2" not in gemm.cpu_flags(),
+                    reason="PyTorch's AVX2 kernels need an x86 processor with AVX2")
 def test_throughput_reports_kernels_limited_by_the_environment() -> None:
     """An AVX2 proxy: PyTorch's kernels and MKL's limited to AVX2; the run says so and stays equal."""
     env = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ALIGNDRAW_CPU_GEMM": "aten"}
-    proc = run_throughput("--threads", "1", env=env)
+    proc = run_throughput("--threads", "1", env=NO_KERNEL_ENV | env)
     report = last_json(proc)
     assert report["kernel_env"] == env
     assert report["aten_cpu_capability"] == "AVX2" and report["gemm_backend"] == "aten"
     assert report["check"]["equal"] is True
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("kernels chosen by the environment: "))
+    lines = proc.stdout.splitlines()
+    line = next(x for x in lines if x.startswith("kernels chosen by the environment: "))
     assert all(f"{k}={v}" in line for k, v in env.items())
-    plain = last_json(run_throughput("--threads", "1", "--skip-naive",
-                                     env={k: "" for k in env}))  # blank: as if unset
-    assert plain["kernel_env"] == {}
-    assert plain["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert any("PyTorch's kernels: AVX2" in x for x in lines)
+    plain_proc = run_throughput("--threads", "1", "--skip-naive", env=NO_KERNEL_ENV)
+    plain = last_json(plain_proc)
+    assert plain["kernel_env"] == {} and plain["aten_cpu_capability"] not in ("", None)
+    assert "kernels chosen by the environment" not in plain_proc.stdout
 
 
 def test_bf16_peak_is_measured_for_bf16_runs_and_native_bf16_only() -> None:
@@ -405,9 +414,13 @@ def test_ab_trees_starts_each_worker_with_its_own_environment() -> None:
                                      "--repeats", "1", "--threads", "1",
                                      "--env-a", "ALIGNDRAW_CPU_GEMM=aten",
                                      "--env-b", "ALIGNDRAW_CPU_GEMM=onednn",
-                                     "--env-b", "OMP_PROC_BIND=false"))
+                                     "--env-b", "OMP_PROC_BIND=false",
+                                     env=NO_KERNEL_ENV | {"OPENBLAS_CORETYPE": "Haswell"}))
     assert (report["a_gemm"], report["b_gemm"]) == ("aten", "onednn")
     assert report["env_b"] == {"ALIGNDRAW_CPU_GEMM": "onednn", "OMP_PROC_BIND": "false"}
+    # each worker's kernel variables: the run's own, which both inherit, and its --env-x ones
+    assert report["kernel_env_a"] == {"ALIGNDRAW_CPU_GEMM": "aten", "OPENBLAS_CORETYPE": "Haswell"}
+    assert report["kernel_env_b"] == {"ALIGNDRAW_CPU_GEMM": "onednn", "OPENBLAS_CORETYPE": "Haswell"}
     bad = run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--env-b", "OMP_PROC_BIND")
     assert bad.returncode == 2 and "environment variables are KEY=VALUE" in bad.stderr
     assert "'OMP_PROC_BIND'" in bad.stderr
@@ -893,18 +906,20 @@ def test_native_profile_reads_perf_samples_and_what_runs_while_a_thread_waits() 
         " 11 100.060000:  7f09 aoti_torch_cpu_mm_out (/t/lib/libtorch_cpu.so)",  # PyTorch's C shim
         " 11 100.070000:  7f0a vsexp_cout_rare (/t/lib/libtorch_cpu.so)",  # MKL's vector math
         " 12 100.080000:  7f0b sgemm_kernel_HASWELL (/t/numpy.libs/libscipy_openblas64_-32a4.so)",
+        " 12 100.090000:  7f0c aligndraw_mm (/root/.cache/torch_extensions/aligndraw_openblas.so)",
         "not a sample line",
         "",
     ]
     samples, skipped = parse_samples(lines)
     assert skipped == 1  # the blank line is no line to read
-    assert [s.tid for s in samples] == [11, 12, 11, 12, 12, 11, 11, 11, 11, 11, 12]
+    assert [s.tid for s in samples] == [11, 12, 11, 12, 12, 11, 11, 11, 11, 11, 12, 12]
     assert samples[2].symbol == "c10::function_ref<void (char**, long)>::callback_fn<k>"
     assert samples[2].library == "/t/libtorch_cpu.so"
     kinds = [s.kind for s in samples]  # worked out by library_kind as each line is read
     assert kinds == ["MKL products", OPENMP, "PyTorch ops (libtorch_cpu)", OPENMP,
                      "compiled kernels and their wrapper", "MKL, other", "vector math (SLEEF)",
-                     "MKL products", "PyTorch ops (libtorch_cpu)", "MKL, other", "OpenBLAS products"]
+                     "MKL products", "PyTorch ops (libtorch_cpu)", "MKL, other", "OpenBLAS products",
+                     "OpenBLAS products"]
     assert while_waiting(samples, 0.00015) == {("MKL products", "mkl_blas_avx512_sgemm_kernel_0"): 1}
     assert sum(while_waiting(samples, 0.001).values()) == 2  # a wider window takes both
 
