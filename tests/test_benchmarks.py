@@ -176,8 +176,13 @@ def last_json(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# every kernel variable blank (as if unset), whatever the environment the tests run in
+NO_KERNEL_ENV = {k: "" for k in KERNEL_ENV}
+
+
 def test_throughput_smoke_prints_json_last() -> None:
-    report = last_json(run_throughput())
+    proc = run_throughput(env=NO_KERNEL_ENV)
+    report = last_json(proc)
     for key in ("preset", "batch", "threads", "busy", "other_processes_cores", "peak_gflops",
                 "flops_per_image", "check", "results", "ratios"):
         assert key in report, key
@@ -193,6 +198,9 @@ def test_throughput_smoke_prints_json_last() -> None:
     for phase in ("train", "sample"):  # an interval around the paired ratio, or none for few rounds
         interval = ratio[f"{phase}_paired_ci95"]
         assert interval is None or interval[0] <= ratio[f"{phase}_paired"] <= interval[1]
+    # no kernel variable set: none reported, and the table names the kernels the JSON does
+    assert report["kernel_env"] == {} and "kernels chosen by the environment" not in proc.stdout
+    assert f"PyTorch's kernels: {report['aten_cpu_capability']}  " in proc.stdout
 
 
 def test_kernel_environment_names_the_variables_that_choose_kernels() -> None:
@@ -202,10 +210,6 @@ def test_kernel_environment_names_the_variables_that_choose_kernels() -> None:
                "MKL_ENABLE_INSTRUCTIONS": " ", "OMP_NUM_THREADS": "2", "HOME": "/root"}
     assert kernel_environment(environ) == {"ATEN_CPU_CAPABILITY": "avx2", "OPENBLAS_CORETYPE": "Haswell"}
     assert kernel_environment({}) == {}
-
-
-# every kernel variable blank (as if unset), whatever the environment the tests run in
-NO_KERNEL_ENV = {k: "" for k in KERNEL_ENV}
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or "avx2" not in gemm.cpu_flags(),
@@ -222,10 +226,6 @@ def test_throughput_reports_kernels_limited_by_the_environment() -> None:
     line = next(x for x in lines if x.startswith("kernels chosen by the environment: "))
     assert all(f"{k}={v}" in line for k, v in env.items())
     assert any("PyTorch's kernels: AVX2" in x for x in lines)
-    plain_proc = run_throughput("--threads", "1", "--skip-naive", env=NO_KERNEL_ENV)
-    plain = last_json(plain_proc)
-    assert plain["kernel_env"] == {} and plain["aten_cpu_capability"] not in ("", None)
-    assert "kernels chosen by the environment" not in plain_proc.stdout
 
 
 def test_bf16_peak_is_measured_for_bf16_runs_and_native_bf16_only() -> None:
