@@ -65,7 +65,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aligndraw import gemm  # noqa: E402
+from aligndraw import gemm, openblas  # noqa: E402
 from aligndraw.config import ModelConfig  # noqa: E402
 from benchmarks.machine import timed  # noqa: E402
 
@@ -220,7 +220,7 @@ def plan(products: list[Product], g: torch.Generator, device: torch.device,
             a = torch.randn(*lead, p.m, p.k, generator=g).to(device)  # (b?, m, k)
             b = torch.randn(*lead, p.k, p.n, generator=g).to(device)  # (b?, k, n)
             operands[key] = (a, b, torch.empty(*lead, p.m, p.n, device=device))
-        call = (torch.bmm if p.b else _plain_product(device), *operands[key])
+        call = (_batched_product(device) if p.b else _plain_product(device), *operands[key])
         # a step's forward products take turns, and then its gradients (the next group)
         group = p.per_step and ("gradient" if "/" in p.name else "forward")
         if group and out and out[-1][0] == p.count and out[-1][2] == group:
@@ -241,6 +241,20 @@ def _plain_product(device: torch.device):
     """The plain products' function for the process's backend: ``_gemm_mm`` where
     ``aligndraw.gemm`` chooses oneDNN or OpenBLAS, else ``torch.mm`` into ``out``."""
     return _gemm_mm if device.type == "cpu" and gemm.backend() != "aten" else torch.mm
+
+
+def _openblas_bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """a @ b per matrix through OpenBLAS's batched op; a new output (``out`` is left alone)."""
+    return openblas.bmm(a, b)
+
+
+def _batched_product(device: torch.device):
+    """The batched products' function: ``_openblas_bmm`` where ``aligndraw.gemm`` chooses
+    OpenBLAS for them (as the compiled library runs them) and its op is loaded
+    (``gemm.prepare``), else ``torch.bmm`` into ``out``."""
+    if device.type == "cpu" and gemm.batched_backend() == "openblas" and openblas.loaded():
+        return _openblas_bmm
+    return torch.bmm
 
 
 def run(planned: list) -> None:
@@ -293,11 +307,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         cfg = ModelConfig(**SMOKE_CONFIG)
         args.batch, args.caption_len, args.repeats = 8, 6, 1
+    gemm.prepare()  # OpenBLAS's op loaded where a backend is OpenBLAS (or that backend is aten)
     report = {"preset": "smoke" if args.smoke else args.preset, "batch": args.batch,
               "caption_len": args.caption_len, "threads": torch.get_num_threads(),
-              "gemm_backend": gemm.backend(), "phases": {}}
+              "gemm_backend": gemm.backend(), "batched_backend": gemm.batched_backend(),
+              "phases": {}}
     print(f"preset {report['preset']}, batch {args.batch}, {args.caption_len}-word captions, "
-          f"{report['threads']} threads, fp32 products: {report['gemm_backend']}")
+          f"{report['threads']} threads, fp32 products: {report['gemm_backend']}, "
+          f"batched: {report['batched_backend']}")
     for phase in ("train", "sample"):
         rows = time_each(cfg, args.batch, args.caption_len, phase, args.repeats, torch.device("cpu"))
         totals = {kind: sum(r["ms"] for r in rows if bool(r["b"]) == (kind == "batched"))

@@ -173,10 +173,13 @@ def test_openblas_weight_gradients_are_stacked_over_their_rows():
     torch.testing.assert_close(gm(*args).double(), want, rtol=1e-5, atol=1e-5)
 
 
-def _eager_and_compiled_grads(monkeypatch, autocast: bool, backend: str = "onednn"):
+def _eager_and_compiled_grads(monkeypatch, autocast: bool, backend: str = "onednn",
+                              batched: str = "aten"):
     """Parameter gradients of a small model, eager and through ``compiler.compile``, how
     many sums the pass rewrote in each compiled graph, the names of the ops a compiled step
-    calls, and how many biased products ``unfuse_cpu_bias`` rewrote in each graph."""
+    calls, and how many biased products ``unfuse_cpu_bias`` rewrote in each graph. ``batched``
+    is the batched products' backend (``aten`` unless a test asks: the default follows the
+    processor)."""
     config = tiny_config(lang_hidden=32, align_dim=64, enc_hidden=64, dec_hidden=64, z_dim=64)
     model = AlignDraw(config)
     with torch.no_grad():  # away from the zero init, so that every gradient is informative
@@ -191,7 +194,7 @@ def _eager_and_compiled_grads(monkeypatch, autocast: bool, backend: str = "onedn
     monkeypatch.setattr(compiler, "unfuse_cpu_bias", lambda graph: unfused.append(unfuse(graph)))
     # caches off, so that the pass runs even where an earlier run compiled this graph
     products = contextlib.nullcontext() if autocast else gemm.using(backend)
-    with (products, torch.compiler.config.patch(force_disable_caches=True),
+    with (products, gemm.using_batched(batched), torch.compiler.config.patch(force_disable_caches=True),
           torch.autocast("cpu", torch.bfloat16, enabled=autocast)):
         want = torch.autograd.grad(model(images, tokens, lengths, noise=noise).loss,
                                    list(model.parameters()))
@@ -228,6 +231,44 @@ def test_compiled_model_with_openblas_products_stacks_them_and_equals_eager(monk
     assert relative_distance(got, want) <= 1e-5
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
+
+
+@needs_openblas
+def test_compiled_model_with_openblas_batched_products_equals_eager(monkeypatch):
+    want, got, _, ops, _ = _eager_and_compiled_grads(monkeypatch, autocast=False, batched="openblas")
+    # the filterbanks' and the context mix's products, forward and backward, and the canvas
+    assert {"aligndraw_openblas::bmm", "aligndraw_openblas::baddbmm"} <= ops
+    assert "aten::bmm" not in ops and "aten::baddbmm" not in ops
+    assert relative_distance(got, want) <= 1e-5
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
+
+
+def _batched_products(a, b, c, c_row, d):
+    # a bmm, a baddbmm, a baddbmm with a broadcast C, and an fp64 bmm
+    return a @ b, torch.baddbmm(c, a, b), torch.baddbmm(c_row, a, b), d @ d.transpose(1, 2)
+
+
+@needs_openblas
+def test_cpu_fp32_batched_products_become_openblas_ops():
+    args = (_rand(3, 4, 5), _rand(3, 5, 6, seed=1), _rand(3, 4, 6, seed=2), _rand(6, seed=3),
+            _rand(3, 2, 2, seed=4).double())
+    gm = _traced(_batched_products, *args)
+    assert compiler.openblas_batched(gm.graph) == 2  # not the broadcast C, not the fp64 product
+    gm.recompile()
+    assert _count(gm, torch.ops.aligndraw_openblas.bmm.default) == 1
+    assert _count(gm, torch.ops.aligndraw_openblas.baddbmm.default) == 1
+    assert _count(gm, torch.ops.aten.baddbmm.default) == 1 and _count(gm, torch.ops.aten.bmm.default) == 1
+    for got, want in zip(gm(*args), _batched_products(*args), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_last_pass_follows_the_batched_product_backend():
+    with gemm.using_batched("aten"):
+        aten = compiler.UnfuseBias().uuid()
+    if openblas.missing() is None:
+        with gemm.using_batched("openblas"):
+            assert compiler.UnfuseBias().uuid() != aten  # inductor's cache tells them apart
 
 
 def test_compiled_model_with_mkl_products_keeps_its_fp32_step_products_and_equals_eager(monkeypatch):

@@ -247,3 +247,27 @@ def test_cpu_bf16_native_agrees_with_the_processor_flags():
     else:  # no x86 flags to compare with (e.g. ARM): at least the answer is oneDNN's
         assert gemm.cpu_bf16_native() == (torch.backends.mkldnn.is_available()
                                           and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def test_the_default_batched_backend_follows_the_processor(monkeypatch):
+    monkeypatch.delenv("ALIGNDRAW_CPU_BMM", raising=False)
+    buildable = "openblas" if openblas.missing() is None else "aten"
+    assert gemm._default_batched_backend("AuthenticAMD") == buildable
+    assert gemm._default_batched_backend("GenuineIntel") == "aten"
+    assert gemm._default_batched_backend("") == "aten"
+    monkeypatch.setattr(openblas, "missing", lambda: "no ninja")
+    assert gemm._default_batched_backend("AuthenticAMD") == "aten"
+    monkeypatch.setenv("ALIGNDRAW_CPU_BMM", " ATen ")
+    assert gemm._default_batched_backend("AuthenticAMD") == "aten"  # the environment decides first
+    monkeypatch.setenv("ALIGNDRAW_CPU_BMM", "mkl")
+    with pytest.raises(ValueError, match="batched-product backend must be one of openblas, aten.*"
+                                         "ALIGNDRAW_CPU_BMM.*got 'mkl'"):
+        gemm._default_batched_backend()
+    monkeypatch.setenv("ALIGNDRAW_CPU_BMM", "openblas")
+    monkeypatch.setattr(openblas, "loaded", lambda: False)
+    with pytest.raises(ValueError, match="'openblas' asked for, but no ninja; use 'aten'"):
+        gemm._default_batched_backend()
+    before = gemm.batched_backend()
+    with gemm.using_batched("aten"):
+        assert gemm.batched_backend() == "aten"
+    assert gemm.batched_backend() == before

@@ -152,6 +152,7 @@ def _unbuildable(monkeypatch):
     monkeypatch.setattr(openblas, "loaded", lambda: False)
     monkeypatch.setattr(openblas, "load", fail)
     monkeypatch.setattr(gemm, "_backend", "openblas")
+    monkeypatch.setattr(gemm, "_batched", "aten")  # restored after the test, as the others
 
 
 def test_a_default_openblas_that_fails_to_build_falls_back_to_aten(monkeypatch, caplog):
@@ -188,3 +189,76 @@ def test_choosing_a_loaded_openblas_does_not_look_for_the_build_tools_again(monk
     monkeypatch.setattr(openblas, "missing", fail)
     with gemm.using("openblas"):
         assert gemm.backend() == "openblas"
+
+
+def _stack_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as the stack ``t`` (P, rows, cols) in another memory layout."""
+    if layout == "transposed":  # each matrix column-major (a bmm gradient's operand)
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "broadcast":  # one matrix for every batch entry: batch stride 0
+        return t[:1].expand_as(t)
+    if layout == "interleaved":  # neither row- nor column-major: packed first
+        wide = torch.zeros(t.shape[0], t.shape[1], 2 * t.shape[2])
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t
+
+
+STACK_LAYOUTS = ("row-major", "transposed", "broadcast", "interleaved")
+
+
+@needs_openblas
+@pytest.mark.parametrize("layout_a", STACK_LAYOUTS)
+@pytest.mark.parametrize("layout_b", STACK_LAYOUTS)
+def test_batched_products_equal_float64_in_every_layout(layout_a, layout_b):
+    a, b, c = _rand(7, 8, 60), _rand(7, 60, 9, seed=1), _rand(7, 8, 9, seed=2)
+    a2, b2 = _stack_layout(a, layout_a), _stack_layout(b, layout_b)
+    want = a2.double() @ b2.double()  # (P, 8, 9)
+    _close(openblas.bmm(a2, b2), want.float())
+    _close(openblas.baddbmm(c, a2, b2), (c.double() + want).float())
+
+
+@needs_openblas
+@pytest.mark.parametrize("p,m,k,n", [(200, 8, 60, 60), (100, 60, 60, 8), (100, 1, 12, 1200),
+                                     (100, 12, 1, 1200), (3, 1, 1, 1), (1, 5, 7, 3)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_batched_products_at_the_steps_shapes_and_any_thread_count(p, m, k, n, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b, c = _rand(p, m, k), _rand(p, k, n, seed=1), _rand(p, m, n, seed=2)
+        _close(openblas.bmm(a, b), (a.double() @ b.double()).float())
+        _close(openblas.baddbmm(c, a, b), (c.double() + a.double() @ b.double()).float())
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_openblas
+def test_batched_products_with_empty_sides_and_bad_operands():
+    assert openblas.bmm(torch.zeros(0, 3, 5), torch.zeros(0, 5, 7)).shape == (0, 3, 7)
+    assert torch.equal(openblas.bmm(torch.ones(2, 3, 0), torch.ones(2, 0, 7)), torch.zeros(2, 3, 7))
+    c = _rand(2, 3, 7)
+    kept = c.clone()
+    assert torch.equal(openblas.baddbmm(c, torch.ones(2, 3, 0), torch.ones(2, 0, 7)), c)
+    out = openblas.baddbmm(c, _rand(2, 3, 4, seed=1), _rand(2, 4, 7, seed=2))
+    assert out.data_ptr() != c.data_ptr() and torch.equal(c, kept)  # c is never written
+    with pytest.raises(RuntimeError, match=r"\(P, K, N\) stacks, got \[2, 3, 4\] and \[3, 4, 5\]"):
+        openblas.bmm(torch.ones(2, 3, 4), torch.ones(3, 4, 5))
+    with pytest.raises(RuntimeError, match=r"c must be \(2, 3, 5\), got \[3, 5\]"):
+        openblas.baddbmm(torch.ones(3, 5), torch.ones(2, 3, 4), torch.ones(2, 4, 5))
+    with pytest.raises(RuntimeError, match=r"CPU float32 tensor, got Double"):
+        openblas.bmm(torch.ones(2, 3, 4, dtype=torch.float64), torch.ones(2, 4, 5))
+
+
+def test_a_default_batched_openblas_that_fails_to_build_falls_back_to_aten(monkeypatch, caplog):
+    _unbuildable(monkeypatch)
+    monkeypatch.setattr(gemm, "_backend", "onednn")  # the plain products' backend needs no build
+    monkeypatch.setattr(gemm, "_batched", "openblas")
+    monkeypatch.setattr(gemm, "_batched_asked", False)
+    with caplog.at_level(logging.WARNING, logger="aligndraw.gemm"):
+        assert gemm.prepare() == "onednn"
+    assert gemm.batched_backend() == "aten" and "the build failed" in caplog.text
+    monkeypatch.setattr(gemm, "_batched", "openblas")
+    monkeypatch.setattr(gemm, "_batched_asked", True)
+    with pytest.raises(RuntimeError, match="'openblas': the build failed"):
+        gemm.prepare()

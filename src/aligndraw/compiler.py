@@ -237,14 +237,45 @@ def unfuse_cpu_bias(graph: fx.Graph) -> int:
     return changed
 
 
+_BATCHED = {aten.bmm.default: "bmm", aten.baddbmm.default: "baddbmm"}
+
+
+def openblas_batched(graph: fx.Graph) -> int:
+    """Rewrite CPU fp32 ``bmm(A, B)`` and ``baddbmm(C, A, B)`` (C of the output's shape, β = α = 1)
+    as OpenBLAS's batched products (``aligndraw.openblas``); returns how many changed. Same
+    products, each matrix's sums in OpenBLAS's order. Needs OpenBLAS's op loaded."""
+    changed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _BATCHED or node.kwargs:
+            continue
+        vals = [_val(a) for a in node.args]
+        if not all(isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dtype == torch.float32
+                   and v.dim() == 3 for v in vals):
+            continue
+        if node.target is aten.baddbmm.default and vals[0].shape != _val(node).shape:
+            continue  # a broadcast C
+        op = getattr(torch.ops.aligndraw_openblas, _BATCHED[node.target]).default
+        with graph.inserting_before(node):
+            new = _call(graph, op, *node.args)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        changed += 1
+    return changed
+
+
 class UnfuseBias(CustomGraphPass):
-    """``unfuse_cpu_bias`` as inductor's last post-grad pass. Keyed by this file for its cache."""
+    """``unfuse_cpu_bias``, then ``openblas_batched`` where ``gemm.batched_backend()`` is OpenBLAS,
+    as inductor's last post-grad pass. Keyed by this file, OpenBLAS's op and that backend for
+    inductor's cache."""
 
     def __call__(self, graph: fx.Graph) -> None:
         unfuse_cpu_bias(graph)
+        if gemm.batched_backend() == "openblas" and openblas.loaded():
+            openblas_batched(graph)
 
     def uuid(self) -> bytes:
-        return get_hash_for_files((__file__,))
+        return get_hash_for_files((__file__, openblas.__file__, str(openblas.SOURCE))) \
+            + gemm.batched_backend().encode()
 
 
 # inductor's C++ wrapper: the generated code calls its kernels from C++, not Python (built

@@ -25,6 +25,13 @@ and if that fails the default falls back to ``aten`` with a warning), else ``ate
 fp32 products with both sides of the weight at least ``MIN_SIZE`` go through oneDNN or
 OpenBLAS (on small outputs their calls cost more than MKL's); everything else (GPU, bf16 and
 autocast, small heads) is plain PyTorch.
+
+The step's **batched** products (the filterbanks' and the context mix's ``bmm`` and
+``baddbmm``) have a backend of their own, applied under ``torch.compile`` by
+``aligndraw.compiler``'s last graph pass: ``ALIGNDRAW_CPU_BMM=openblas|aten`` or
+``set_batched_backend``; the default is OpenBLAS on AMD processors where its op can be built
+(there MKL's ``bmm`` runs AVX2 kernels; OpenBLAS's op trained 1.05× faster compiled on an AMD
+EPYC Zen 4), else ``aten``. Eager products stay PyTorch's.
 """
 
 from __future__ import annotations
@@ -110,10 +117,38 @@ def _checked(name: str) -> str:
     return name
 
 
+def _default_batched_backend(vendor: str | None = None) -> str:
+    """``ALIGNDRAW_CPU_BMM`` if set; else OpenBLAS on an AMD CPU where its op can be built
+    (``openblas.missing()``), ``aten`` (PyTorch's ``bmm``: MKL) otherwise.
+
+    The step's batched products are small (the filterbanks' 8×60·60×60 and smaller, the context
+    mix's 1×12·12×1200). On an AMD processor MKL runs them with its AVX2 kernels; on an AMD
+    EPYC (Zen 4) OpenBLAS's kernels, one matrix per call on each thread, ran a mnist-captions
+    training step's batched products (each timed alone) in 24.4 ms against MKL's 59.3
+    (``benchmarks/products.py``; docs/performance.md, item 26)."""
+    name = os.environ.get("ALIGNDRAW_CPU_BMM", "").strip().lower()
+    if name:
+        return _checked_batched(name)
+    vendor = cpu_vendor() if vendor is None else vendor
+    return "openblas" if vendor == "AuthenticAMD" and openblas.missing() is None else "aten"
+
+
+def _checked_batched(name: str) -> str:
+    if name not in BATCHED_BACKENDS:
+        raise ValueError(f"CPU batched-product backend must be one of {', '.join(BATCHED_BACKENDS)} "
+                         f"(from set_batched_backend or ALIGNDRAW_CPU_BMM), got {name!r}")
+    if name == "openblas" and not openblas.loaded() and (why := openblas.missing()):
+        raise ValueError(f"CPU batched-product backend 'openblas' asked for, but {why}; use 'aten'")
+    return name
+
+
+BATCHED_BACKENDS = ("openblas", "aten")
 _backend = _default_backend()
+_batched = _default_batched_backend()
 # whether the backend was asked for (ALIGNDRAW_CPU_GEMM, set_backend): then a failure to build
 # OpenBLAS's op is an error; chosen by default, it falls back to aten with a warning
 _asked = bool(os.environ.get("ALIGNDRAW_CPU_GEMM", "").strip())
+_batched_asked = bool(os.environ.get("ALIGNDRAW_CPU_BMM", "").strip())
 
 
 def prepare() -> str:
@@ -121,15 +156,16 @@ def prepare() -> str:
     the backend. ``aligndraw.compiler.compile`` calls it before tracing; eager products call it
     at their first use. Chosen by default, a backend that fails to load falls back to ``aten``
     with a warning; asked for, the failure is raised."""
-    global _backend
-    if _backend == "openblas" and not openblas.loaded():
+    global _backend, _batched
+    if "openblas" in (_backend, _batched) and not openblas.loaded():
         try:
             openblas.load()
         except Exception as e:
-            if _asked:
+            if _asked and _backend == "openblas" or _batched_asked and _batched == "openblas":
                 raise RuntimeError(f"CPU GEMM backend 'openblas': {e}") from e
             log.warning("OpenBLAS products unavailable (%s); using PyTorch's default BLAS", e)
-            _backend = "aten"
+            _backend = "aten" if _backend == "openblas" else _backend
+            _batched = "aten"
     return _backend
 
 
@@ -158,6 +194,23 @@ def backend() -> str:
     return _backend
 
 
+def batched_backend() -> str:
+    """The CPU fp32 batched-product backend (``bmm``, ``baddbmm`` under ``torch.compile``):
+    ``"openblas"`` or ``"aten"``. A default ``"openblas"`` that fails to load becomes ``"aten"``."""
+    return _batched
+
+
+def set_batched_backend(name: str) -> str:
+    """Use ``name`` (one of ``BATCHED_BACKENDS``) for CPU fp32 batched products compiled from now
+    on; returns the old one. OpenBLAS's op is loaded here (built on first use)."""
+    global _batched, _batched_asked
+    name = _checked_batched(name)
+    if name == "openblas":
+        openblas.load()
+    old, _batched, _batched_asked = _batched, name, True
+    return old
+
+
 def set_backend(name: str) -> str:
     """Use ``name`` (one of ``BACKENDS``) for CPU fp32 products from now on; returns the old one.
     OpenBLAS's op is loaded here (built on first use): a failure is raised, nothing changed."""
@@ -180,6 +233,19 @@ def using(name: str) -> Iterator[None]:
         yield
     finally:
         _backend, _asked = before
+
+
+@contextmanager
+def using_batched(name: str) -> Iterator[None]:
+    """Within the block, CPU fp32 batched products compiled use backend ``name``; after it, the
+    previous one, as it was."""
+    global _batched, _batched_asked
+    before = _batched, _batched_asked
+    set_batched_backend(name)
+    try:
+        yield
+    finally:
+        _batched, _batched_asked = before
 
 
 def _ready() -> bool:

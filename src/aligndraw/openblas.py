@@ -21,7 +21,10 @@ layout is packed first):
 
 * ``torch.ops.aligndraw_openblas.addmm(bias, a, b)``: (N,) or None, (M, K), (K, N) → (M, N);
 * ``torch.ops.aligndraw_openblas.mm(a, b)``: (M, K), (K, N) → (M, N);
-* ``torch.ops.aligndraw_openblas.tmm(a, b)``: aᵀ b, (R, M), (R, N) → (M, N).
+* ``torch.ops.aligndraw_openblas.tmm(a, b)``: aᵀ b, (R, M), (R, N) → (M, N);
+* ``torch.ops.aligndraw_openblas.bmm(a, b)``: (P, M, K), (P, K, N) → (P, M, N), the P products
+  split over PyTorch's threads (each matrix row- or column-major, any batch stride);
+* ``torch.ops.aligndraw_openblas.baddbmm(c, a, b)``: c + a @ b, (P, M, N), (P, M, K), (P, K, N).
 
 All three trace under ``torch.compile`` (fake kernels below) and run from inductor's C++ wrapper
 through PyTorch's dispatcher.
@@ -147,6 +150,14 @@ def load() -> None:
     def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a.new_empty((a.shape[1], b.shape[1]))
 
+    @torch.library.register_fake("aligndraw_openblas::bmm")
+    def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
+
+    @torch.library.register_fake("aligndraw_openblas::baddbmm")
+    def _(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
+
     global _loaded
     _loaded = True
 
@@ -169,3 +180,14 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def tmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """aᵀ @ b: (R, M), (R, N) → (M, N), through OpenBLAS (after :func:`load`)."""
     return torch.ops.aligndraw_openblas.tmm(a, b)
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b per matrix: (P, M, K), (P, K, N) → (P, M, N), through OpenBLAS (after :func:`load`)."""
+    return torch.ops.aligndraw_openblas.bmm(a, b)
+
+
+def baddbmm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """c + a @ b per matrix: (P, M, N), (P, M, K), (P, K, N) → (P, M, N), through OpenBLAS
+    (after :func:`load`)."""
+    return torch.ops.aligndraw_openblas.baddbmm(c, a, b)

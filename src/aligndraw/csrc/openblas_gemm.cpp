@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 namespace {
 
@@ -41,14 +42,21 @@ struct Operand {
   bool trans;
 };
 
+// The layout sgemm can read a (rows, cols) matrix in from its strides, if any: row-major
+// (rows ld apart) or column-major; sizes of 1 admit any stride.
+std::optional<std::pair<int64_t, bool>> layout(int64_t rows, int64_t cols, int64_t s0, int64_t s1) {
+  if ((s1 == 1 || cols == 1) && (s0 >= std::max<int64_t>(1, cols) || rows == 1))
+    return std::make_pair(std::max<int64_t>({1, cols, rows == 1 ? 1 : s0}), false);
+  if ((s0 == 1 || rows == 1) && (s1 >= std::max<int64_t>(1, rows) || cols == 1))
+    return std::make_pair(std::max<int64_t>({1, rows, cols == 1 ? 1 : s1}), true);
+  return std::nullopt;
+}
+
 Operand operand(const at::Tensor& t) {
-  const int64_t rows = t.size(0), cols = t.size(1);
-  if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, cols))
-    return {t, t.data_ptr<float>(), std::max<int64_t>(1, t.stride(0)), false};
-  if (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, rows))
-    return {t, t.data_ptr<float>(), std::max<int64_t>(1, t.stride(1)), true};
+  if (auto l = layout(t.size(0), t.size(1), t.stride(0), t.stride(1)))
+    return {t, t.data_ptr<float>(), l->first, l->second};
   at::Tensor packed = t.contiguous();  // any other layout: packed once
-  return {packed, packed.data_ptr<float>(), std::max<int64_t>(1, cols), false};
+  return {packed, packed.data_ptr<float>(), std::max<int64_t>(1, t.size(1)), false};
 }
 
 void sgemm(const Operand& a, const Operand& b, int64_t m, int64_t n, int64_t k, int64_t n0,
@@ -118,6 +126,63 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return product(std::nu
 // aᵀ b: (R, M), (R, N) → (M, N), e.g. a weight's gradient from R rows of gradients and inputs
 at::Tensor tmm(const at::Tensor& a, const at::Tensor& b) { return product(std::nullopt, a.t(), b); }
 
+// A stack of matrices (P, R, C): matrix i starts i·step floats after data, each read as Operand.
+struct Stack {
+  Operand matrix;
+  int64_t step;
+};
+
+Stack stack(const at::Tensor& t) {
+  if (auto l = layout(t.size(1), t.size(2), t.stride(1), t.stride(2)))
+    return {{t, t.data_ptr<float>(), l->first, l->second}, t.stride(0)};
+  at::Tensor packed = t.contiguous();  // any other layout: packed once
+  return {{packed, packed.data_ptr<float>(), std::max<int64_t>(1, t.size(2)), false},
+          t.size(1) * t.size(2)};
+}
+
+// (P, M, K) @ (P, K, N) (+ c (P, M, N)) → (P, M, N), row-major: the P products split over
+// PyTorch's threads, each thread calling OpenBLAS (one thread) for each of its matrices
+at::Tensor batched(const std::optional<at::Tensor>& c, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(bound(), "aligndraw_openblas: no sgemm bound (aligndraw.openblas.load() binds it)");
+  TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1),
+              "aligndraw_openblas: expected (P, M, K) and (P, K, N) stacks, got ", a.sizes(),
+              " and ", b.sizes());
+  check(a, "a");
+  check(b, "b");
+  const int64_t p = a.size(0), m = a.size(1), k = a.size(2), n = b.size(2);
+  TORCH_CHECK(!sgemm32 || std::max({m, n, k}) <= INT32_MAX,
+              "aligndraw_openblas: a product this large needs a 64-bit-integer OpenBLAS");
+  at::Tensor out = at::empty({p, m, n}, a.options());
+  if (c.has_value()) {
+    check(*c, "c");
+    TORCH_CHECK(c->dim() == 3 && c->size(0) == p && c->size(1) == m && c->size(2) == n,
+                "aligndraw_openblas: c must be (", p, ", ", m, ", ", n, "), got ", c->sizes());
+    out.copy_(*c);  // sgemm adds to it (beta = 1)
+  }
+  if (out.numel() == 0) return out;
+  if (k == 0) return c.has_value() ? out : out.zero_();
+  const Stack sa = stack(a), sb = stack(b);
+  TORCH_CHECK(!sgemm32 || std::max(sa.matrix.ld, sb.matrix.ld) <= INT32_MAX,
+              "aligndraw_openblas: a row stride this large needs a 64-bit-integer OpenBLAS");
+  const float beta = c.has_value() ? 1.0f : 0.0f;
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, p, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      // views of matrix i (no tensor held: sa and sb keep theirs alive)
+      const Operand ai{at::Tensor(), sa.matrix.data + i * sa.step, sa.matrix.ld, sa.matrix.trans};
+      const Operand bi{at::Tensor(), sb.matrix.data + i * sb.step, sb.matrix.ld, sb.matrix.trans};
+      sgemm(ai, bi, m, n, k, 0, beta, o + i * m * n, n);
+    }
+  });
+  return out;
+}
+
+at::Tensor bmm(const at::Tensor& a, const at::Tensor& b) { return batched(std::nullopt, a, b); }
+
+at::Tensor baddbmm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
+  return batched(c, a, b);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(aligndraw_openblas, m) {
@@ -125,10 +190,14 @@ TORCH_LIBRARY(aligndraw_openblas, m) {
   m.def("addmm(Tensor? bias, Tensor a, Tensor b) -> Tensor");
   m.def("mm(Tensor a, Tensor b) -> Tensor");
   m.def("tmm(Tensor a, Tensor b) -> Tensor");
+  m.def("bmm(Tensor a, Tensor b) -> Tensor");
+  m.def("baddbmm(Tensor c, Tensor a, Tensor b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(aligndraw_openblas, CPU, m) {
   m.impl("addmm", &addmm);
   m.impl("mm", &mm);
   m.impl("tmm", &tmm);
+  m.impl("bmm", &bmm);
+  m.impl("baddbmm", &baddbmm);
 }
