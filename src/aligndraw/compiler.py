@@ -243,7 +243,10 @@ _BATCHED = {aten.bmm.default: "bmm", aten.baddbmm.default: "baddbmm"}
 def openblas_batched(graph: fx.Graph) -> int:
     """Rewrite CPU fp32 ``bmm(A, B)`` and ``baddbmm(C, A, B)`` (C of the output's shape, β = α = 1)
     as OpenBLAS's batched products (``aligndraw.openblas``); returns how many changed. Same
-    products, each matrix's sums in OpenBLAS's order. Needs OpenBLAS's op loaded."""
+    products, each matrix's sums in OpenBLAS's order. Needs OpenBLAS's op loaded. A ``bmm``
+    whose matrices have one row or one column (the context mix's α_t-weighted sum, (1, L)·(L, D))
+    is left to inductor, which lowers it on the CPU as a product and a sum inside its fused
+    kernels: as an op of its own it would be one more call a drawing step."""
     changed = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _BATCHED or node.kwargs:
@@ -254,6 +257,8 @@ def openblas_batched(graph: fx.Graph) -> int:
             continue
         if node.target is aten.baddbmm.default and vals[0].shape != _val(node).shape:
             continue  # a broadcast C
+        if node.target is aten.bmm.default and 1 in (vals[0].shape[1], vals[1].shape[2]):
+            continue  # one row or column per matrix: inductor sums it in its own fused kernels
         op = getattr(torch.ops.aligndraw_openblas, _BATCHED[node.target]).default
         with graph.inserting_before(node):
             new = _call(graph, op, *node.args)
