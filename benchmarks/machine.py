@@ -18,12 +18,12 @@ import torch
 from aligndraw import gemm
 
 # Environment variables that choose which CPU kernels run, read once: as a library loads, or
-# (inductor) at its first compile. The library's product backend, PyTorch's and inductor's
-# vector width, MKL's, OpenBLAS's and oneDNN's instruction sets. ``ATEN_CPU_CAPABILITY=avx2
-# MKL_ENABLE_INSTRUCTIONS=AVX2 OPENBLAS_CORETYPE=Haswell`` runs an AVX-512 machine's step with
-# AVX2 kernels in PyTorch, inductor, MKL and OpenBLAS (oneDNN too with ONEDNN_MAX_CPU_ISA=AVX2;
-# the C library keeps its own): docs/performance.md, "An AVX2 proxy".
-KERNEL_ENV = ("ALIGNDRAW_CPU_GEMM", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+# (inductor) at its first compile. The library's product backends (plain and batched),
+# PyTorch's and inductor's vector width, MKL's, OpenBLAS's and oneDNN's instruction sets.
+# ``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 OPENBLAS_CORETYPE=Haswell`` runs an
+# AVX-512 machine's step with AVX2 kernels in PyTorch, inductor, MKL and OpenBLAS (oneDNN too
+# with ONEDNN_MAX_CPU_ISA=AVX2; the C library keeps its own): docs/performance.md, "An AVX2 proxy".
+KERNEL_ENV = ("ALIGNDRAW_CPU_GEMM", "ALIGNDRAW_CPU_BMM", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
               "OPENBLAS_CORETYPE", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 
 

@@ -506,7 +506,8 @@ def print_table(report: dict) -> None:
           f"device {report['gpu'] or report['device']}  torch {report['torch']}  "
           f"load avg {report['loadavg_before']}")
     print(f"cpu {report['cpu_vendor'] or report['cpu']}  PyTorch's kernels: {report['aten_cpu_capability']}  "
-          f"library's fp32 products: {report['gemm_backend']}"
+          f"library's fp32 products: {report['gemm_backend']} (batched, compiled: "
+          f"{report['batched_backend']})"
           + ("  subnormal numbers flushed to 0 (--flush-denormal)" if report["flush_denormal"] else ""))
     if report["kernel_env"]:
         print("kernels chosen by the environment: "
@@ -681,7 +682,8 @@ def main(argv: list[str] | None = None) -> dict:
         "busy": busy, "other_processes_cores": others.cores,
         "caption_len": args.caption_len, "threads": threads, "device": str(device),
         "cpu": platform.processor() or platform.machine(), "cpu_vendor": gemm.cpu_vendor(),
-        "gemm_backend": gemm.backend(), "cpu_bf16_native": gemm.cpu_bf16_native(),
+        "gemm_backend": gemm.backend(), "batched_backend": gemm.batched_backend(),
+        "cpu_bf16_native": gemm.cpu_bf16_native(),
         "kernel_env": kernel_environment(), "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "flush_denormal": args.flush_denormal, "compile_mode": args.compile_mode,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

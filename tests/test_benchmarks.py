@@ -216,16 +216,18 @@ def test_kernel_environment_names_the_variables_that_choose_kernels() -> None:
                     reason="PyTorch's AVX2 kernels need an x86 processor with AVX2")
 def test_throughput_reports_kernels_limited_by_the_environment() -> None:
     """An AVX2 proxy: PyTorch's kernels and MKL's limited to AVX2; the run says so and stays equal."""
-    env = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ALIGNDRAW_CPU_GEMM": "aten"}
+    env = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ALIGNDRAW_CPU_GEMM": "aten",
+           "ALIGNDRAW_CPU_BMM": "aten"}
     proc = run_throughput("--threads", "1", env=NO_KERNEL_ENV | env)
     report = last_json(proc)
     assert report["kernel_env"] == env
     assert report["aten_cpu_capability"] == "AVX2" and report["gemm_backend"] == "aten"
+    assert report["batched_backend"] == "aten"
     assert report["check"]["equal"] is True
     lines = proc.stdout.splitlines()
     line = next(x for x in lines if x.startswith("kernels chosen by the environment: "))
     assert all(f"{k}={v}" in line for k, v in env.items())
-    assert any("PyTorch's kernels: AVX2" in x for x in lines)
+    assert any("PyTorch's kernels: AVX2" in x and "(batched, compiled: aten)" in x for x in lines)
 
 
 def test_bf16_peak_is_measured_for_bf16_runs_and_native_bf16_only() -> None:
