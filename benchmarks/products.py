@@ -250,8 +250,9 @@ def _openblas_bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.
 
 def _batched_product(device: torch.device):
     """The batched products' function: ``_openblas_bmm`` where ``aligndraw.gemm`` chooses
-    OpenBLAS for them (as the compiled library runs them) and its op is loaded
-    (``gemm.prepare``), else ``torch.bmm`` into ``out``."""
+    OpenBLAS for them and its op is loaded (``gemm.prepare``), else ``torch.bmm`` into ``out``.
+    Every batched product of the schedule goes through it, also the one-row and one-column
+    ones that the compiled library leaves to inductor (``compiler.openblas_batched``)."""
     if device.type == "cpu" and gemm.batched_backend() == "openblas" and openblas.loaded():
         return _openblas_bmm
     return torch.bmm

@@ -245,13 +245,16 @@ def test_compiled_model_with_openblas_batched_products_equals_eager(monkeypatch)
 
 
 def _batched_products(a, b, c, c_row, d, row):
-    # a bmm, a baddbmm, a baddbmm with a broadcast C, an fp64 bmm, one-row and one-column bmms
-    return (a @ b, torch.baddbmm(c, a, b), torch.baddbmm(c_row, a, b), d @ d.transpose(1, 2),
+    # a bmm, a baddbmm, baddbmms with a broadcast C (1-D, and 3-D with one row), an fp64 bmm,
+    # one-row and one-column bmms
+    return (a @ b, torch.baddbmm(c, a, b), torch.baddbmm(c_row, a, b),
+            torch.baddbmm(c_row.expand(3, 1, 6).contiguous(), a, b), d @ d.transpose(1, 2),
             row @ b, a @ row.transpose(1, 2))
 
 
 @needs_openblas
 def test_cpu_fp32_batched_products_become_openblas_ops():
+    openblas.load()  # the ops the pass inserts (once per process)
     args = (_rand(3, 4, 5), _rand(3, 5, 6, seed=1), _rand(3, 4, 6, seed=2), _rand(6, seed=3),
             _rand(3, 2, 2, seed=4).double(), _rand(3, 1, 5, seed=5))
     gm = _traced(_batched_products, *args)
@@ -260,7 +263,7 @@ def test_cpu_fp32_batched_products_become_openblas_ops():
     gm.recompile()
     assert _count(gm, torch.ops.aligndraw_openblas.bmm.default) == 1
     assert _count(gm, torch.ops.aligndraw_openblas.baddbmm.default) == 1
-    assert _count(gm, torch.ops.aten.baddbmm.default) == 1 and _count(gm, torch.ops.aten.bmm.default) == 3
+    assert _count(gm, torch.ops.aten.baddbmm.default) == 2 and _count(gm, torch.ops.aten.bmm.default) == 3
     for got, want in zip(gm(*args), _batched_products(*args), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

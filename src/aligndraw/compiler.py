@@ -25,7 +25,10 @@ A second pass, ``unfuse_cpu_bias``, runs after inductor's patterns
 (``post_grad_custom_post_pass``): a CPU fp32 ``addmm`` whose 1-D bias feeds only pointwise
 ops becomes ``mm`` + bias, the addition done in the fused kernel that reads the product anyway,
 as inductor does on GPUs (compiled sampling 1.042× and 1.066× faster in two A/Bs on an Intel
-Xeon, training 1.006× and 1.012×; ``docs/performance-log.md``, item 25).
+Xeon, training 1.006× and 1.012×; ``docs/performance-log.md``, item 25). After it, where the
+batched products' backend is OpenBLAS (``gemm.batched_backend``, AMD processors),
+``openblas_batched`` moves CPU fp32 ``bmm`` and ``baddbmm`` to OpenBLAS's batched op (an AMD
+EPYC Zen 4's compiled training 1.05× faster; item 26).
 
 ``FixedShapes`` runs a model's forward and sample compiled for evaluation (``aligndraw
 evaluate --compile``), each call padded to sizes compiled before.
@@ -255,9 +258,10 @@ def openblas_batched(graph: fx.Graph) -> int:
         if not all(isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dtype == torch.float32
                    and v.dim() == 3 for v in vals):
             continue
-        if node.target is aten.baddbmm.default and vals[0].shape != _val(node).shape:
+        a, b = vals[-2], vals[-1]  # (P, M, K), (P, K, N)
+        if node.target is aten.baddbmm.default and tuple(vals[0].shape) != (*a.shape[:2], b.shape[2]):
             continue  # a broadcast C
-        if node.target is aten.bmm.default and 1 in (vals[0].shape[1], vals[1].shape[2]):
+        if node.target is aten.bmm.default and 1 in (a.shape[1], b.shape[2]):
             continue  # one row or column per matrix: inductor sums it in its own fused kernels
         op = getattr(torch.ops.aligndraw_openblas, _BATCHED[node.target]).default
         with graph.inserting_before(node):
@@ -279,8 +283,9 @@ class UnfuseBias(CustomGraphPass):
             openblas_batched(graph)
 
     def uuid(self) -> bytes:
+        rewrites = gemm.batched_backend() == "openblas" and openblas.loaded()
         return get_hash_for_files((__file__, openblas.__file__, str(openblas.SOURCE))) \
-            + gemm.batched_backend().encode()
+            + (b"openblas" if rewrites else b"aten")
 
 
 # inductor's C++ wrapper: the generated code calls its kernels from C++, not Python (built
@@ -401,7 +406,8 @@ def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any: 
     if (mode := kwargs.pop("mode", None)) not in (None, "default"):
         options |= torch._inductor.list_mode_options(mode, kwargs.get("dynamic"))
     lower_onednn_linear()
-    gemm.prepare()  # e.g. OpenBLAS's op, built and loaded before tracing
+    if on_cpu(model):  # e.g. OpenBLAS's op, built and loaded before tracing; no CPU products elsewhere
+        gemm.prepare()
     if cpp_wrapper if cpp_wrapper is not None else on_cpu(model):
         options |= CPP_WRAPPER
     options |= kwargs.pop("options", None) or {}

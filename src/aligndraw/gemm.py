@@ -27,7 +27,7 @@ OpenBLAS (on small outputs their calls cost more than MKL's); everything else (G
 autocast, small heads) is plain PyTorch.
 
 The step's **batched** products (the filterbanks' and the context mix's ``bmm`` and
-``baddbmm``) have a backend of their own, applied under ``torch.compile`` by
+``baddbmm``; the context mix's gradients) have a backend of their own, applied under ``torch.compile`` by
 ``aligndraw.compiler``'s last graph pass: ``ALIGNDRAW_CPU_BMM=openblas|aten`` or
 ``set_batched_backend``; the default is OpenBLAS on AMD processors where its op can be built
 (there MKL's ``bmm`` runs AVX2 kernels; OpenBLAS's op trained 1.05× faster compiled on an AMD
@@ -161,9 +161,11 @@ def prepare() -> str:
         try:
             openblas.load()
         except Exception as e:
-            if _asked and _backend == "openblas" or _batched_asked and _batched == "openblas":
+            if _asked and _backend == "openblas":
                 raise RuntimeError(f"CPU GEMM backend 'openblas': {e}") from e
-            log.warning("OpenBLAS products unavailable (%s); using PyTorch's default BLAS", e)
+            if _batched_asked and _batched == "openblas":
+                raise RuntimeError(f"CPU batched-product backend 'openblas': {e}") from e
+            log.warning("OpenBLAS products unavailable (%s); PyTorch's products instead", e)
             _backend = "aten" if _backend == "openblas" else _backend
             _batched = "aten"
     return _backend

@@ -26,7 +26,7 @@ layout is packed first):
   split over PyTorch's threads (each matrix row- or column-major, any batch stride);
 * ``torch.ops.aligndraw_openblas.baddbmm(c, a, b)``: c + a @ b, (P, M, N), (P, M, K), (P, K, N).
 
-All three trace under ``torch.compile`` (fake kernels below) and run from inductor's C++ wrapper
+All five trace under ``torch.compile`` (fake kernels below) and run from inductor's C++ wrapper
 through PyTorch's dispatcher.
 """
 

@@ -150,7 +150,7 @@ at::Tensor batched(const std::optional<at::Tensor>& c, const at::Tensor& a, cons
   check(a, "a");
   check(b, "b");
   const int64_t p = a.size(0), m = a.size(1), k = a.size(2), n = b.size(2);
-  TORCH_CHECK(!sgemm32 || std::max({m, n, k}) <= INT32_MAX,
+  TORCH_CHECK(!sgemm32 || std::max({m, n, k, m * n, m * k, k * n}) <= INT32_MAX,
               "aligndraw_openblas: a product this large needs a 64-bit-integer OpenBLAS");
   at::Tensor out = at::empty({p, m, n}, a.options());
   if (c.has_value()) {
