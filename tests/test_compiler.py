@@ -268,12 +268,14 @@ def test_cpu_fp32_batched_products_become_openblas_ops():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_the_last_pass_follows_the_batched_product_backend():
+@needs_openblas
+def test_the_last_pass_follows_the_batched_product_backend(monkeypatch):
     with gemm.using_batched("aten"):
-        aten = compiler.UnfuseBias().uuid()
-    if openblas.missing() is None:
-        with gemm.using_batched("openblas"):
-            assert compiler.UnfuseBias().uuid() != aten  # inductor's cache tells them apart
+        aten = compiler.LastPasses().uuid()
+    with gemm.using_batched("openblas"):
+        assert compiler.LastPasses().uuid() != aten  # inductor's cache tells them apart
+        monkeypatch.setattr(openblas, "loaded", lambda: False)  # chosen but not loaded: no rewrite
+        assert compiler.LastPasses().uuid() == aten
 
 
 def test_compiled_model_with_mkl_products_keeps_its_fp32_step_products_and_equals_eager(monkeypatch):

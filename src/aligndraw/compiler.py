@@ -272,20 +272,24 @@ def openblas_batched(graph: fx.Graph) -> int:
     return changed
 
 
-class UnfuseBias(CustomGraphPass):
-    """``unfuse_cpu_bias``, then ``openblas_batched`` where ``gemm.batched_backend()`` is OpenBLAS,
-    as inductor's last post-grad pass. Keyed by this file, OpenBLAS's op and that backend for
-    inductor's cache."""
+def _openblas_batched_on() -> bool:
+    """Whether ``LastPasses`` moves batched products to OpenBLAS: its backend chosen, its op loaded."""
+    return gemm.batched_backend() == "openblas" and openblas.loaded()
+
+
+class LastPasses(CustomGraphPass):
+    """``unfuse_cpu_bias``, then ``openblas_batched`` where ``_openblas_batched_on()``, as
+    inductor's last post-grad pass. Keyed by this file, OpenBLAS's op and whether the second
+    pass runs, for inductor's cache."""
 
     def __call__(self, graph: fx.Graph) -> None:
         unfuse_cpu_bias(graph)
-        if gemm.batched_backend() == "openblas" and openblas.loaded():
+        if _openblas_batched_on():
             openblas_batched(graph)
 
     def uuid(self) -> bytes:
-        rewrites = gemm.batched_backend() == "openblas" and openblas.loaded()
         return get_hash_for_files((__file__, openblas.__file__, str(openblas.SOURCE))) \
-            + (b"openblas" if rewrites else b"aten")
+            + (b"openblas" if _openblas_batched_on() else b"aten")
 
 
 # inductor's C++ wrapper: the generated code calls its kernels from C++, not Python (built
@@ -388,7 +392,7 @@ class InductorBackend(torch._TorchCompileInductorWrapper):
 
 def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any:  # noqa: A001 - mirrors torch.compile
     """``torch.compile(model, **kwargs)`` with ``StackProducts`` as inductor's first post-grad pass
-    and ``UnfuseBias`` as its last.
+    and ``LastPasses`` as its last.
 
     ``mode`` (e.g. "reduce-overhead": CUDA graphs on a GPU) is applied as its inductor options,
     since ``torch.compile`` does not take a mode beside options.
@@ -401,7 +405,7 @@ def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any: 
     and backward from AOTAutograd's cache (``aot_autograd_cached``), bf16 graphs too.
     """
     # before inductor's patterns: they fold mm + C into addmm, hiding bf16 sums (module docstring)
-    options = {"post_grad_custom_pre_pass": StackProducts(), "post_grad_custom_post_pass": UnfuseBias()}
+    options = {"post_grad_custom_pre_pass": StackProducts(), "post_grad_custom_post_pass": LastPasses()}
     # torch.compile takes a mode or options, not both: a mode becomes its options here
     if (mode := kwargs.pop("mode", None)) not in (None, "default"):
         options |= torch._inductor.list_mode_options(mode, kwargs.get("dynamic"))

@@ -26,8 +26,8 @@ fp32 products with both sides of the weight at least ``MIN_SIZE`` go through one
 OpenBLAS (on small outputs their calls cost more than MKL's); everything else (GPU, bf16 and
 autocast, small heads) is plain PyTorch.
 
-The step's **batched** products (the filterbanks' and the context mix's ``bmm`` and
-``baddbmm``; the context mix's gradients) have a backend of their own, applied under ``torch.compile`` by
+The step's **batched** products (``bmm`` and ``baddbmm``: the filterbanks' products and the
+context mix's gradients) have a backend of their own, applied under ``torch.compile`` by
 ``aligndraw.compiler``'s last graph pass: ``ALIGNDRAW_CPU_BMM=openblas|aten`` or
 ``set_batched_backend``; the default is OpenBLAS on AMD processors where its op can be built
 (there MKL's ``bmm`` runs AVX2 kernels; OpenBLAS's op trained 1.05× faster compiled on an AMD
@@ -123,9 +123,10 @@ def _default_batched_backend(vendor: str | None = None) -> str:
 
     The step's batched products are small (the filterbanks' 8×60·60×60 and smaller, the context
     mix's 1×12·12×1200). On an AMD processor MKL runs them with its AVX2 kernels; on an AMD
-    EPYC (Zen 4) OpenBLAS's kernels, one matrix per call on each thread, ran a mnist-captions
-    training step's batched products (each timed alone) in 24.4 ms against MKL's 59.3
-    (``benchmarks/products.py``; docs/performance.md, item 26)."""
+    EPYC (Zen 4) OpenBLAS's kernels, one matrix per call on each thread, ran the batched
+    products of a mnist-captions training step's schedule (each timed alone, also some the
+    compiled model leaves to inductor) in 24.4 ms against MKL's 59.3 (``benchmarks/products.py``;
+    docs/performance.md, item 26)."""
     name = os.environ.get("ALIGNDRAW_CPU_BMM", "").strip().lower()
     if name:
         return _checked_batched(name)
@@ -202,52 +203,60 @@ def batched_backend() -> str:
     return _batched
 
 
-def set_batched_backend(name: str) -> str:
-    """Use ``name`` (one of ``BATCHED_BACKENDS``) for CPU fp32 batched products compiled from now
-    on; returns the old one. OpenBLAS's op is loaded here (built on first use)."""
-    global _batched, _batched_asked
-    name = _checked_batched(name)
+def _chosen(kind: str, name: str) -> str:
+    """Make ``name`` (checked) the ``kind`` backend ("plain" or "batched"), asked for; return
+    the old one. OpenBLAS's op is loaded first: a failure is raised, nothing changed."""
     if name == "openblas":
         openblas.load()
-    old, _batched, _batched_asked = _batched, name, True
+    backend_var, asked_var = _STATE[kind]
+    old = globals()[backend_var]
+    globals().update({backend_var: name, asked_var: True})
     return old
+
+
+@contextmanager
+def _restored(kind: str) -> Iterator[None]:
+    """After the block, the ``kind`` backend as it was before it (chosen by default or asked
+    for; loaded or not)."""
+    saved = {var: globals()[var] for var in _STATE[kind]}
+    try:
+        yield
+    finally:
+        globals().update(saved)
+
+
+# each kind of product's backend and whether it was asked for, by their module variables
+_STATE = {"plain": ("_backend", "_asked"), "batched": ("_batched", "_batched_asked")}
 
 
 def set_backend(name: str) -> str:
     """Use ``name`` (one of ``BACKENDS``) for CPU fp32 products from now on; returns the old one.
     OpenBLAS's op is loaded here (built on first use): a failure is raised, nothing changed."""
-    global _backend, _asked
-    name = _checked(name)
-    if name == "openblas":
-        openblas.load()
-    old, _backend, _asked = _backend, name, True
-    return old
+    return _chosen("plain", _checked(name))
+
+
+def set_batched_backend(name: str) -> str:
+    """Use ``name`` (one of ``BATCHED_BACKENDS``) for CPU fp32 batched products compiled from now
+    on; returns the old one. OpenBLAS's op is loaded here (built on first use)."""
+    return _chosen("batched", _checked_batched(name))
 
 
 @contextmanager
 def using(name: str) -> Iterator[None]:
     """Within the block, CPU fp32 products use backend ``name``; after it, the previous backend,
     as it was (chosen by default or asked for; loaded or not)."""
-    global _backend, _asked
-    before = _backend, _asked
-    set_backend(name)
-    try:
+    with _restored("plain"):
+        set_backend(name)
         yield
-    finally:
-        _backend, _asked = before
 
 
 @contextmanager
 def using_batched(name: str) -> Iterator[None]:
     """Within the block, CPU fp32 batched products compiled use backend ``name``; after it, the
     previous one, as it was."""
-    global _batched, _batched_asked
-    before = _batched, _batched_asked
-    set_batched_backend(name)
-    try:
+    with _restored("batched"):
+        set_batched_backend(name)
         yield
-    finally:
-        _batched, _batched_asked = before
 
 
 def _ready() -> bool:
