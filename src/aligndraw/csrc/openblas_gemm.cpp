@@ -52,12 +52,16 @@ std::optional<std::pair<int64_t, bool>> layout(int64_t rows, int64_t cols, int64
   return std::nullopt;
 }
 
-Operand operand(const at::Tensor& t) {
-  if (auto l = layout(t.size(0), t.size(1), t.stride(0), t.stride(1)))
+// Dimensions d and d + 1 of t as the matrix sgemm reads: in place where layout() allows,
+// else from a packed copy (kept alive by the Operand)
+Operand matrix(const at::Tensor& t, int64_t d) {
+  if (auto l = layout(t.size(d), t.size(d + 1), t.stride(d), t.stride(d + 1)))
     return {t, t.data_ptr<float>(), l->first, l->second};
   at::Tensor packed = t.contiguous();  // any other layout: packed once
-  return {packed, packed.data_ptr<float>(), std::max<int64_t>(1, t.size(1)), false};
+  return {packed, packed.data_ptr<float>(), std::max<int64_t>(1, t.size(d + 1)), false};
 }
+
+Operand operand(const at::Tensor& t) { return matrix(t, 0); }
 
 void sgemm(const Operand& a, const Operand& b, int64_t m, int64_t n, int64_t k, int64_t n0,
            float beta, float* c, int64_t ldc) {
@@ -133,11 +137,8 @@ struct Stack {
 };
 
 Stack stack(const at::Tensor& t) {
-  if (auto l = layout(t.size(1), t.size(2), t.stride(1), t.stride(2)))
-    return {{t, t.data_ptr<float>(), l->first, l->second}, t.stride(0)};
-  at::Tensor packed = t.contiguous();  // any other layout: packed once
-  return {{packed, packed.data_ptr<float>(), std::max<int64_t>(1, t.size(2)), false},
-          t.size(1) * t.size(2)};
+  Operand first = matrix(t, 1);
+  return {first, first.tensor.stride(0)};  // t's batch stride, or the packed copy's
 }
 
 // (P, M, K) @ (P, K, N) (+ c (P, M, N)) → (P, M, N), row-major: the P products split over
