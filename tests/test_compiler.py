@@ -106,6 +106,45 @@ def test_viewed_products_used_elsewhere_are_left_alone():
         torch.testing.assert_close(got, want)
 
 
+def _weight_grads_over_steps(g1, x1, g2, x2):
+    return g1.T @ x1 + g2.T @ x2  # (N, K): a weight's per-step gradients, as ``aten.mm``
+
+
+def test_cpu_row_stacks_become_stack_rows():
+    args = (_rand(5, 7), _rand(5, 3, seed=1), _rand(5, 7, seed=2), _rand(5, 3, seed=3))
+    gm, changed = _rewritten(_weight_grads_over_steps, *args)
+    # gᵀ's are stacked along their columns (cat), the x's along their rows (stack_rows)
+    assert changed == 1 and _count(gm, torch.ops.aligndraw.stack_rows.default) == 1
+    assert _count(gm, torch.ops.aten.cat.default) == 1
+    torch.testing.assert_close(gm(*args), _weight_grads_over_steps(*args))
+
+
+def _stack_after_products(a, w, x):
+    # three parts computed by a kernel and first read by a product (which fixes their layouts,
+    # as a step's gradient is read by its input-gradient product), a graph input, and a part
+    # still open (the flip: inductor computes it in the stack itself)
+    parts = [torch.tanh(a[i]) * (i + 1) for i in range(3)]  # (R, N) each
+    products = [p @ w for p in parts]  # (R, K) each
+    stack = torch.ops.aligndraw.stack_rows([*parts, x, a[0].flip(0)])  # (5R, N)
+    return stack * 2, *products
+
+
+def test_stacked_parts_with_fixed_layouts_are_computed_in_place(monkeypatch):
+    assert compiler.lower_stack_rows()
+    decided = []
+    in_place = compiler._computed_in_place
+    monkeypatch.setattr(compiler, "_computed_in_place",
+                        lambda src, dst: (decided.append(in_place(src, dst)), decided[-1])[1])
+    args = (_rand(3, 4, 6), _rand(6, 5, seed=1), _rand(4, 6, seed=2))
+    torch._dynamo.reset()
+    with torch.compiler.config.patch(force_disable_caches=True):
+        got = torch.compile(_stack_after_products)(*args)
+    # inductor's own rule takes the flip; the three kernel outputs are ours; the input is copied
+    assert sorted(decided) == [False, True, True, True]
+    for g, w in zip(got, _stack_after_products(*args), strict=True):
+        torch.testing.assert_close(g, w)
+
+
 def _unfused(f, *args):
     gm = _traced(f, *args)
     changed = compiler.unfuse_cpu_bias(gm.graph)
