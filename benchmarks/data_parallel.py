@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from aligndraw import allocator
 from aligndraw.config import ModelConfig
 from aligndraw.model import AlignDraw
 from aligndraw.trainer import average_gradients
@@ -47,6 +48,7 @@ class WorkerSpec:
     seed: int
     compiled: bool
     flush_denormal: bool = False  # torch.set_flush_denormal(True) in the worker, before its threads
+    keep_freed_memory: bool = False  # aligndraw.allocator.keep_freed_memory() in the worker
 
 
 def shard(batch: int, rank: int, world: int) -> slice:
@@ -79,6 +81,8 @@ def _worker(rank: int, world: int, port: int, conn, spec: WorkerSpec) -> None:
 
     if spec.flush_denormal:
         torch.set_flush_denormal(True)
+    if spec.keep_freed_memory:
+        allocator.keep_freed_memory()
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,

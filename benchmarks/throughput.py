@@ -34,7 +34,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aligndraw import compiler, gemm, openblas  # noqa: E402
+from aligndraw import allocator, compiler, gemm, openblas  # noqa: E402
 from aligndraw.config import ModelConfig, preset  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
 from aligndraw.trainer import PaperRMSprop, Update, average_gradients  # noqa: E402
@@ -106,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="treat subnormal numbers as 0 in this process and its workers, for both "
                         "models (torch.set_flush_denormal: the x86 FTZ and DAZ modes), set "
                         "before any thread starts")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="keep freed memory for reuse in this process and its workers, for both "
+                        "models, as the trainer does on the CPU (aligndraw.allocator: glibc's "
+                        "mmap and trim thresholds raised), set before any model is built")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--peak-size", type=int, default=2048, help="side of the square peak matmul")
     p.add_argument("--seed", type=int, default=0)
@@ -435,7 +439,7 @@ def data_parallel_variants(args, cfg: ModelConfig, reference: AlignDraw, inputs,
         name = f"{kind}_dp{n}{'_compiled' if compiled else ''}_{precision}"
         log(f"starting {n} worker processes for {name} …")
         spec = WorkerSpec(kind, cfg, reference.state_dict(), inputs, precision, args.seed, compiled,
-                          args.flush_denormal)
+                          args.flush_denormal, args.keep_freed_memory)
         variant = DataParallelVariant(name, spec, n)
         if compiled:
             compile_s[name] = compile_variant(variant, torch.device("cpu"))
@@ -508,7 +512,9 @@ def print_table(report: dict) -> None:
     print(f"cpu {report['cpu_vendor'] or report['cpu']}  PyTorch's kernels: {report['aten_cpu_capability']}  "
           f"library's fp32 products: {report['gemm_backend']} (batched, compiled: "
           f"{report['batched_backend']})"
-          + ("  subnormal numbers flushed to 0 (--flush-denormal)" if report["flush_denormal"] else ""))
+          + ("  subnormal numbers flushed to 0 (--flush-denormal)" if report["flush_denormal"] else "")
+          + (f"  freed memory kept (mmap threshold {report['keep_freed_memory'] >> 20} MiB)"
+             if report["keep_freed_memory"] else ""))
     if report["kernel_env"]:
         print("kernels chosen by the environment: "
               + ", ".join(f"{k}={v}" for k, v in report["kernel_env"].items()))
@@ -642,6 +648,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--flush-denormal: this CPU has no flush-to-zero mode PyTorch can set")
     if device.type == "cpu":
         torch.set_num_threads(threads)
+    kept = allocator.keep_freed_memory() if args.keep_freed_memory else 0  # mmap threshold taken
+    if args.keep_freed_memory and not kept:
+        raise SystemExit("--keep-freed-memory: this C library refused aligndraw.allocator's settings")
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     if "bf16" in precisions and (why := gemm.bf16_warning(device)):
         log(f"warning: {why}")
@@ -685,7 +694,8 @@ def main(argv: list[str] | None = None) -> dict:
         "gemm_backend": gemm.backend(), "batched_backend": gemm.batched_backend(),
         "cpu_bf16_native": gemm.cpu_bf16_native(),
         "kernel_env": kernel_environment(), "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "flush_denormal": args.flush_denormal, "compile_mode": args.compile_mode,
+        "flush_denormal": args.flush_denormal, "keep_freed_memory": kept,
+        "compile_mode": args.compile_mode,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "subnormals_flushed": subnormals_flushed(),
         "torch": torch.__version__,

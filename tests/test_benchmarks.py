@@ -398,6 +398,13 @@ def test_throughput_flush_denormal_flushes_in_every_thread() -> None:
     assert not plain["flush_denormal"] and not plain["subnormals_flushed"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_throughput_keeps_freed_memory_when_asked() -> None:
+    report = last_json(run_throughput("--keep-freed-memory", "--threads", "1", "--skip-naive"))
+    assert report["keep_freed_memory"] >= 32 << 20  # the mmap threshold glibc took, in bytes
+    assert last_json(run_throughput("--threads", "1", "--skip-naive"))["keep_freed_memory"] == 0
+
+
 @needs_onednn
 def test_ab_trees_gives_each_worker_its_own_product_backend() -> None:
     report = last_json(run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--smoke",
