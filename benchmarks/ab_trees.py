@@ -101,6 +101,7 @@ def worker(tree: Path, args: argparse.Namespace, inductor: dict) -> None:
     if not Path(aligndraw.__file__).resolve().is_relative_to(tree.resolve()):
         raise SystemExit(f"worker for {tree} imported aligndraw from {aligndraw.__file__}")
     if args.keep_freed_memory_a:  # as the trainer does, before the model is built
+        # not benchmarks.machine.keep_freed_memory: that is the tree's, and older trees lack it
         from aligndraw import allocator
 
         if not allocator.keep_freed_memory():

@@ -81,7 +81,7 @@ def _worker(rank: int, world: int, port: int, conn, spec: WorkerSpec) -> None:
 
     if spec.flush_denormal:
         torch.set_flush_denormal(True)
-    if spec.keep_freed_memory:
+    if spec.keep_freed_memory:  # the parent process checked that this C library takes it
         allocator.keep_freed_memory()
     torch.set_num_threads(1)
     try:

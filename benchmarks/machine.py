@@ -33,6 +33,17 @@ def kernel_environment(environ: Mapping[str, str] | None = None) -> dict[str, st
     return {k: environ[k] for k in KERNEL_ENV if environ.get(k, "").strip()}
 
 
+def keep_freed_memory(flag: str) -> int:
+    """``aligndraw.allocator.keep_freed_memory()`` for a benchmark asked to by ``flag``: the
+    mmap threshold glibc took, in bytes; exits, naming the flag, where the C library refuses."""
+    from aligndraw import allocator  # the imported tree's (``ab_trees.py`` workers)
+
+    taken = allocator.keep_freed_memory()
+    if not taken:
+        raise SystemExit(f"{flag}: this C library refused aligndraw.allocator's settings")
+    return taken
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -34,7 +34,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aligndraw import allocator, compiler, gemm, openblas  # noqa: E402
+from aligndraw import compiler, gemm, openblas  # noqa: E402
 from aligndraw.config import ModelConfig, preset  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
 from aligndraw.trainer import PaperRMSprop, Update, average_gradients  # noqa: E402
@@ -43,6 +43,7 @@ from benchmarks.flops import flops_per_image  # noqa: E402
 from benchmarks.machine import (  # noqa: E402
     BUSY_CORES,
     OtherLoad,
+    keep_freed_memory,
     kernel_environment,
     matmul_peak,
     timed,
@@ -648,9 +649,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--flush-denormal: this CPU has no flush-to-zero mode PyTorch can set")
     if device.type == "cpu":
         torch.set_num_threads(threads)
-    kept = allocator.keep_freed_memory() if args.keep_freed_memory else 0  # mmap threshold taken
-    if args.keep_freed_memory and not kept:
-        raise SystemExit("--keep-freed-memory: this C library refused aligndraw.allocator's settings")
+    kept = keep_freed_memory("--keep-freed-memory") if args.keep_freed_memory else 0  # mmap threshold
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     if "bf16" in precisions and (why := gemm.bf16_warning(device)):
         log(f"warning: {why}")

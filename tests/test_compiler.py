@@ -110,6 +110,7 @@ def _weight_grads_over_steps(g1, x1, g2, x2):
     return g1.T @ x1 + g2.T @ x2  # (N, K): a weight's per-step gradients, as ``aten.mm``
 
 
+@pytest.mark.skipif(not compiler.lower_stack_rows(), reason="this PyTorch's inductor lacks the hook")
 def test_cpu_row_stacks_become_stack_rows():
     args = (_rand(5, 7), _rand(5, 3, seed=1), _rand(5, 7, seed=2), _rand(5, 3, seed=3))
     gm, changed = _rewritten(_weight_grads_over_steps, *args)
@@ -120,27 +121,41 @@ def test_cpu_row_stacks_become_stack_rows():
 
 
 def _stack_after_products(a, w, x):
-    # three parts computed by a kernel and first read by a product (which fixes their layouts,
-    # as a step's gradient is read by its input-gradient product), a graph input, and a part
-    # still open (the flip: inductor computes it in the stack itself)
-    parts = [torch.tanh(a[i]) * (i + 1) for i in range(3)]  # (R, N) each
+    # parts computed by a kernel and first read by a product (which fixes their layouts, as a
+    # step's gradient is read by its input-gradient product): two plain ones, one a column
+    # concatenation (as a step's gradient is), one also returned, one listed twice; and a
+    # graph input, and a part still open (the flip: inductor computes it in the stack itself)
+    parts = [torch.tanh(a[i]) * (i + 1) for i in range(4)]  # (R, N) each
+    parts[2] = torch.cat([torch.sigmoid(a[2, :, :2]), torch.tanh(a[2, :, 2:])], dim=1)
     products = [p @ w for p in parts]  # (R, K) each
-    stack = torch.ops.aligndraw.stack_rows([*parts, x, a[0].flip(0)])  # (5R, N)
-    return stack * 2, *products
+    stack = torch.ops.aligndraw.stack_rows([*parts, parts[0], x, a[0].flip(0)])  # (7R, N)
+    return stack * 2, parts[3], *products
 
 
-def test_stacked_parts_with_fixed_layouts_are_computed_in_place(monkeypatch):
+def _recording(monkeypatch) -> list[bool]:
+    """``compiler._computed_in_place``'s answers, in order, from now on."""
+    decided, in_place = [], compiler._computed_in_place
+
+    def recorded(src, dst):
+        decided.append(in_place(src, dst))
+        return decided[-1]
+
+    monkeypatch.setattr(compiler, "_computed_in_place", recorded)
+    return decided
+
+
+@pytest.mark.parametrize("cpp_wrapper", [False, True])
+def test_stacked_parts_with_fixed_layouts_are_computed_in_place(monkeypatch, cpp_wrapper):
     assert compiler.lower_stack_rows()
-    decided = []
-    in_place = compiler._computed_in_place
-    monkeypatch.setattr(compiler, "_computed_in_place",
-                        lambda src, dst: (decided.append(in_place(src, dst)), decided[-1])[1])
-    args = (_rand(3, 4, 6), _rand(6, 5, seed=1), _rand(4, 6, seed=2))
+    decided = _recording(monkeypatch)
+    args = (_rand(4, 4, 6), _rand(6, 5, seed=1), _rand(4, 6, seed=2))
     torch._dynamo.reset()
     with torch.compiler.config.patch(force_disable_caches=True):
-        got = torch.compile(_stack_after_products)(*args)
-    # inductor's own rule takes the flip; the three kernel outputs are ours; the input is copied
-    assert sorted(decided) == [False, True, True, True]
+        got = torch.compile(_stack_after_products, options={"cpp_wrapper": cpp_wrapper})(*args)
+    # asked about the two plain parts and the concatenation (computed in place), the second
+    # listing of the first part and the input (copied); never about the returned part (copied)
+    # or the flip (inductor's own rule)
+    assert decided == [True, True, True, False, False]
     for g, w in zip(got, _stack_after_products(*args), strict=True):
         torch.testing.assert_close(g, w)
 
@@ -251,7 +266,9 @@ BF16_TOLERANCE = 0.02  # bf16 rounds to 8 bits; eager and compiled sum in other 
 
 @needs_onednn
 def test_compiled_model_stacks_its_step_gradients_and_keeps_them_equal(monkeypatch):
+    decided = _recording(monkeypatch)
     want, got, changed, ops, _ = _eager_and_compiled_grads(monkeypatch, autocast=False)
+    assert True in decided  # step gradients computed in place in their stacks (and still equal)
     # the backward graph: at least the four step-shared weights (projection, encoder input,
     # posterior, z's gates) and the context mix's values
     assert max(changed) >= 5

@@ -139,20 +139,19 @@ def _call(graph: fx.Graph, target: Callable, *args: Any, **kwargs: Any) -> fx.No
     return node
 
 
-@torch.library.custom_op("aligndraw::stack_rows", mutates_args=())
-def _stack_rows_op(parts: list[Tensor]) -> Tensor:
-    # torch.cat(parts) along rows; its own op for its lowering (``lower_stack_rows``)
+def _stack_rows(parts: list[Tensor]) -> Tensor:
+    """The parts (R_i, N) one under another: (ΣR_i, N). Its own op, ``aligndraw::stack_rows``,
+    for its lowering (``lower_stack_rows``); the same function gives its fake values."""
     return torch.cat(parts)
 
 
-@_stack_rows_op.register_fake
-def _(parts: list[Tensor]) -> Tensor:
-    return torch.cat(parts)
+torch.library.custom_op("aligndraw::stack_rows", mutates_args=())(_stack_rows).register_fake(_stack_rows)
 
 
 def _concatenated(graph: fx.Graph, parts: list[fx.Node], dim: int) -> fx.Node:
-    """``cat(parts, dim)``; CPU row stacks as ``aligndraw::stack_rows`` once its lowering is
-    registered (``lower_stack_rows``, here), so that parts are computed in place in the stack."""
+    """``cat(parts, dim)``: (…, R_i, …) along ``dim`` → (…, ΣR_i, …). CPU row stacks become
+    ``aligndraw::stack_rows`` where its lowering is registered (``lower_stack_rows``, here),
+    so that parts are computed in place in the stack."""
     on_cpu = all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in map(_val, parts))
     if dim == 0 and on_cpu and lower_stack_rows():
         return _call(graph, torch.ops.aligndraw.stack_rows.default, parts)
@@ -339,10 +338,26 @@ def lower_onednn_linear() -> None:
         lambda x, weight, bias: pointwise(x, weight, bias, "none", [], ""))
 
 
+def _read_only_after(part: Any) -> bool:
+    """Whether the graph only reads FX node ``part`` from here on: no user mutates it (an
+    in-place op of a later pass) and it is not one of the graph's outputs (which would keep
+    the whole stack alive and let the caller write into it)."""
+    if not isinstance(part, fx.Node):
+        return False
+    for user in part.users:
+        schema = getattr(user.target, "_schema", None)
+        if user.op == "output" or (schema is not None and schema.is_mutable):
+            return False
+    return True
+
+
 def _computed_in_place(src: Any, dst: Any) -> bool:
-    """Whether buffer ``src``, whose layout is already fixed, can become the view ``dst`` of a
-    stack instead of being copied there: a kernel's own dense output (not a graph input, an
-    extern kernel's output, a view, or a mutated buffer) with ``dst``'s sizes and strides."""
+    """Whether buffer ``src`` (R, N), whose layout is already fixed, can become the view
+    ``dst`` of a stack, rows of a (ΣR, N) buffer, instead of being copied there: the dense
+    output of a kernel or of a concatenation (not a graph input, an extern kernel's output, a
+    view, or a buffer mutated, resized or given another storage) with ``dst``'s sizes and
+    strides. ``lower_stack_rows`` asks only for parts the graph reads alone from the stack on
+    (``_read_only_after``)."""
     from torch._inductor import ir
     from torch._inductor.virtualized import V
 
@@ -350,7 +365,8 @@ def _computed_in_place(src: Any, dst: Any) -> bool:
     if not isinstance(box, ir.StorageBox) or not isinstance(box.data, (ir.ComputedBuffer, ir.ConcatKernel)):
         return False
     layout, name = box.data.layout, box.data.get_name()
-    if type(layout) is not ir.FixedLayout or layout.offset != 0 or name in V.graph.mutated_buffers:
+    if (type(layout) is not ir.FixedLayout or layout.offset != 0 or name in V.graph.mutated_buffers
+            or name in V.graph.never_reuse_buffers):
         return False
 
     def same(ours: Any, theirs: Any) -> bool:
@@ -367,30 +383,42 @@ def lower_stack_rows() -> bool:
 
     Inductor's own concatenation does so only for parts whose layout is still open; a step's
     gradient g_t is first read by the step's input-gradient product, which fixes its layout, so
-    each of the T parts was copied into the stack after the last step (a training step of
-    mnist-captions: one kernel copying (100, 3286) and (100, 300) gradients T times, 15.5 ms
-    of 432 under the profiler on an AMD EPYC Zen 4, item 27). Here a part whose fixed layout
-    is the stack's slice's (a dense kernel output, ``_computed_in_place``) becomes that slice:
-    its kernels write the stack, and its earlier readers read it there. Anything else is
+    each part was copied into the stack after the last step (a training step of
+    mnist-captions: one kernel of 15.5 ms in 432 under the profiler on an AMD EPYC Zen 4,
+    item 27). Here a part whose fixed layout is its slice's (``_computed_in_place``) and
+    which the graph only reads from then on (``_read_only_after``) becomes that slice: its
+    kernels write the stack, and its earlier readers read it there. Anything else is
     copied, as inductor does. Registered once, by the pass at its first row stack; returns
     whether it is: where this PyTorch's inductor lacks the hooks used, the pass keeps
     ``aten.cat``."""
+    import inspect
+
     try:
         from torch._inductor import ir
         from torch._inductor.lowering import register_lowering
+        from torch._inductor.virtualized import V
     except ImportError:  # another PyTorch's inductor
         return False
-    if not hasattr(ir.ConcatKernel, "can_realize_into_without_copy"):
+    rule = inspect.getattr_static(ir.ConcatKernel, "can_realize_into_without_copy", None)
+    if not isinstance(rule, classmethod):
         return False
-    plain = ir.ConcatKernel.can_realize_into_without_copy.__func__
+    plain, own = rule.__func__, set()  # own: ids of the parts (storage boxes) that may move
 
     class InPlace(ir.ConcatKernel):
         @classmethod
         def can_realize_into_without_copy(cls, src: Any, dst: Any = None) -> bool:
-            return plain(cls, src, dst) or (dst is not None and _computed_in_place(src, dst))
+            return plain(cls, src, dst) or (dst is not None and id(src) in own
+                                            and _computed_in_place(src, dst))
 
     def stack_rows(parts: list[Any]) -> Any:
-        return ir.TensorBox(InPlace.create(parts, 0))
+        nodes = V.graph.current_node.args[0]  # the parts' FX nodes
+        own.clear()
+        own.update(id(getattr(p, "data", p)) for p, n in zip(parts, nodes, strict=True)
+                   if _read_only_after(n))
+        try:
+            return ir.TensorBox(InPlace.create(parts, 0))
+        finally:
+            own.clear()
 
     register_lowering(torch.ops.aligndraw.stack_rows.default, type_promotion_kind=None)(stack_rows)
     return True
