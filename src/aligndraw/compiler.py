@@ -17,9 +17,11 @@ inductor's own post-grad patterns (``post_grad_custom_pre_pass``): those fold ``
 into ``addmm(C, A, B)``, which would turn the plain bf16 ``mm`` gradients of autocast into a
 chain addmm(addmm(mm(A_1, B_1), A_2, B_2), …) that is no longer a sum. Run first, the pass
 stacks them too: one bf16 product over T·B rows, rounded once, instead of T − 1 bf16
-roundings of a running sum. While the library's CPU fp32 products are MKL's (the default on
-Intel processors), sums of CPU fp32 ``aten.mm`` are left to inductor (``stacks_cpu_fp32_mm``):
-there the stacking measured slower.
+roundings of a running sum. CPU stacks of rows are built by ``aligndraw::stack_rows``, whose
+lowering (``lower_stack_rows``) has the steps' kernels write their gradients straight into
+the stack instead of copying them there after the last step (item 27). While the library's
+CPU fp32 products are MKL's (the default on Intel processors), sums of CPU fp32 ``aten.mm``
+are left to inductor (``stacks_cpu_fp32_mm``): there the stacking measured slower.
 
 A second pass, ``unfuse_cpu_bias``, runs after inductor's patterns
 (``post_grad_custom_post_pass``): a CPU fp32 ``addmm`` whose 1-D bias feeds only pointwise
