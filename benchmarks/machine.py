@@ -36,7 +36,7 @@ def kernel_environment(environ: Mapping[str, str] | None = None) -> dict[str, st
 def keep_freed_memory(flag: str) -> int:
     """``aligndraw.allocator.keep_freed_memory()`` for a benchmark asked to by ``flag``: the
     mmap threshold glibc took, in bytes; exits, naming the flag, where the C library refuses."""
-    from aligndraw import allocator  # the imported tree's (``ab_trees.py`` workers)
+    from aligndraw import allocator
 
     taken = allocator.keep_freed_memory()
     if not taken:

@@ -404,23 +404,21 @@ def lower_stack_rows() -> bool:
     rule = inspect.getattr_static(ir.ConcatKernel, "can_realize_into_without_copy", None)
     if not isinstance(rule, classmethod):
         return False
-    plain, own = rule.__func__, set()  # own: ids of the parts (storage boxes) that may move
-
-    class InPlace(ir.ConcatKernel):
-        @classmethod
-        def can_realize_into_without_copy(cls, src: Any, dst: Any = None) -> bool:
-            return plain(cls, src, dst) or (dst is not None and id(src) in own
-                                            and _computed_in_place(src, dst))
+    plain = rule.__func__
 
     def stack_rows(parts: list[Any]) -> Any:
         nodes = V.graph.current_node.args[0]  # the parts' FX nodes
-        own.clear()
-        own.update(id(getattr(p, "data", p)) for p, n in zip(parts, nodes, strict=True)
-                   if _read_only_after(n))
-        try:
-            return ir.TensorBox(InPlace.create(parts, 0))
-        finally:
-            own.clear()
+        # the parts (their storage boxes, as the rule sees them) that may move into the stack
+        movable = {id(getattr(p, "data", p)) for p, n in zip(parts, nodes, strict=True)
+                   if _read_only_after(n)}
+
+        class InPlace(ir.ConcatKernel):
+            @classmethod
+            def can_realize_into_without_copy(cls, src: Any, dst: Any = None) -> bool:
+                return plain(cls, src, dst) or (dst is not None and id(src) in movable
+                                                and _computed_in_place(src, dst))
+
+        return ir.TensorBox(InPlace.create(parts, 0))
 
     register_lowering(torch.ops.aligndraw.stack_rows.default, type_promotion_kind=None)(stack_rows)
     return True
