@@ -20,7 +20,9 @@ run for ``--seconds``, and prints:
   that moment (the nearest sample of each within half a sampling period): the serial or
   unbalanced work that keeps the team waiting;
 - one JSON line last: steps, seconds, samples per thread, each thread's shares by kind and
-  the shares by kind of what runs while a thread waits.
+  the shares by kind of what runs while a thread waits, and the mmap threshold taken with
+  ``--keep-freed-memory`` (0 without: the step's buffers then come from fresh pages, whose
+  page faults the trainer, which keeps freed memory on the CPU, does not pay).
 
 Needs ``perf`` (Linux; ``kernel.perf_event_paranoid`` low enough to record this process).
 """
@@ -48,7 +50,12 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.profile_step import add_step_args, build_variant, check_step_args  # noqa: E402
+from benchmarks.profile_step import (  # noqa: E402
+    add_step_args,
+    build_variant,
+    check_step_args,
+    keep_memory_if_asked,
+)
 
 # perf script -F tid,time,ip,sym,dso: "  7842 63312.568789:  7fc96d01e02a sym (/path/lib.so)"
 # (a C++ symbol may hold spaces and parentheses; the library is the last parenthesised part)
@@ -269,19 +276,22 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     perf_binary()  # before any compile: say at once if perf is missing
     torch.set_num_threads(args.threads)
+    taken, kept = keep_memory_if_asked(args)
     variant = build_variant(args, torch.device("cpu"))
     step = getattr(variant, f"{args.phase}_step")
     for _ in range(args.warmup):
         step()
     print(f"{variant.name}, {args.phase}, preset {'smoke' if args.smoke else args.preset}, "
-          f"batch {args.batch}, threads {torch.get_num_threads()}, torch {torch.__version__}")
+          f"batch {args.batch}, threads {torch.get_num_threads()}, torch {torch.__version__}"
+          f"{kept}")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "perf.data"
         steps, elapsed = record(step, args.seconds, args.frequency, data)
         samples = read_samples(data)
     print(f"{steps} steps in {elapsed:.2f} s under perf: {1e3 * elapsed / max(steps, 1):.1f} ms a step")
     figures = report(samples, args.top, args.frequency, main_tid=os.getpid())
-    figures.update(steps=steps, seconds=elapsed, variant=variant.name, phase=args.phase)
+    figures.update(steps=steps, seconds=elapsed, variant=variant.name, phase=args.phase,
+                   keep_freed_memory=taken)  # mmap threshold taken, or 0
     print(json.dumps(figures))
     return figures
 

@@ -1,6 +1,7 @@
 """Where the library model's time goes: torch.profiler on one training step and one sampling batch.
 
     python benchmarks/profile_step.py --preset mnist-captions [--precision bf16] [--compile] [--top 25]
+        [--keep-freed-memory]
 
 Prints, for each phase, the top ops by self CPU time and how many ops ran: all recorded aten
 ops, and the leaf ones (ops that call no other op — on CPU each is one kernel; on CUDA the
@@ -9,7 +10,9 @@ trainer's (zero_grad, forward, backward, per-tensor clip, PaperRMSprop), on rand
 after untimed warm-up steps (with ``--compile``, the warm-up compiles: the training step
 at its first call, the update (clip and step) at its second; the compiled
 kernels are then profiled one by one through inductor's ``cpp.enable_kernel_profile``).
-Optionally writes Chrome traces (--trace-dir).
+Optionally writes Chrome traces (--trace-dir). ``--keep-freed-memory`` keeps the process's freed
+memory as the trainer does on the CPU; without it, the profile includes the page faults of
+buffers that come from fresh pages.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 
 from aligndraw.config import ModelConfig, preset  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
+from benchmarks.machine import keep_freed_memory  # noqa: E402
 from benchmarks.throughput import PRESETS, SMOKE_CONFIG, Variant, random_inputs  # noqa: E402
 
 
@@ -41,6 +45,9 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="the library under torch.compile")
     p.add_argument("--smoke", action="store_true",
                    help="tiny config, batch 8, captions of 6 words, 10 rows a table (for CI)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="keep the process's freed memory for reuse, as the trainer does on the CPU "
+                        "(aligndraw.allocator), so that the step's buffers do not come from fresh pages")
 
 
 def check_step_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -67,6 +74,16 @@ def build_variant(args: argparse.Namespace, device: torch.device) -> Variant:
         model, name = AlignDraw(cfg).to(device), "library_compiled" if args.compile else "library"
     inputs = random_inputs(cfg, args.batch, args.caption_len, device, seed=0)
     return Variant(f"{name}_{args.precision}", model, args.precision, inputs, seed=0, compiled=args.compile)
+
+
+def keep_memory_if_asked(args: argparse.Namespace) -> tuple[int, str]:
+    """With ``--keep-freed-memory``, keep the process's freed memory (call before
+    ``build_variant``: the trainer does so before its model's first buffers). Returns the mmap
+    threshold glibc took, in bytes (0 if not asked), and a note for the header line."""
+    if not args.keep_freed_memory:
+        return 0, ""
+    taken = keep_freed_memory("--keep-freed-memory")
+    return taken, f", freed memory kept (mmap threshold {taken >> 20} MiB)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -149,9 +166,10 @@ def main(argv: list[str] | None = None) -> None:
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp.enable_kernel_profile = True  # each compiled kernel is a profiler row
+    _, kept = keep_memory_if_asked(args)
     variant = build_variant(args, device)
     print(f"preset {'smoke' if args.smoke else args.preset}, threads {torch.get_num_threads()}, "
-          f"device {device}, torch {torch.__version__}")
+          f"device {device}, torch {torch.__version__}{kept}")
     for phase in ("train", "sample"):
         profile_phase(variant, phase, device, args)
 

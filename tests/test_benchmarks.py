@@ -933,13 +933,28 @@ def test_native_profile_reads_perf_samples_and_what_runs_while_a_thread_waits() 
     assert sum(while_waiting(samples, 0.001).values()) == 2  # a wider window takes both
 
 
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_profile_step_profiles_both_phases_and_keeps_freed_memory_when_asked() -> None:
+    kept = run_benchmark("profile_step.py", "--smoke", "--threads", "1", "--keep-freed-memory")
+    assert kept.returncode == 0, kept.stderr
+    header = kept.stdout.splitlines()[0]
+    taken = [size for size in allocator.MMAP_THRESHOLDS
+             if header.endswith(f", freed memory kept (mmap threshold {size >> 20} MiB)")]
+    assert len(taken) == 1, header  # the threshold glibc took, named in the header
+    assert "=== train: library_fp32" in kept.stdout and "=== sample: library_fp32" in kept.stdout
+    plain = run_benchmark("profile_step.py", "--smoke", "--threads", "1")
+    assert plain.returncode == 0 and "freed memory kept" not in plain.stdout
+
+
 def test_native_profile_samples_the_training_step_with_perf() -> None:
+    glibc = platform.libc_ver()[0] == "glibc"
     proc = run_benchmark("native_profile.py", "--smoke", "--threads", "2", "--seconds", "1",
-                         "--warmup", "1", "--frequency", "499")
+                         "--warmup", "1", "--frequency", "499", *(["--keep-freed-memory"] * glibc))
     if shutil.which("perf") is None:  # .ci/run installs it; elsewhere it says what is missing
         assert proc.returncode != 0 and "needs Linux perf" in proc.stderr
         return
     report = last_json(proc)
+    assert report["keep_freed_memory"] in (allocator.MMAP_THRESHOLDS if glibc else (0,))
     assert report["variant"] == "library_fp32" and report["phase"] == "train"
     assert report["steps"] >= 1 and report["seconds"] >= 1
     assert report["main_thread"] in report["samples"]  # the process's own thread was sampled
