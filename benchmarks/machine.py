@@ -33,15 +33,24 @@ def kernel_environment(environ: Mapping[str, str] | None = None) -> dict[str, st
     return {k: environ[k] for k in KERNEL_ENV if environ.get(k, "").strip()}
 
 
-def keep_freed_memory(flag: str) -> int:
+def keep_freed_memory(flag: str, asked: bool = True) -> int:
     """``aligndraw.allocator.keep_freed_memory()`` for a benchmark asked to by ``flag``: the
-    mmap threshold glibc took, in bytes; exits, naming the flag, where the C library refuses."""
+    mmap threshold glibc took, in bytes; exits, naming the flag, where the C library refuses.
+    Does nothing and returns 0 where not ``asked``."""
     from aligndraw import allocator
 
+    if not asked:
+        return 0
     taken = allocator.keep_freed_memory()
     if not taken:
         raise SystemExit(f"{flag}: this C library refused aligndraw.allocator's settings")
     return taken
+
+
+def kept_note(taken: int) -> str:
+    """"freed memory kept (mmap threshold N MiB)" for a threshold ``keep_freed_memory`` took;
+    "" for 0 (not kept)."""
+    return f"freed memory kept (mmap threshold {taken >> 20} MiB)" if taken else ""
 
 
 def sync(device: torch.device) -> None:

@@ -1,6 +1,7 @@
 """Where a step's CPU time goes below PyTorch: Linux ``perf`` sampling every thread of the process.
 
     python benchmarks/native_profile.py --preset mnist-captions --compile [--phase sample] [--seconds 8]
+        [--keep-freed-memory]
 
 ``profile_step.py`` sees ops and compiled kernels; this sees the machine code under them, per
 thread: MKL's products (``mkl_blas_*``; PyTorch links MKL into ``libtorch_cpu``, where its
@@ -50,12 +51,8 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.profile_step import (  # noqa: E402
-    add_step_args,
-    build_variant,
-    check_step_args,
-    keep_memory_if_asked,
-)
+from benchmarks.machine import keep_freed_memory, kept_note  # noqa: E402
+from benchmarks.profile_step import add_step_args, build_variant, check_step_args  # noqa: E402
 
 # perf script -F tid,time,ip,sym,dso: "  7842 63312.568789:  7fc96d01e02a sym (/path/lib.so)"
 # (a C++ symbol may hold spaces and parentheses; the library is the last parenthesised part)
@@ -276,14 +273,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     perf_binary()  # before any compile: say at once if perf is missing
     torch.set_num_threads(args.threads)
-    taken, kept = keep_memory_if_asked(args)
+    # before the step's first buffers, as the trainer does
+    taken = keep_freed_memory("--keep-freed-memory", args.keep_freed_memory)
     variant = build_variant(args, torch.device("cpu"))
     step = getattr(variant, f"{args.phase}_step")
     for _ in range(args.warmup):
         step()
     print(f"{variant.name}, {args.phase}, preset {'smoke' if args.smoke else args.preset}, "
           f"batch {args.batch}, threads {torch.get_num_threads()}, torch {torch.__version__}"
-          f"{kept}")
+          + (f", {kept_note(taken)}" if taken else ""))
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "perf.data"
         steps, elapsed = record(step, args.seconds, args.frequency, data)

@@ -29,13 +29,13 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 
 from aligndraw.config import ModelConfig, preset  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
-from benchmarks.machine import keep_freed_memory  # noqa: E402
+from benchmarks.machine import keep_freed_memory, kept_note  # noqa: E402
 from benchmarks.throughput import PRESETS, SMOKE_CONFIG, Variant, random_inputs  # noqa: E402
 
 
 def add_step_args(p: argparse.ArgumentParser) -> None:
     """The options that say which step to run: model, batch, precision, compiled or naive,
-    table rows (shared with ``native_profile.py``)."""
+    table rows, freed memory kept or not (shared with ``native_profile.py``)."""
     p.add_argument("--preset", choices=PRESETS, default="mnist-captions", help="model configuration")
     p.add_argument("--batch", type=int, default=100, help="images per batch")
     p.add_argument("--caption-len", type=int, default=12, help="words per random caption")
@@ -47,7 +47,8 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
                    help="tiny config, batch 8, captions of 6 words, 10 rows a table (for CI)")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="keep the process's freed memory for reuse, as the trainer does on the CPU "
-                        "(aligndraw.allocator), so that the step's buffers do not come from fresh pages")
+                        "(aligndraw.allocator), so that the step's buffers do not come from fresh pages "
+                        "(the C library's memory: CPU only)")
 
 
 def check_step_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -76,16 +77,6 @@ def build_variant(args: argparse.Namespace, device: torch.device) -> Variant:
     return Variant(f"{name}_{args.precision}", model, args.precision, inputs, seed=0, compiled=args.compile)
 
 
-def keep_memory_if_asked(args: argparse.Namespace) -> tuple[int, str]:
-    """With ``--keep-freed-memory``, keep the process's freed memory (call before
-    ``build_variant``: the trainer does so before its model's first buffers). Returns the mmap
-    threshold glibc took, in bytes (0 if not asked), and a note for the header line."""
-    if not args.keep_freed_memory:
-        return 0, ""
-    taken = keep_freed_memory("--keep-freed-memory")
-    return taken, f", freed memory kept (mmap threshold {taken >> 20} MiB)"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -97,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trace-dir", type=Path, default=None, help="write Chrome traces here")
     args = p.parse_args(argv)
     check_step_args(p, args)
+    if args.keep_freed_memory and not args.device.startswith("cpu"):
+        p.error(f"--keep-freed-memory keeps the C library's freed memory, for a model on the CPU; "
+                f"got --device {args.device} (a GPU's tensors come from PyTorch's own allocator)")
     return args
 
 
@@ -166,10 +160,11 @@ def main(argv: list[str] | None = None) -> None:
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp.enable_kernel_profile = True  # each compiled kernel is a profiler row
-    _, kept = keep_memory_if_asked(args)
+    # before the step's first buffers, as the trainer does
+    kept = keep_freed_memory("--keep-freed-memory", args.keep_freed_memory)
     variant = build_variant(args, device)
     print(f"preset {'smoke' if args.smoke else args.preset}, threads {torch.get_num_threads()}, "
-          f"device {device}, torch {torch.__version__}{kept}")
+          f"device {device}, torch {torch.__version__}" + (f", {kept_note(kept)}" if kept else ""))
     for phase in ("train", "sample"):
         profile_phase(variant, phase, device, args)
 

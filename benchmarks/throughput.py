@@ -44,6 +44,7 @@ from benchmarks.machine import (  # noqa: E402
     BUSY_CORES,
     OtherLoad,
     keep_freed_memory,
+    kept_note,
     kernel_environment,
     matmul_peak,
     timed,
@@ -514,8 +515,7 @@ def print_table(report: dict) -> None:
           f"library's fp32 products: {report['gemm_backend']} (batched, compiled: "
           f"{report['batched_backend']})"
           + ("  subnormal numbers flushed to 0 (--flush-denormal)" if report["flush_denormal"] else "")
-          + (f"  freed memory kept (mmap threshold {report['keep_freed_memory'] >> 20} MiB)"
-             if report["keep_freed_memory"] else ""))
+          + (f"  {kept_note(report['keep_freed_memory'])}" if report["keep_freed_memory"] else ""))
     if report["kernel_env"]:
         print("kernels chosen by the environment: "
               + ", ".join(f"{k}={v}" for k, v in report["kernel_env"].items()))
@@ -649,7 +649,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--flush-denormal: this CPU has no flush-to-zero mode PyTorch can set")
     if device.type == "cpu":
         torch.set_num_threads(threads)
-    kept = keep_freed_memory("--keep-freed-memory") if args.keep_freed_memory else 0  # mmap threshold
+    kept = keep_freed_memory("--keep-freed-memory", args.keep_freed_memory)  # mmap threshold, or 0
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     if "bf16" in precisions and (why := gemm.bf16_warning(device)):
         log(f"warning: {why}")

@@ -942,14 +942,51 @@ def test_profile_step_profiles_both_phases_and_keeps_freed_memory_when_asked() -
              if header.endswith(f", freed memory kept (mmap threshold {size >> 20} MiB)")]
     assert len(taken) == 1, header  # the threshold glibc took, named in the header
     assert "=== train: library_fp32" in kept.stdout and "=== sample: library_fp32" in kept.stdout
-    plain = run_benchmark("profile_step.py", "--smoke", "--threads", "1")
-    assert plain.returncode == 0 and "freed memory kept" not in plain.stdout
+
+
+class _Built(Exception):
+    """Raised in place of building the step: what came before is all a test needs."""
+
+
+@pytest.mark.parametrize("script", ["profile_step", "native_profile"])
+def test_the_profilers_keep_freed_memory_before_building_the_step(monkeypatch, script) -> None:
+    import importlib
+
+    module, calls = importlib.import_module(f"benchmarks.{script}"), []
+    monkeypatch.setattr(module, "keep_freed_memory",
+                        lambda flag, asked: calls.append(("keep", flag, asked)) or 1 << 30)
+
+    def build(*_):
+        calls.append("build")
+        raise _Built
+
+    monkeypatch.setattr(module, "build_variant", build)
+    monkeypatch.setattr(module, "perf_binary", lambda: "perf", raising=False)  # native_profile's
+    threads = ["--threads", str(torch.get_num_threads())]  # this process's, left as they are
+    for asked in (True, False):
+        calls.clear()
+        with pytest.raises(_Built):
+            module.main(["--smoke", *threads, *(["--keep-freed-memory"] * asked)])
+        assert calls == [("keep", "--keep-freed-memory", asked), "build"]
+
+
+def test_keeping_freed_memory_not_asked_does_nothing() -> None:
+    from benchmarks.machine import keep_freed_memory, kept_note
+
+    assert keep_freed_memory("--keep-freed-memory", asked=False) == 0 and kept_note(0) == ""
+    assert kept_note(1 << 30) == "freed memory kept (mmap threshold 1024 MiB)"
+
+
+def test_profile_step_keeps_freed_memory_only_on_the_cpu() -> None:
+    proc = run_benchmark("profile_step.py", "--smoke", "--device", "cuda", "--keep-freed-memory")
+    assert proc.returncode == 2 and "--keep-freed-memory" in proc.stderr and "cuda" in proc.stderr
 
 
 def test_native_profile_samples_the_training_step_with_perf() -> None:
     glibc = platform.libc_ver()[0] == "glibc"
+    flags = ["--keep-freed-memory"] if glibc else []  # glibc's mallopt
     proc = run_benchmark("native_profile.py", "--smoke", "--threads", "2", "--seconds", "1",
-                         "--warmup", "1", "--frequency", "499", *(["--keep-freed-memory"] * glibc))
+                         "--warmup", "1", "--frequency", "499", *flags)
     if shutil.which("perf") is None:  # .ci/run installs it; elsewhere it says what is missing
         assert proc.returncode != 0 and "needs Linux perf" in proc.stderr
         return
