@@ -47,10 +47,10 @@ def keep_freed_memory(flag: str, asked: bool = True) -> int:
     return taken
 
 
-def kept_note(taken: int) -> str:
-    """"freed memory kept (mmap threshold N MiB)" for a threshold ``keep_freed_memory`` took;
-    "" for 0 (not kept)."""
-    return f"freed memory kept (mmap threshold {taken >> 20} MiB)" if taken else ""
+def kept_note(taken: int, sep: str = "") -> str:
+    """``sep`` + "freed memory kept (mmap threshold N MiB)" for a threshold ``keep_freed_memory``
+    took; "" for 0 (not kept)."""
+    return f"{sep}freed memory kept (mmap threshold {taken >> 20} MiB)" if taken else ""
 
 
 def sync(device: torch.device) -> None:

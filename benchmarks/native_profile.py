@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         step()
     print(f"{variant.name}, {args.phase}, preset {'smoke' if args.smoke else args.preset}, "
           f"batch {args.batch}, threads {torch.get_num_threads()}, torch {torch.__version__}"
-          + (f", {kept_note(taken)}" if taken else ""))
+          + kept_note(taken, ", "))
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "perf.data"
         steps, elapsed = record(step, args.seconds, args.frequency, data)

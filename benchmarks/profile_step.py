@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     kept = keep_freed_memory("--keep-freed-memory", args.keep_freed_memory)
     variant = build_variant(args, device)
     print(f"preset {'smoke' if args.smoke else args.preset}, threads {torch.get_num_threads()}, "
-          f"device {device}, torch {torch.__version__}" + (f", {kept_note(kept)}" if kept else ""))
+          f"device {device}, torch {torch.__version__}" + kept_note(kept, ", "))
     for phase in ("train", "sample"):
         profile_phase(variant, phase, device, args)
 

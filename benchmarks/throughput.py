@@ -515,7 +515,7 @@ def print_table(report: dict) -> None:
           f"library's fp32 products: {report['gemm_backend']} (batched, compiled: "
           f"{report['batched_backend']})"
           + ("  subnormal numbers flushed to 0 (--flush-denormal)" if report["flush_denormal"] else "")
-          + (f"  {kept_note(report['keep_freed_memory'])}" if report["keep_freed_memory"] else ""))
+          + kept_note(report["keep_freed_memory"], "  "))
     if report["kernel_env"]:
         print("kernels chosen by the environment: "
               + ", ".join(f"{k}={v}" for k, v in report["kernel_env"].items()))

@@ -974,7 +974,8 @@ def test_keeping_freed_memory_not_asked_does_nothing() -> None:
     from benchmarks.machine import keep_freed_memory, kept_note
 
     assert keep_freed_memory("--keep-freed-memory", asked=False) == 0 and kept_note(0) == ""
-    assert kept_note(1 << 30) == "freed memory kept (mmap threshold 1024 MiB)"
+    assert kept_note(1 << 30, ", ") == ", freed memory kept (mmap threshold 1024 MiB)"
+    assert kept_note(0, ", ") == ""  # no separator left behind
 
 
 def test_profile_step_keeps_freed_memory_only_on_the_cpu() -> None:
