@@ -514,6 +514,7 @@ def print_table(report: dict) -> None:
     print(f"cpu {report['cpu_vendor'] or report['cpu']}  PyTorch's kernels: {report['aten_cpu_capability']}  "
           f"library's fp32 products: {report['gemm_backend']} (batched, compiled: "
           f"{report['batched_backend']})"
+          + (f"  OpenBLAS's kernels: {report['openblas_core']}" if report["openblas_core"] else "")
           + ("  subnormal numbers flushed to 0 (--flush-denormal)" if report["flush_denormal"] else "")
           + kept_note(report["keep_freed_memory"], "  "))
     if report["kernel_env"]:
@@ -691,6 +692,7 @@ def main(argv: list[str] | None = None) -> dict:
         "caption_len": args.caption_len, "threads": threads, "device": str(device),
         "cpu": platform.processor() or platform.machine(), "cpu_vendor": gemm.cpu_vendor(),
         "gemm_backend": gemm.backend(), "batched_backend": gemm.batched_backend(),
+        "openblas_core": openblas.corename() if openblas.loaded() else None,
         "cpu_bf16_native": gemm.cpu_bf16_native(),
         "kernel_env": kernel_environment(), "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "flush_denormal": args.flush_denormal, "keep_freed_memory": kept,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -12,6 +14,8 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                   reason="this PyTorch build has no oneDNN")
 needs_openblas = pytest.mark.skipif(openblas.missing() is not None,
                                     reason=f"OpenBLAS products cannot be built here: {openblas.missing()}")
+needs_x86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                               reason="an x86 processor (OpenBLAS's Haswell kernels, AVX2)")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
 

@@ -22,7 +22,7 @@ from aligndraw import allocator, gemm, openblas
 from aligndraw.config import ModelConfig, preset
 from aligndraw.model import AlignDraw
 
-from conftest import needs_onednn, needs_openblas, random_batch, tiny_config
+from conftest import needs_onednn, needs_openblas, needs_x86, random_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # ``benchmarks`` lives at the repository root, which ``pytest`` (unlike ``python -m pytest``)
@@ -228,6 +228,18 @@ def test_throughput_reports_kernels_limited_by_the_environment() -> None:
     line = next(x for x in lines if x.startswith("kernels chosen by the environment: "))
     assert all(f"{k}={v}" in line for k, v in env.items())
     assert any("PyTorch's kernels: AVX2" in x and "(batched, compiled: aten)" in x for x in lines)
+
+
+@needs_openblas
+@needs_x86
+def test_throughput_names_openblas_kernels() -> None:
+    env = {"ALIGNDRAW_CPU_GEMM": "aten", "ALIGNDRAW_CPU_BMM": "openblas", "OPENBLAS_CORETYPE": "Haswell"}
+    proc = run_throughput("--threads", "1", env=NO_KERNEL_ENV | env)
+    report = last_json(proc)
+    assert report["batched_backend"] == "openblas" and report["openblas_core"] == "Haswell"
+    header = "(batched, compiled: openblas)  OpenBLAS's kernels: Haswell"
+    assert any(header in x for x in proc.stdout.splitlines())
+    assert report["check"]["equal"] is True
 
 
 def test_bf16_peak_is_measured_for_bf16_runs_and_native_bf16_only() -> None:

@@ -1,11 +1,14 @@
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from aligndraw import gemm, openblas
 
-from conftest import needs_openblas
+from conftest import needs_openblas, needs_x86
 from conftest import seeded_randn as _rand
 
 
@@ -129,6 +132,44 @@ def test_the_ops_trace_under_compile():
     args = (_rand(130, seed=2), _rand(6, 96), _rand(96, 130, seed=1))
     torch._dynamo.reset()
     _close(torch.compile(f, fullgraph=True)(*args), f(*args))
+
+
+@needs_openblas
+@needs_x86
+def test_corename_names_the_kernels_openblas_coretype_forces():
+    code = "from aligndraw import openblas; print(openblas.corename())"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=os.environ | {"OPENBLAS_CORETYPE": "Haswell"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "Haswell"
+    assert openblas.corename().isalnum()  # this process's own choice, whatever it is
+
+
+def test_narrowed_core_warning_only_where_the_environment_took_avx512_away():
+    avx512, avx2 = frozenset({"avx2", "avx512f"}), frozenset({"avx2"})
+    why = openblas.narrowed_core_warning("Haswell", "Haswell", avx512)
+    assert "OPENBLAS_CORETYPE=Haswell" in why and "Haswell kernels" in why and "SkylakeX" in why
+    assert openblas.narrowed_core_warning("Zen", "zen", avx512) is not None
+    assert openblas.narrowed_core_warning("Haswell", None, avx512) is None  # OpenBLAS's own choice
+    assert openblas.narrowed_core_warning("Haswell", "", avx512) is None  # blank: as if unset
+    assert openblas.narrowed_core_warning("SkylakeX", "skylakex", avx512) is None
+    assert openblas.narrowed_core_warning("Cooperlake", "Cooperlake", avx512) is None
+    assert openblas.narrowed_core_warning("Haswell", "Haswell", avx2) is None  # nothing wider here
+
+
+def test_the_first_load_warns_of_a_narrowed_core(monkeypatch, caplog):
+    loaded = []
+    monkeypatch.setattr(openblas, "loaded", lambda: bool(loaded))
+    monkeypatch.setattr(openblas, "load", lambda: loaded.append(True))
+    monkeypatch.setattr(openblas, "corename", lambda: "Haswell")
+    monkeypatch.setattr(gemm, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    with caplog.at_level(logging.WARNING, logger="aligndraw.gemm"):
+        gemm._load_openblas()
+        assert "OPENBLAS_CORETYPE=Haswell" in caplog.text
+        caplog.clear()
+        gemm._load_openblas()  # loaded already: said once
+    assert loaded == [True, True] and caplog.text == ""
 
 
 def test_missing_says_what_is_missing(monkeypatch):

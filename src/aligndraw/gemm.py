@@ -160,7 +160,7 @@ def prepare() -> str:
     global _backend, _batched
     if "openblas" in (_backend, _batched) and not openblas.loaded():
         try:
-            openblas.load()
+            _load_openblas()
         except Exception as e:
             if _asked and _backend == "openblas":
                 raise RuntimeError(f"CPU GEMM backend 'openblas': {e}") from e
@@ -170,6 +170,16 @@ def prepare() -> str:
             _backend = "aten" if _backend == "openblas" else _backend
             _batched = "aten"
     return _backend
+
+
+def _load_openblas() -> None:
+    """``openblas.load()``; on the first load, a warning if the environment narrowed its
+    kernels (``openblas.narrowed_core_warning``)."""
+    first = not openblas.loaded()
+    openblas.load()
+    if first and (why := openblas.narrowed_core_warning(
+            openblas.corename(), os.environ.get("OPENBLAS_CORETYPE"), cpu_flags())):
+        log.warning(why)
 
 
 def cpu_bf16_native() -> bool:
@@ -207,7 +217,7 @@ def _chosen(kind: str, name: str) -> str:
     """Make ``name`` (checked) the ``kind`` backend ("plain" or "batched"), asked for; return
     the old one. OpenBLAS's op is loaded first: a failure is raised, nothing changed."""
     if name == "openblas":
-        openblas.load()
+        _load_openblas()
     backend_var, asked_var = _STATE[kind]
     old = globals()[backend_var]
     globals().update({backend_var: name, asked_var: True})
