@@ -31,7 +31,9 @@ context mix's gradients) have a backend of their own, applied under ``torch.comp
 ``aligndraw.compiler``'s last graph pass: ``ALIGNDRAW_CPU_BMM=openblas|aten`` or
 ``set_batched_backend``; the default is OpenBLAS on AMD processors where its op can be built
 (there MKL's ``bmm`` runs AVX2 kernels; OpenBLAS's op trained 1.05× faster compiled on an AMD
-EPYC Zen 4), else ``aten``. Eager products stay PyTorch's.
+EPYC Zen 4), else ``aten``. Eager products stay PyTorch's. OpenBLAS picks its kernels when it
+loads; where the environment's ``OPENBLAS_CORETYPE`` holds it to kernels without AVX-512 on a
+processor with AVX-512, the first load logs a warning (``openblas.narrowed_core_warning``).
 """
 
 from __future__ import annotations
