@@ -7,15 +7,16 @@ import platform
 import pytest
 import torch
 
-from aligndraw import openblas
+from aligndraw import gemm, openblas
 from aligndraw.config import ModelConfig
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                   reason="this PyTorch build has no oneDNN")
 needs_openblas = pytest.mark.skipif(openblas.missing() is not None,
                                     reason=f"OpenBLAS products cannot be built here: {openblas.missing()}")
-needs_x86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
-                               reason="an x86 processor (OpenBLAS's Haswell kernels, AVX2)")
+needs_avx2 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64")
+                                or "avx2" not in gemm.cpu_flags(),
+                                reason="an x86 processor with AVX2 (AVX2 kernels asked for by name)")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
 

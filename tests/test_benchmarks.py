@@ -22,7 +22,7 @@ from aligndraw import allocator, gemm, openblas
 from aligndraw.config import ModelConfig, preset
 from aligndraw.model import AlignDraw
 
-from conftest import needs_onednn, needs_openblas, needs_x86, random_batch, tiny_config
+from conftest import needs_avx2, needs_onednn, needs_openblas, random_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # ``benchmarks`` lives at the repository root, which ``pytest`` (unlike ``python -m pytest``)
@@ -212,8 +212,7 @@ def test_kernel_environment_names_the_variables_that_choose_kernels() -> None:
     assert kernel_environment({}) == {}
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or "avx2" not in gemm.cpu_flags(),
-                    reason="PyTorch's AVX2 kernels need an x86 processor with AVX2")
+@needs_avx2
 def test_throughput_reports_kernels_limited_by_the_environment() -> None:
     """An AVX2 proxy: PyTorch's kernels and MKL's limited to AVX2; the run says so and stays equal."""
     env = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ALIGNDRAW_CPU_GEMM": "aten",
@@ -231,7 +230,7 @@ def test_throughput_reports_kernels_limited_by_the_environment() -> None:
 
 
 @needs_openblas
-@needs_x86
+@needs_avx2
 def test_throughput_names_openblas_kernels() -> None:
     env = {"ALIGNDRAW_CPU_GEMM": "aten", "ALIGNDRAW_CPU_BMM": "openblas", "OPENBLAS_CORETYPE": "Haswell"}
     proc = run_throughput("--threads", "1", env=NO_KERNEL_ENV | env)

@@ -8,7 +8,7 @@ import torch
 
 from aligndraw import gemm, openblas
 
-from conftest import needs_openblas, needs_x86
+from conftest import needs_avx2, needs_openblas
 from conftest import seeded_randn as _rand
 
 
@@ -134,15 +134,20 @@ def test_the_ops_trace_under_compile():
     _close(torch.compile(f, fullgraph=True)(*args), f(*args))
 
 
-@needs_openblas
-@needs_x86
-def test_corename_names_the_kernels_openblas_coretype_forces():
+@pytest.mark.skipif(openblas.numpy_openblas() is None, reason="numpy carries no OpenBLAS here")
+@needs_avx2
+@pytest.mark.parametrize("core", ["Haswell", "Sandybridge"])
+def test_corename_names_the_kernels_openblas_coretype_forces(core):
+    # Sandybridge: kernels no processor with AVX2 picks by itself, so the name is the variable's
     code = "from aligndraw import openblas; print(openblas.corename())"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=os.environ | {"OPENBLAS_CORETYPE": "Haswell"})
+                         env=os.environ | {"OPENBLAS_CORETYPE": core})
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip() == "Haswell"
-    assert openblas.corename().isalnum()  # this process's own choice, whatever it is
+    assert run.stdout.strip() == core
+
+
+def test_corename_is_none_without_an_openblas_to_ask(tmp_path):
+    assert openblas.corename(tmp_path / "libopenblas-missing.so") is None
 
 
 def test_narrowed_core_warning_only_where_the_environment_took_avx512_away():
@@ -155,21 +160,57 @@ def test_narrowed_core_warning_only_where_the_environment_took_avx512_away():
     assert openblas.narrowed_core_warning("SkylakeX", "skylakex", avx512) is None
     assert openblas.narrowed_core_warning("Cooperlake", "Cooperlake", avx512) is None
     assert openblas.narrowed_core_warning("Haswell", "Haswell", avx2) is None  # nothing wider here
+    assert openblas.narrowed_core_warning(None, "Haswell", avx512) is None  # kernels unknown
 
 
-def test_the_first_load_warns_of_a_narrowed_core(monkeypatch, caplog):
+def _narrowed(monkeypatch) -> list[bool]:
+    """OpenBLAS not loaded yet, its load recorded in the list returned, and its kernels
+    narrowed by the environment on an AVX-512 processor."""
     loaded = []
     monkeypatch.setattr(openblas, "loaded", lambda: bool(loaded))
     monkeypatch.setattr(openblas, "load", lambda: loaded.append(True))
     monkeypatch.setattr(openblas, "corename", lambda: "Haswell")
     monkeypatch.setattr(gemm, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setattr(gemm, "_backend", "aten")  # restored after the test, as the others
+    monkeypatch.setattr(gemm, "_batched", "aten")
+    return loaded
+
+
+def test_the_first_load_warns_of_a_narrowed_core(monkeypatch, caplog):
+    loaded = _narrowed(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="aligndraw.gemm"):
         gemm._load_openblas()
         assert "OPENBLAS_CORETYPE=Haswell" in caplog.text
         caplog.clear()
         gemm._load_openblas()  # loaded already: said once
     assert loaded == [True, True] and caplog.text == ""
+
+
+@pytest.mark.parametrize("how", ["prepare", "set_batched_backend", "set_backend"])
+def test_every_way_of_loading_openblas_checks_its_kernels(monkeypatch, caplog, how):
+    loaded = _narrowed(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="aligndraw.gemm"):
+        if how == "prepare":
+            monkeypatch.setattr(gemm, "_batched", "openblas")  # the AMD default, not loaded yet
+            gemm.prepare()
+        else:
+            getattr(gemm, how)("openblas")
+    assert loaded == [True] and "OPENBLAS_CORETYPE=Haswell is set" in caplog.text
+
+
+def test_a_failing_check_of_the_kernels_leaves_openblas_loaded(monkeypatch, caplog):
+    loaded = _narrowed(monkeypatch)
+
+    def fail():
+        raise RuntimeError("no such symbol")
+
+    monkeypatch.setattr(openblas, "corename", fail)
+    monkeypatch.setattr(gemm, "_batched", "openblas")
+    monkeypatch.setattr(gemm, "_batched_asked", True)  # a load failure would be raised
+    with caplog.at_level(logging.WARNING, logger="aligndraw.gemm"):
+        assert gemm.prepare() == "aten"
+    assert loaded == [True] and gemm.batched_backend() == "openblas" and caplog.text == ""
 
 
 def test_missing_says_what_is_missing(monkeypatch):

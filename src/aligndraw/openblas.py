@@ -100,31 +100,40 @@ def threads(library: Path | None = None) -> int:
     return get()
 
 
-def corename(library: Path | None = None) -> str:
+def corename(library: Path | None = None) -> str | None:
     """The kernels OpenBLAS runs in this process, by its own name (``"SkylakeX"``,
     ``"Haswell"``, ``"Zen"``, …): chosen when the library loaded, by the CPU or by the
-    environment's ``OPENBLAS_CORETYPE``."""
-    lib = ctypes.CDLL(str(library or numpy_openblas()))
-    get = _function(lib, CORENAME_SYMBOLS, "openblas_get_corename")
+    environment's ``OPENBLAS_CORETYPE``. None if there is no OpenBLAS or it cannot say."""
+    library = library or numpy_openblas()
+    if library is None:
+        return None
+    try:
+        get = _function(ctypes.CDLL(str(library)), CORENAME_SYMBOLS, "openblas_get_corename")
+    except (OSError, RuntimeError):  # not loadable, or a build without the function
+        return None
     get.restype = ctypes.c_char_p
-    return get().decode()
+    name = get()
+    return name.decode(errors="replace") if name else None
 
 
-def narrowed_core_warning(core: str, forced: str | None, flags: frozenset[str]) -> str | None:
-    """A message if ``OPENBLAS_CORETYPE`` (``forced``; None when unset) made OpenBLAS run
-    kernels without AVX-512 (``core``, :func:`corename`) on a CPU that has it (``flags``,
-    ``gemm.cpu_flags()``); else None.
+def narrowed_core_warning(core: str | None, forced: str | None, flags: frozenset[str]) -> str | None:
+    """A message if ``OPENBLAS_CORETYPE`` (``forced``; None when unset) is set and OpenBLAS runs
+    kernels without AVX-512 (``core``, :func:`corename`; None: unknown, no message) on a CPU
+    that has it (``flags``, ``gemm.cpu_flags()``); else None.
 
     On an AMD EPYC Zen 5 whose environment set ``OPENBLAS_CORETYPE=Haswell``, the batched
-    products of a mnist-captions training step took 33.3 ms with those kernels against 16.0
-    with OpenBLAS's own choice, SkylakeX, and compiled training ran 1.07× faster by medians
-    (1.09× paired) with SkylakeX (docs/performance.md)."""
-    if not forced or "avx512f" not in flags or core.lower() in {c.lower() for c in AVX512_CORES}:
+    products of a mnist-captions training step, each timed alone, took 33.3 ms with those
+    kernels against 16.0 with ``OPENBLAS_CORETYPE=SkylakeX`` (the kernels OpenBLAS picks there
+    when the variable is unset), and compiled training ran 1.07× faster by medians (1.09×
+    paired) with SkylakeX (docs/performance.md, item 28)."""
+    if (not forced or core is None or "avx512f" not in flags
+            or core.lower() in {c.lower() for c in AVX512_CORES}):
         return None
-    return (f"OPENBLAS_CORETYPE={forced} makes OpenBLAS run its {core} kernels, without "
-            "AVX-512, on this CPU, which has it: the batched products ran about half as fast "
-            "as with SkylakeX kernels on an AMD EPYC Zen 5 (docs/performance.md); unset "
-            "OPENBLAS_CORETYPE or set it to SkylakeX unless you mean it")
+    return (f"OpenBLAS runs its {core} kernels, without AVX-512, on this CPU, which has it, and "
+            f"OPENBLAS_CORETYPE={forced} is set (OpenBLAS takes its kernels from it when it "
+            "loads): the batched products ran about half as fast as with SkylakeX kernels on "
+            "an AMD EPYC Zen 5 (docs/performance.md, item 28); unless you mean it, unset "
+            "OPENBLAS_CORETYPE before the process starts")
 
 
 def _one_thread(library: Path) -> None:
