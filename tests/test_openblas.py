@@ -172,19 +172,21 @@ def _narrowed(monkeypatch) -> list[bool]:
     monkeypatch.setattr(openblas, "corename", lambda: "Haswell")
     monkeypatch.setattr(gemm, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
-    monkeypatch.setattr(gemm, "_backend", "aten")  # restored after the test, as the others
-    monkeypatch.setattr(gemm, "_batched", "aten")
+    for var, value in (("_backend", "aten"), ("_batched", "aten"), ("_asked", False),
+                       ("_batched_asked", False)):
+        monkeypatch.setattr(gemm, var, value)  # restored after the test, as set_backend changes them
     return loaded
 
 
-def test_the_first_load_warns_of_a_narrowed_core(monkeypatch, caplog):
+def test_only_the_first_load_warns_of_a_narrowed_core(monkeypatch, caplog):
     loaded = _narrowed(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="aligndraw.gemm"):
-        gemm._load_openblas()
+        gemm.set_batched_backend("openblas")
         assert "OPENBLAS_CORETYPE=Haswell" in caplog.text
         caplog.clear()
-        gemm._load_openblas()  # loaded already: said once
-    assert loaded == [True, True] and caplog.text == ""
+        gemm.set_backend("openblas")  # loaded already: neither loaded nor said again
+        gemm.prepare()
+    assert loaded == [True] and caplog.text == ""
 
 
 @pytest.mark.parametrize("how", ["prepare", "set_batched_backend", "set_backend"])
@@ -197,20 +199,6 @@ def test_every_way_of_loading_openblas_checks_its_kernels(monkeypatch, caplog, h
         else:
             getattr(gemm, how)("openblas")
     assert loaded == [True] and "OPENBLAS_CORETYPE=Haswell is set" in caplog.text
-
-
-def test_a_failing_check_of_the_kernels_leaves_openblas_loaded(monkeypatch, caplog):
-    loaded = _narrowed(monkeypatch)
-
-    def fail():
-        raise RuntimeError("no such symbol")
-
-    monkeypatch.setattr(openblas, "corename", fail)
-    monkeypatch.setattr(gemm, "_batched", "openblas")
-    monkeypatch.setattr(gemm, "_batched_asked", True)  # a load failure would be raised
-    with caplog.at_level(logging.WARNING, logger="aligndraw.gemm"):
-        assert gemm.prepare() == "aten"
-    assert loaded == [True] and gemm.batched_backend() == "openblas" and caplog.text == ""
 
 
 def test_missing_says_what_is_missing(monkeypatch):

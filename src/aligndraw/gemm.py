@@ -175,19 +175,11 @@ def prepare() -> str:
 
 
 def _load_openblas() -> None:
-    """``openblas.load()``; on the first load, a warning if the environment narrowed its
-    kernels (``openblas.narrowed_core_warning``)."""
-    first = not openblas.loaded()
+    """``openblas.load()``, called where OpenBLAS is not loaded yet, then a warning if the
+    environment narrowed its kernels (``openblas.narrowed_core_warning``)."""
     openblas.load()
-    if not first:
-        return
-    try:  # a diagnostic: the products are loaded whatever it finds
-        why = openblas.narrowed_core_warning(openblas.corename(), os.environ.get("OPENBLAS_CORETYPE"),
-                                             cpu_flags())
-    except Exception as e:
-        log.debug("could not check OpenBLAS's kernels: %s", e)
-        return
-    if why:
+    if why := openblas.narrowed_core_warning(openblas.corename(), os.environ.get("OPENBLAS_CORETYPE"),
+                                             cpu_flags()):
         log.warning(why)
 
 
@@ -225,7 +217,7 @@ def batched_backend() -> str:
 def _chosen(kind: str, name: str) -> str:
     """Make ``name`` (checked) the ``kind`` backend ("plain" or "batched"), asked for; return
     the old one. OpenBLAS's op is loaded first: a failure is raised, nothing changed."""
-    if name == "openblas":
+    if name == "openblas" and not openblas.loaded():
         _load_openblas()
     backend_var, asked_var = _STATE[kind]
     old = globals()[backend_var]

@@ -55,8 +55,8 @@ GET_THREADS_SYMBOLS = ("scipy_openblas_get_num_threads64_", "openblas_get_num_th
                        "scipy_openblas_get_num_threads", "openblas_get_num_threads")
 CORENAME_SYMBOLS = ("scipy_openblas_get_corename64_", "openblas_get_corename64_",
                     "scipy_openblas_get_corename", "openblas_get_corename")
-# OpenBLAS's x86 kernels with AVX-512, by the names openblas_get_corename gives them
-AVX512_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
+# OpenBLAS's x86 kernels with AVX-512, by the names openblas_get_corename gives them, lower case
+AVX512_CORES = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
 
 
 def numpy_openblas() -> Path | None:
@@ -126,8 +126,7 @@ def narrowed_core_warning(core: str | None, forced: str | None, flags: frozenset
     kernels against 16.0 with ``OPENBLAS_CORETYPE=SkylakeX`` (the kernels OpenBLAS picks there
     when the variable is unset), and compiled training ran 1.07× faster by medians (1.09×
     paired) with SkylakeX (docs/performance.md, item 28)."""
-    if (not forced or core is None or "avx512f" not in flags
-            or core.lower() in {c.lower() for c in AVX512_CORES}):
+    if not forced or core is None or "avx512f" not in flags or core.lower() in AVX512_CORES:
         return None
     return (f"OpenBLAS runs its {core} kernels, without AVX-512, on this CPU, which has it, and "
             f"OPENBLAS_CORETYPE={forced} is set (OpenBLAS takes its kernels from it when it "
