@@ -3,7 +3,9 @@
     python benchmarks/freed_memory.py [--rows 25325 --cols 512 --repeats 30]
 
 Each setting runs in a process of its own (the allocator setting cannot be undone): the
-C library's defaults, then ``keep_freed_memory()``. Each times, as medians over ``--repeats``
+C library's defaults ("default"), ``keep_freed_memory()`` with glibc's settings alone
+("kept", ``ALIGNDRAW_BLOCK_CACHE=0``) and with the block cache too ("cached", the library's
+default). Each times, as medians over ``--repeats``
 calls after two warm-ups, a zeroed (rows, cols) fp32 tensor (default: coco32's embedding
 gradient, 52 MB) and that embedding's dense gradient from 2,400 looked-up words (coco32's
 two directions × batch 100 × 12 words), and counts the minor page faults per call. With
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -31,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 
 from aligndraw import allocator  # noqa: E402
 
-SETTINGS = ("default", "kept")
+SETTINGS = ("default", "kept", "cached")
 CPU = torch.device("cpu")
 
 
@@ -75,7 +78,7 @@ def measure(fn, repeats: int) -> dict[str, float]:
 
 def worker(args: argparse.Namespace) -> dict:
     """One setting's figures, in this process."""
-    kept = allocator.keep_freed_memory() if args.worker == "kept" else 0  # mmap threshold taken
+    kept = allocator.keep_freed_memory() if args.worker != "default" else 0  # mmap threshold taken
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     words = torch.randint(0, args.rows, (args.words,), generator=g)
@@ -86,6 +89,7 @@ def worker(args: argparse.Namespace) -> dict:
                   grad, words, args.rows, 0, False), args.repeats)}
     if args.train_steps:
         result["train_step"] = train_steps(args.preset, args.train_steps)
+    result["block_cache"] = allocator.block_cache_stats()  # None where not installed
     return result
 
 
@@ -111,7 +115,8 @@ def run(args: argparse.Namespace) -> dict:
                str(args.cols), "--words", str(args.words), "--repeats", str(args.repeats),
                "--threads", str(args.threads), "--train-steps", str(args.train_steps),
                "--preset", args.preset]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        env = os.environ | {allocator.BLOCK_CACHE_ENV: "1" if setting == "cached" else "0"}
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         results[setting] = json.loads(out.strip().splitlines()[-1])
     return {"libc": " ".join(platform.libc_ver()), "rows": args.rows, "cols": args.cols,
             "words": args.words, "repeats": args.repeats,

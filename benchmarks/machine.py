@@ -49,8 +49,14 @@ def keep_freed_memory(flag: str, asked: bool = True) -> int:
 
 def kept_note(taken: int, sep: str = "") -> str:
     """``sep`` + "freed memory kept (mmap threshold N MiB)" for a threshold ``keep_freed_memory``
-    took; "" for 0 (not kept)."""
-    return f"{sep}freed memory kept (mmap threshold {taken >> 20} MiB)" if taken else ""
+    took, with ", blocks cached by size" where the block cache is PyTorch's CPU allocator in
+    this process; "" for 0 (not kept)."""
+    from aligndraw import allocator
+
+    if not taken:
+        return ""
+    cached = ", blocks cached by size" if allocator.block_cache_stats() is not None else ""
+    return f"{sep}freed memory kept (mmap threshold {taken >> 20} MiB{cached})"
 
 
 def sync(device: torch.device) -> None:

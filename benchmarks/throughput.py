@@ -34,7 +34,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aligndraw import compiler, gemm, openblas  # noqa: E402
+from aligndraw import allocator, compiler, gemm, openblas  # noqa: E402
 from aligndraw.config import ModelConfig, preset  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
 from aligndraw.trainer import PaperRMSprop, Update, average_gradients  # noqa: E402
@@ -696,6 +696,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_bf16_native": gemm.cpu_bf16_native(),
         "kernel_env": kernel_environment(), "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "flush_denormal": args.flush_denormal, "keep_freed_memory": kept,
+        "block_cache": allocator.block_cache_stats() is not None,
         "compile_mode": args.compile_mode,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "subnormals_flushed": subnormals_flushed(),

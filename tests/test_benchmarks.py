@@ -18,13 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from aligndraw import allocator, gemm, openblas
+from aligndraw import allocator, extensions, gemm, openblas
 from aligndraw.config import ModelConfig, preset
 from aligndraw.model import AlignDraw
 
 from conftest import needs_avx2, needs_onednn, needs_openblas, random_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
+# whether keep_freed_memory also installs the block cache here (it builds where it can)
+CACHES_BLOCKS = extensions.missing("the CPU block cache") is None
 # ``benchmarks`` lives at the repository root, which ``pytest`` (unlike ``python -m pytest``)
 # does not put on sys.path by itself.
 if str(ROOT) not in sys.path:
@@ -413,7 +415,9 @@ def test_throughput_flush_denormal_flushes_in_every_thread() -> None:
 def test_throughput_keeps_freed_memory_when_asked() -> None:
     report = last_json(run_throughput("--keep-freed-memory", "--threads", "1", "--skip-naive"))
     assert report["keep_freed_memory"] in allocator.MMAP_THRESHOLDS  # the one glibc took, in bytes
-    assert last_json(run_throughput("--threads", "1", "--skip-naive"))["keep_freed_memory"] == 0
+    assert report["block_cache"] is CACHES_BLOCKS
+    plain = last_json(run_throughput("--threads", "1", "--skip-naive"))
+    assert plain["keep_freed_memory"] == 0 and plain["block_cache"] is False
 
 
 @needs_onednn
@@ -900,15 +904,20 @@ def test_throughput_benchmark_rejects_a_compile_mode_it_cannot_use(bad, says, ca
     assert exit_info.value.code == 2 and says in capsys.readouterr().err
 
 
-def test_freed_memory_benchmark_reports_both_settings(capsys) -> None:
+def test_freed_memory_benchmark_reports_every_setting(capsys) -> None:
     from benchmarks.freed_memory import main
 
     assert main(["--repeats", "2", "--rows", "8192", "--words", "64"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    default, kept = report["results"]["default"], report["results"]["kept"]
-    # each side in its own process: only the kept one took the library's setting (the effect on
-    # page faults is tests/test_allocator.py's)
-    assert not default["kept"] and bool(kept["kept"]) is sys.platform.startswith("linux")
+    default, kept, cached = (report["results"][s] for s in ("default", "kept", "cached"))
+    # each in its own process: only kept and cached took the library's setting, and only cached
+    # the block cache (the effects are tests/test_allocator.py's)
+    linux = sys.platform.startswith("linux")
+    assert not default["kept"] and bool(kept["kept"]) is linux and bool(cached["kept"]) is linux
+    assert default["block_cache"] is None and kept["block_cache"] is None
+    assert (cached["block_cache"] is not None) is (linux and CACHES_BLOCKS)
+    if cached["block_cache"] is not None:
+        assert cached["block_cache"]["hits"] > 0  # its repeated calls took freed blocks again
 
 
 def test_native_profile_reads_perf_samples_and_what_runs_while_a_thread_waits() -> None:
@@ -949,8 +958,9 @@ def test_profile_step_profiles_both_phases_and_keeps_freed_memory_when_asked() -
     kept = run_benchmark("profile_step.py", "--smoke", "--threads", "1", "--keep-freed-memory")
     assert kept.returncode == 0, kept.stderr
     header = kept.stdout.splitlines()[0]
+    cached = ", blocks cached by size" if CACHES_BLOCKS else ""
     taken = [size for size in allocator.MMAP_THRESHOLDS
-             if header.endswith(f", freed memory kept (mmap threshold {size >> 20} MiB)")]
+             if header.endswith(f", freed memory kept (mmap threshold {size >> 20} MiB{cached})")]
     assert len(taken) == 1, header  # the threshold glibc took, named in the header
     assert "=== train: library_fp32" in kept.stdout and "=== sample: library_fp32" in kept.stdout
 
@@ -981,12 +991,15 @@ def test_the_profilers_keep_freed_memory_before_building_the_step(monkeypatch, s
         assert calls == [("keep", "--keep-freed-memory", asked), "build"]
 
 
-def test_keeping_freed_memory_not_asked_does_nothing() -> None:
+def test_keeping_freed_memory_not_asked_does_nothing(monkeypatch) -> None:
     from benchmarks.machine import keep_freed_memory, kept_note
 
     assert keep_freed_memory("--keep-freed-memory", asked=False) == 0 and kept_note(0) == ""
+    monkeypatch.setattr(allocator, "block_cache_stats", lambda: None)
     assert kept_note(1 << 30, ", ") == ", freed memory kept (mmap threshold 1024 MiB)"
     assert kept_note(0, ", ") == ""  # no separator left behind
+    monkeypatch.setattr(allocator, "block_cache_stats", lambda: {"hits": 0})
+    assert kept_note(1 << 30) == "freed memory kept (mmap threshold 1024 MiB, blocks cached by size)"
 
 
 def test_profile_step_keeps_freed_memory_only_on_the_cpu() -> None:

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from aligndraw import gemm, openblas
+from aligndraw import extensions, gemm, openblas
 
 from conftest import needs_avx2, needs_openblas
 from conftest import seeded_randn as _rand
@@ -208,10 +208,10 @@ def test_missing_says_what_is_missing(monkeypatch):
     with pytest.raises(ValueError, match="'openblas' asked for, but numpy carries no OpenBLAS.*use 'aten'"):
         gemm.set_backend("openblas")
     monkeypatch.setattr(openblas, "numpy_openblas", lambda: openblas.Path("/any/libopenblas.so"))
-    monkeypatch.setattr(openblas.shutil, "which", lambda name: None)
+    monkeypatch.setattr(extensions.shutil, "which", lambda name: None)
     monkeypatch.setenv("CXX", "my-c++")
     assert "no C++ compiler (my-c++; set CXX)" in openblas.missing()
-    monkeypatch.setattr(openblas.shutil, "which", lambda name: None if name == "ninja" else name)
+    monkeypatch.setattr(extensions.shutil, "which", lambda name: None if name == "ninja" else name)
     assert "no ninja" in openblas.missing()
 
 

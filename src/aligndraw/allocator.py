@@ -20,6 +20,14 @@ model batch after batch (``MODEL_COMMANDS``), unless ``ALIGNDRAW_KEEP_FREED_MEMO
 (``wanted_on``). Under
 another ``malloc`` (jemalloc or tcmalloc preloaded) glibc's settings do nothing, though
 ``mallopt`` may still accept them.
+
+On top of glibc, ``keep_freed_memory`` makes PyTorch's CPU allocator a block cache
+(``cache_blocks``, ``csrc/block_cache.cpp``): a tensor's freed storage waits in a list for
+the next request of exactly its size, so a step's hundreds of allocations become hash
+lookups instead of glibc's searches of its bins for large blocks, which run on the thread the
+other threads wait for (eager training 1.054× faster on a Zen 5, ``docs/performance.md``,
+item 29). It holds at most ``BLOCK_CACHE_LIMIT`` bytes of freed blocks; a free that would pass
+that first gives them all back. ``ALIGNDRAW_BLOCK_CACHE=0`` leaves PyTorch's own allocator.
 """
 
 from __future__ import annotations
@@ -27,8 +35,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib
+import logging
 import os
 import sys
+
+from aligndraw import extensions
+
+log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1  # <malloc.h>
 M_MMAP_THRESHOLD = -3
@@ -36,6 +49,8 @@ MMAP_THRESHOLDS = (1 << 30, 32 << 20)  # wanted, then the most glibc's manual do
 TRIM_THRESHOLD = 2**31 - 1  # INT_MAX
 ENV = "ALIGNDRAW_KEEP_FREED_MEMORY"
 NUMPY_ENV = "NUMPY_MADVISE_HUGEPAGE"  # numpy's own switch, read when it is imported
+BLOCK_CACHE_ENV = "ALIGNDRAW_BLOCK_CACHE"
+BLOCK_CACHE_LIMIT = 2 << 30  # most bytes of freed blocks the cache keeps (glibc's trim threshold)
 
 
 def wanted() -> bool:
@@ -69,7 +84,70 @@ def keep_freed_memory() -> int:
     taken = next((size for size in MMAP_THRESHOLDS if mallopt(M_MMAP_THRESHOLD, size)), 0)
     if taken and NUMPY_ENV not in os.environ:  # a user's explicit choice stands
         numpy_huge_pages_off()
+    if block_cache_wanted():
+        cache_blocks()
     return taken
+
+
+def block_cache_wanted() -> bool:
+    """Whether the environment allows the block cache: ``ALIGNDRAW_BLOCK_CACHE`` unset or not "0"."""
+    return os.environ.get(BLOCK_CACHE_ENV, "1").strip() != "0"
+
+
+@functools.cache
+def _load_block_cache() -> str | None:
+    """Build (once, cached) and load the block cache's op library; None, or why it could not."""
+    why = extensions.missing("the CPU block cache")
+    if why:
+        log.info("%s; PyTorch's own CPU allocator stays", why)
+        return why
+    try:
+        extensions.build("aligndraw_block_cache", "block_cache.cpp")
+    except (OSError, RuntimeError, ImportError) as e:  # what PyTorch's builder raises
+        why = f"the CPU block cache did not build ({e})"
+        log.warning("%s; PyTorch's own CPU allocator stays", why)
+        return why
+    return None
+
+
+def cache_blocks(limit: int = BLOCK_CACHE_LIMIT) -> bool:
+    """Make PyTorch's CPU allocator a block cache for the whole process: freed tensor storage
+    kept in lists by exact size and handed to the next request of that size, at most ``limit``
+    bytes of it (a free that would pass that first gives every kept block back). Built on first
+    use (seconds; cached by PyTorch's extension builder). Once installed it stays; a later call
+    only sets ``limit``. Returns whether it is PyTorch's CPU allocator now: False where it
+    cannot be built (logged) or another allocator of higher priority is registered."""
+    if limit < 0:
+        raise ValueError(f"cache_blocks: limit must be ≥ 0 bytes, got {limit}")
+    if _load_block_cache() is not None:
+        return False
+    import torch
+
+    return bool(torch.ops.aligndraw_block_cache.install(limit))
+
+
+def block_cache_stats() -> dict[str, int] | None:
+    """The block cache's counts since it was installed, or None where it is not PyTorch's CPU
+    allocator: ``hits`` (requests served from the lists), ``misses`` (requests that took a new
+    block), ``kept`` (bytes waiting in the lists), ``live`` (bytes of its blocks in use) and
+    ``releases`` (times every kept block was given back)."""
+    import torch
+
+    if _load_block_cache.cache_info().currsize == 0 or _load_block_cache() is not None:
+        return None  # never asked for in this process, or not buildable
+    hits, misses, kept, live, releases = torch.ops.aligndraw_block_cache.stats()
+    if not torch.ops.aligndraw_block_cache.installed():
+        return None
+    return {"hits": hits, "misses": misses, "kept": kept, "live": live, "releases": releases}
+
+
+def release_cached_blocks() -> None:
+    """Give every block the cache keeps back to the C library (as ``torch.cuda.empty_cache``
+    does on a GPU); nothing where the cache is not loaded."""
+    import torch
+
+    if _load_block_cache.cache_info().currsize and _load_block_cache() is None:
+        torch.ops.aligndraw_block_cache.release()
 
 
 def numpy_huge_pages_off() -> None:

@@ -36,15 +36,15 @@ import ctypes
 import functools
 import glob
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from aligndraw import extensions
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "openblas_gemm.cpp"
+SOURCE = extensions.CSRC / "openblas_gemm.cpp"
 # cblas_sgemm as OpenBLAS builds name it: numpy's wheels carry a prefixed, 64-bit-integer
 # build (scipy-openblas64); a plain build exports cblas_sgemm (32-bit) or cblas_sgemm64_
 SGEMM_SYMBOLS = (("scipy_cblas_sgemm64_", True), ("cblas_sgemm64_", True),
@@ -146,12 +146,7 @@ def missing() -> str | None:
     no ninja), or None. Cheap: builds nothing."""
     if numpy_openblas() is None:
         return "numpy carries no OpenBLAS here (numpy built with another BLAS)"
-    compiler = os.environ.get("CXX", "c++")  # what PyTorch's extension builder calls
-    if shutil.which(compiler) is None:
-        return f"no C++ compiler ({compiler}; set CXX) to build the OpenBLAS product op"
-    if shutil.which("ninja") is None:
-        return "no ninja to build the OpenBLAS product op (pip install ninja)"
-    return None
+    return extensions.missing("the OpenBLAS product op")
 
 
 _loaded = False  # a plain flag: ``torch.compile`` traces reading it (not a cache's statistics)
@@ -165,11 +160,8 @@ def load() -> None:
     why = missing()
     if why:
         raise RuntimeError(why)
-    from torch.utils.cpp_extension import load as build
-
     log.info("loading the OpenBLAS product op (built once, about half a minute)")
-    build(name="aligndraw_openblas", sources=[str(SOURCE)], is_python_module=False,
-          extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    extensions.build("aligndraw_openblas", SOURCE.name, openmp=True)
     library = numpy_openblas()
     address, ilp64 = _symbols(library)
     _one_thread(library)
