@@ -26,6 +26,7 @@ def _allocator_left_alone(monkeypatch):
     process-wide and cannot be undone); ``tests/test_allocator.py`` checks it in processes of
     its own, and a trainer test turns it back on where it checks the trainer's call."""
     monkeypatch.setenv("ALIGNDRAW_KEEP_FREED_MEMORY", "0")
+    monkeypatch.delenv("ALIGNDRAW_BLOCK_CACHE", raising=False)  # the default, where a test turns it on
 
 
 def seeded_randn(*shape: int, seed: int = 0) -> torch.Tensor:

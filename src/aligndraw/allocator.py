@@ -25,9 +25,11 @@ On top of glibc, ``keep_freed_memory`` makes PyTorch's CPU allocator a block cac
 (``cache_blocks``, ``csrc/block_cache.cpp``): a tensor's freed storage waits in a list for
 the next request of exactly its size, so a step's hundreds of allocations become hash
 lookups instead of glibc's searches of its bins for large blocks, which run on the thread the
-other threads wait for (eager training 1.054× faster on a Zen 5, ``docs/performance.md``,
-item 29). It holds at most ``BLOCK_CACHE_LIMIT`` bytes of freed blocks; a free that would pass
-that first gives them all back. ``ALIGNDRAW_BLOCK_CACHE=0`` leaves PyTorch's own allocator.
+other threads wait for. Eager training ran 1.035× faster paired (1.059× by medians) on a
+Zen 5; the compiled step did not change by more than its A/Bs resolve
+(``docs/performance.md``, item 29). It holds at most ``BLOCK_CACHE_LIMIT`` bytes of freed
+blocks; a free that would pass that first gives them all back. ``ALIGNDRAW_BLOCK_CACHE=0``
+leaves PyTorch's own allocator.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ TRIM_THRESHOLD = 2**31 - 1  # INT_MAX
 ENV = "ALIGNDRAW_KEEP_FREED_MEMORY"
 NUMPY_ENV = "NUMPY_MADVISE_HUGEPAGE"  # numpy's own switch, read when it is imported
 BLOCK_CACHE_ENV = "ALIGNDRAW_BLOCK_CACHE"
-BLOCK_CACHE_LIMIT = 2 << 30  # most bytes of freed blocks the cache keeps (glibc's trim threshold)
+BLOCK_CACHE_LIMIT = 2 << 30  # most bytes of freed blocks the block cache keeps
 
 
 def wanted() -> bool:
@@ -71,7 +73,9 @@ def keep_freed_memory() -> int:
     threshold it took, in bytes, or 0 where it took none: off Linux, and where ``mallopt`` is
     missing or refuses (a C library other than glibc; the trim threshold may then be set).
     Where it took one, numpy's huge-page marks are turned off too (``numpy_huge_pages_off``),
-    unless ``NUMPY_MADVISE_HUGEPAGE`` is set."""
+    unless ``NUMPY_MADVISE_HUGEPAGE`` is set. Where glibc took the trim threshold, PyTorch's CPU
+    allocator also becomes the block cache (``cache_blocks``: built on first use, which takes
+    about ten seconds once per machine), unless ``ALIGNDRAW_BLOCK_CACHE=0``."""
     if not sys.platform.startswith("linux"):
         return 0
     try:
@@ -101,11 +105,13 @@ def _load_block_cache() -> str | None:
     if why:
         log.info("%s; PyTorch's own CPU allocator stays", why)
         return why
+    log.info("loading the CPU block cache (built once, about ten seconds)")
     try:
         extensions.build("aligndraw_block_cache", "block_cache.cpp")
     except (OSError, RuntimeError, ImportError) as e:  # what PyTorch's builder raises
-        why = f"the CPU block cache did not build ({e})"
-        log.warning("%s; PyTorch's own CPU allocator stays", why)
+        why = f"the CPU block cache did not build ({str(e)[-2000:]})"  # the compiler's last words
+        log.warning("%s; PyTorch's own CPU allocator stays (%s=0 skips the build)", why,
+                    BLOCK_CACHE_ENV)
         return why
     return None
 
@@ -113,10 +119,12 @@ def _load_block_cache() -> str | None:
 def cache_blocks(limit: int = BLOCK_CACHE_LIMIT) -> bool:
     """Make PyTorch's CPU allocator a block cache for the whole process: freed tensor storage
     kept in lists by exact size and handed to the next request of that size, at most ``limit``
-    bytes of it (a free that would pass that first gives every kept block back). Built on first
-    use (seconds; cached by PyTorch's extension builder). Once installed it stays; a later call
-    only sets ``limit``. Returns whether it is PyTorch's CPU allocator now: False where it
-    cannot be built (logged) or another allocator of higher priority is registered."""
+    bytes of it (a block over the limit is given back at once; a free that would pass the limit
+    first gives every kept block back; a request that finds no memory does too, then tries
+    again). Built on first use (about ten seconds; cached by PyTorch's extension builder). Once
+    installed it stays; a later call only sets ``limit`` (giving the kept blocks back where they
+    exceed it). Returns whether it is PyTorch's CPU allocator now: False where it cannot be
+    built (logged) or another allocator of higher priority is registered."""
     if limit < 0:
         raise ValueError(f"cache_blocks: limit must be ≥ 0 bytes, got {limit}")
     if _load_block_cache() is not None:
@@ -133,11 +141,9 @@ def block_cache_stats() -> dict[str, int] | None:
     ``releases`` (times every kept block was given back)."""
     import torch
 
-    if _load_block_cache.cache_info().currsize == 0 or _load_block_cache() is not None:
-        return None  # never asked for in this process, or not buildable
-    hits, misses, kept, live, releases = torch.ops.aligndraw_block_cache.stats()
-    if not torch.ops.aligndraw_block_cache.installed():
+    if not _loaded() or not torch.ops.aligndraw_block_cache.installed():
         return None
+    hits, misses, kept, live, releases = torch.ops.aligndraw_block_cache.stats()
     return {"hits": hits, "misses": misses, "kept": kept, "live": live, "releases": releases}
 
 
@@ -146,8 +152,15 @@ def release_cached_blocks() -> None:
     does on a GPU); nothing where the cache is not loaded."""
     import torch
 
-    if _load_block_cache.cache_info().currsize and _load_block_cache() is None:
+    if _loaded():
         torch.ops.aligndraw_block_cache.release()
+
+
+def _loaded() -> bool:
+    """Whether this process has loaded the block cache's op library (without building it)."""
+    import torch
+
+    return hasattr(torch.ops.aligndraw_block_cache, "installed")  # ops namespaces always exist
 
 
 def numpy_huge_pages_off() -> None:
