@@ -25,9 +25,9 @@ On top of glibc, ``keep_freed_memory`` makes PyTorch's CPU allocator a block cac
 (``cache_blocks``, ``csrc/block_cache.cpp``): a tensor's freed storage waits in a list for
 the next request of exactly its size, so a step's hundreds of allocations become hash
 lookups instead of glibc's searches of its bins for large blocks, which run on the thread the
-other threads wait for. Eager training ran 1.035× faster paired (1.059× by medians) on a
-Zen 5; the compiled step did not change by more than its A/Bs resolve
-(``docs/performance.md``, item 29). It holds at most ``BLOCK_CACHE_LIMIT`` bytes of freed
+other threads wait for. Eager training ran 1.038× faster paired (1.027–1.045×) on a Zen 5;
+the compiled step did not change by more than its A/Bs resolve (``docs/performance.md``,
+item 29). It holds at most ``BLOCK_CACHE_LIMIT`` bytes of freed
 blocks; a free that would pass that first gives them all back. ``ALIGNDRAW_BLOCK_CACHE=0``
 leaves PyTorch's own allocator.
 """
