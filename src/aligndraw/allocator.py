@@ -27,9 +27,9 @@ the next request of exactly its size, so a step's hundreds of allocations become
 lookups instead of glibc's searches of its bins for large blocks, which run on the thread the
 other threads wait for. Eager training ran 1.038× faster paired (1.027–1.045×) on a Zen 5;
 the compiled step did not change by more than its A/Bs resolve (``docs/performance.md``,
-item 29). It holds at most ``BLOCK_CACHE_LIMIT`` bytes of freed
-blocks; a free that would pass that first gives them all back. ``ALIGNDRAW_BLOCK_CACHE=0``
-leaves PyTorch's own allocator.
+item 29). It holds at most ``BLOCK_CACHE_LIMIT`` bytes of freed blocks; a free that would
+pass that first gives them all back. ``ALIGNDRAW_BLOCK_CACHE=0`` leaves PyTorch's own
+allocator.
 """
 
 from __future__ import annotations
