@@ -7,7 +7,7 @@ import platform
 import pytest
 import torch
 
-from aligndraw import gemm, openblas
+from aligndraw import allocator, gemm, openblas
 from aligndraw.config import ModelConfig
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
@@ -17,6 +17,8 @@ needs_openblas = pytest.mark.skipif(openblas.missing() is not None,
 needs_avx2 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64")
                                 or "avx2" not in gemm.cpu_flags(),
                                 reason="an x86 processor with AVX2 (AVX2 kernels asked for by name)")
+needs_block_cache = pytest.mark.skipif(allocator.block_cache_missing() is not None,
+                                       reason=f"no block cache here: {allocator.block_cache_missing()}")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
 

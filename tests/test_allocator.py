@@ -16,6 +16,8 @@ import torch
 
 from aligndraw import allocator, extensions
 
+from conftest import needs_block_cache
+
 PROBE = textwrap.dedent("""
     import json, resource, sys
     import torch
@@ -31,11 +33,16 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _probe(setting: str) -> dict:
-    env = os.environ | {allocator.BLOCK_CACHE_ENV: "0"}  # glibc's setting alone, not the block cache
-    out = subprocess.run([sys.executable, "-c", PROBE, setting], check=True, capture_output=True,
+def _run(script: str, *args: str, env: dict | None = None) -> dict:
+    """``script``'s last printed line, as JSON, from a new process (the settings are process-wide)."""
+    out = subprocess.run([sys.executable, "-c", script, *args], check=True, capture_output=True,
                          text=True, env=env, timeout=300).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def _probe(setting: str) -> dict:
+    # glibc's setting alone, not the block cache
+    return _run(PROBE, setting, env=os.environ | {allocator.BLOCK_CACHE_ENV: "0"})
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
@@ -91,9 +98,7 @@ def _probe_huge_pages(numpy_env: str | None) -> dict:
     env[allocator.BLOCK_CACHE_ENV] = "0"  # not needed here
     if numpy_env is not None:
         env["NUMPY_MADVISE_HUGEPAGE"] = numpy_env
-    out = subprocess.run([sys.executable, "-c", HUGE_PAGES], check=True, capture_output=True,
-                         text=True, env=env, timeout=300).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return _run(HUGE_PAGES, env=env)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
@@ -107,9 +112,6 @@ def test_keeping_freed_memory_stops_numpys_huge_page_marks_unless_the_user_set_t
 
 # --- the block cache (csrc/block_cache.cpp): PyTorch's CPU allocator for the whole process, so
 # each case runs in a process of its own
-
-needs_block_cache = pytest.mark.skipif(extensions.missing("the CPU block cache") is not None,
-                                       reason="no toolchain to build the block cache")
 
 BLOCKS = textwrap.dedent("""
     import json, sys
@@ -129,12 +131,6 @@ BLOCKS = textwrap.dedent("""
                       "before": before, "after": after, "aligned": aligned,
                       "empties": [e.numel() for e in empties]}))
 """)
-
-
-def _run(script: str, *args: str, env: dict | None = None) -> dict:
-    out = subprocess.run([sys.executable, "-c", script, *args], check=True, capture_output=True,
-                         text=True, env=env, timeout=300).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 @needs_block_cache

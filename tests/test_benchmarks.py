@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aligndraw import allocator, extensions, gemm, openblas
+from aligndraw import allocator, gemm, openblas
 from aligndraw.config import ModelConfig, preset
 from aligndraw.model import AlignDraw
 
@@ -26,7 +26,7 @@ from conftest import needs_avx2, needs_onednn, needs_openblas, random_batch, tin
 
 ROOT = Path(__file__).resolve().parents[1]
 # whether keep_freed_memory also installs the block cache here (it builds where it can)
-CACHES_BLOCKS = extensions.missing("the CPU block cache") is None
+CACHES_BLOCKS = allocator.block_cache_missing() is None
 # ``benchmarks`` lives at the repository root, which ``pytest`` (unlike ``python -m pytest``)
 # does not put on sys.path by itself.
 if str(ROOT) not in sys.path:

@@ -75,7 +75,7 @@ def keep_freed_memory() -> int:
     Where it took one, numpy's huge-page marks are turned off too (``numpy_huge_pages_off``),
     unless ``NUMPY_MADVISE_HUGEPAGE`` is set. Where glibc took the trim threshold, PyTorch's CPU
     allocator also becomes the block cache (``cache_blocks``: built on first use, which takes
-    about ten seconds once per machine), unless ``ALIGNDRAW_BLOCK_CACHE=0``."""
+    5.5 s once per machine on a Zen 5), unless ``ALIGNDRAW_BLOCK_CACHE=0``."""
     if not sys.platform.startswith("linux"):
         return 0
     try:
@@ -98,14 +98,19 @@ def block_cache_wanted() -> bool:
     return os.environ.get(BLOCK_CACHE_ENV, "1").strip() != "0"
 
 
+def block_cache_missing() -> str | None:
+    """Why the block cache cannot be built here (no C++ compiler, no ninja), or None. Cheap."""
+    return extensions.missing("the CPU block cache")
+
+
 @functools.cache
 def _load_block_cache() -> str | None:
     """Build (once, cached) and load the block cache's op library; None, or why it could not."""
-    why = extensions.missing("the CPU block cache")
+    why = block_cache_missing()
     if why:
         log.info("%s; PyTorch's own CPU allocator stays", why)
         return why
-    log.info("loading the CPU block cache (built once, about ten seconds)")
+    log.info("loading the CPU block cache (built once, a few seconds)")
     try:
         extensions.build("aligndraw_block_cache", "block_cache.cpp")
     except (OSError, RuntimeError, ImportError) as e:  # what PyTorch's builder raises
@@ -121,7 +126,7 @@ def cache_blocks(limit: int = BLOCK_CACHE_LIMIT) -> bool:
     kept in lists by exact size and handed to the next request of that size, at most ``limit``
     bytes of it (a block over the limit is given back at once; a free that would pass the limit
     first gives every kept block back; a request that finds no memory does too, then tries
-    again). Built on first use (about ten seconds; cached by PyTorch's extension builder). Once
+    again). Built on first use (5.5 s on a Zen 5; cached by PyTorch's extension builder). Once
     installed it stays; a later call only sets ``limit`` (giving the kept blocks back where they
     exceed it). Returns whether it is PyTorch's CPU allocator now: False where it cannot be
     built (logged) or another allocator of higher priority is registered."""
