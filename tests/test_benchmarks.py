@@ -502,9 +502,10 @@ def test_throughput_data_parallel_workers_match_the_reference() -> None:
     assert report["targets"]["library_dp2_fp32"]["fp32_equal"] is True
     assert {"library_dp2_fp32/naive_fp32", "library_dp2_fp32/naive_dp2_fp32",
             "naive_dp2_fp32/naive_fp32"} <= set(report["ratios"])
-    for phase in ("train", "sample"):  # the workers' CPU is counted (the main process only waits)
+    for phase in ("train", "sample"):  # the workers' CPU is counted (the main process only waits:
+        # uncounted it would be near 0; a smoke step of ~14 ms on two busy cores can use < 50 %)
         stats = report["results"]["library_dp2_fp32"][phase]
-        assert stats["cpu_median_s"] > 0.5 * stats["median_s"]
+        assert stats["cpu_median_s"] > 0.25 * stats["median_s"]
 
 
 def test_throughput_rejects_a_batch_the_processes_do_not_divide() -> None:
