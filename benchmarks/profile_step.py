@@ -105,7 +105,11 @@ def op_counts(prof: profile) -> dict[str, int]:
     return counts
 
 
-PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+            # the library's product ops: oneDNN's (its linear, the weight gradients) and OpenBLAS's
+            "mkldnn::_linear_pointwise", "aligndraw::onednn_weight_grad",
+            "aligndraw_openblas::mm", "aligndraw_openblas::addmm", "aligndraw_openblas::tmm",
+            "aligndraw_openblas::bmm", "aligndraw_openblas::baddbmm")
 SHAPED = PRODUCTS + ("aten::copy_",)  # copies too: a layout change shows up as one
 
 

@@ -511,3 +511,40 @@ def test_a_warm_compile_loads_the_alignments_graph_from_aotautograds_cache(bf16)
         torch.testing.assert_close(a.float(), e, rtol=rtol, atol=rtol * float(e.abs().max()))
     assert functorch_config.autograd_cache_allow_custom_autograd_functions == allowed
     assert torch._inductor.config.unsafe_marked_cacheable_functions == marked
+
+
+def _three_steps(w, b, h):
+    from aligndraw.recurrent_linear import StepLinear
+
+    step = StepLinear(w, b)
+    for _ in range(3):
+        h = torch.tanh(step(h))
+    return h.pow(2).sum()
+
+
+@needs_onednn
+@pytest.mark.parametrize("opaque", [True, False])
+def test_a_compiled_step_linear_lays_out_its_weight_once(monkeypatch, opaque):
+    # the forward layout (column-major) is one op's output; built from a transposed view of a
+    # copy instead (opaque=False), inductor copied the weight again before each step's product
+    from torch._inductor.utils import run_and_get_code
+
+    if not opaque:
+        monkeypatch.setattr(gemm, "forward_layout", lambda w: w.t().contiguous().t())
+    w, b = _rand(160, 192).requires_grad_(), _rand(160, seed=1).requires_grad_()
+    h = _rand(8, 160, seed=2).requires_grad_()
+    torch._dynamo.reset()
+    with gemm.using("onednn"), torch.compiler.config.patch(force_disable_caches=True):
+        compiled = torch.compile(lambda w, b, h: _three_steps(w[:, :160], b, h))
+        loss, code = run_and_get_code(compiled, w, b, h)
+        got = torch.autograd.grad(loss, (w, b, h))
+    forward = code[0]
+    calls = forward.count("torch.ops.aligndraw.column_major.default(")
+    transposing_loops = forward.count("transpose_mxn")
+    if opaque:
+        assert calls == 1 and transposing_loops == 0
+    else:  # the failure this op avoids: the copy inlined into kernels, one per product
+        assert calls == 0 and transposing_loops >= 3
+    want = torch.autograd.grad(_three_steps(w[:, :160], b, h), (w, b, h))
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5 * float(e.abs().max()))

@@ -271,3 +271,60 @@ def test_the_default_batched_backend_follows_the_processor(monkeypatch):
     with gemm.using_batched("aten"):
         assert gemm.batched_backend() == "aten"
     assert gemm.batched_backend() == before
+
+
+def test_forward_layout_is_column_major_where_onednn_multiplies(backend):
+    full = _rand(128, 160)
+    weight = full[:, 64:]  # a column slice, as the model's weights often are
+    laid = gemm.forward_layout(weight)
+    assert torch.equal(laid, weight)
+    if backend == "onednn":
+        assert laid.stride() == (1, 128)  # (N, K) with N contiguous
+    else:
+        assert laid.is_contiguous()
+    assert gemm.forward_layout(_rand(32, 96)).is_contiguous()  # a side under MIN_SIZE: as for F.linear
+    with torch.autocast("cpu", torch.bfloat16):  # autocast: not oneDNN's fp32 products
+        assert gemm.forward_layout(weight).is_contiguous()
+
+
+class _WeightStrides(TorchDispatchMode):
+    """The strides of the weight operand of every oneDNN product."""
+
+    def __init__(self):
+        super().__init__()
+        self.strides = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.mkldnn._linear_pointwise.default:
+            self.strides.append(args[1].stride())
+        return func(*args, **(kwargs or {}))
+
+
+@needs_onednn
+def test_step_linear_gives_onednn_every_weight_with_its_output_axis_contiguous():
+    # the layout oneDNN reads fastest: forward products read the column-major copy, input
+    # gradients the row-major one (transposed), weight gradients gᵀ
+    w, b = _rand(128, 96).requires_grad_(), _rand(128, seed=1).requires_grad_()
+    h = _rand(40, 96, seed=2).requires_grad_()  # 2 steps · 40 rows: the weight gradient's R ≥ MIN_SIZE
+    with gemm.using("onednn"), _WeightStrides() as seen:
+        step = StepLinear(w, b)
+        assert step.weight.stride() == (1, 128) and step.backward_weight.stride() == (96, 1)
+        out = step(torch.tanh(step(h)[:, :96]))
+        out.pow(2).sum().backward()
+    assert len(seen.strides) >= 5  # two forward, two input gradients, one weight gradient
+    assert all(s[0] == 1 for s in seen.strides), seen.strides
+    with gemm.using("onednn"), torch.no_grad():  # no gradients: the forward layout only
+        plain = StepLinear(w, b)
+    assert plain.weight.stride() == (1, 128) and plain.backward_weight is None
+
+
+def test_linear_with_a_forward_layout_and_a_backward_weight_equals_f_linear(backend):
+    # the input gradient reads backward_weight where it is given, else the forward layout
+    w, b = _rand(128, 96).requires_grad_(), _rand(128, seed=1).requires_grad_()
+    h = _rand(16, 96, seed=2).requires_grad_()
+    want = torch.autograd.grad(torch.tanh(F.linear(h, w, b)).pow(2).sum(), (w, b, h))
+    for backward_weight in (None, w.contiguous()):
+        y = gemm.linear(h, gemm.forward_layout(w), b, backward_weight)
+        got = torch.autograd.grad(torch.tanh(y).pow(2).sum(), (w, b, h))
+        for a, e in zip(got, want, strict=True):
+            _close(a, e)

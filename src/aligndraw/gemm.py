@@ -307,6 +307,42 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def _column_major(weight: Tensor) -> Tensor:
+    # (N, K) → (N, K) with N contiguous: a (K, N) row-major copy, viewed as (N, K)
+    return torch.empty_strided(weight.shape, (1, weight.shape[0]), dtype=weight.dtype,
+                               device=weight.device).copy_(weight)
+
+
+# An op of its own so that the compiler makes the copy once per forward pass: written as a
+# transposed view of a copy, inductor copied the weight again inside the kernels before each
+# product that read it (a product needs its operands' exact strides), every step
+@torch.library.custom_op("aligndraw::column_major", mutates_args=())
+def _column_major_op(weight: Tensor) -> Tensor:
+    return _column_major(weight)
+
+
+@_column_major_op.register_fake
+def _(weight: Tensor) -> Tensor:
+    return weight.new_empty((weight.shape[1], weight.shape[0])).t()
+
+
+_column_major_op.register_autograd(lambda ctx, grad: grad)
+
+
+def forward_layout(weight: Tensor) -> Tensor:
+    """``weight`` (N, K) laid out for many forward products x·Wᵀ, same values: column-major
+    (N contiguous) where oneDNN multiplies it, else row-major (contiguous).
+
+    oneDNN reads a column-major weight faster in these products (docs/performance.md, item
+    30); the input gradient g·W is the other way round (fastest with W row-major), so a
+    weight that also needs one keeps a row-major copy for it (``StepLinear``).
+    """
+    if (_backend == "onednn" and weight.dim() == 2 and min(weight.shape) >= MIN_SIZE
+            and _eligible(weight)):
+        return _column_major_op(weight) if torch.compiler.is_compiling() else _column_major(weight)
+    return weight.contiguous()
+
+
 def _onednn_grad_t_x(grad: Tensor, x: Tensor) -> Tensor:
     # (R, N), (R, K) → (N, K) as (xᵀ gradᵀ-as-weight)ᵀ, K-major (``weight_grad``)
     return torch.ops.mkldnn._linear_pointwise(x.t(), grad.t(), None, "none", [], "").t()
@@ -384,8 +420,9 @@ class _Linear(torch.autograd.Function):
     """y = x Wᵀ + b through oneDNN or OpenBLAS, forward and backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None):
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, backward_weight: Tensor | None):
+        # backward_weight: the same values as weight, in the layout for the input gradient
+        ctx.save_for_backward(x, weight if backward_weight is None else backward_weight)
         ctx.has_bias = bias is not None
         return _backend_linear(x, weight, bias)
 
@@ -399,18 +436,20 @@ class _Linear(torch.autograd.Function):
             grad_w = weight_grad(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+           backward_weight: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``, differentiable: (..., K), (N, K), (N,) → (..., N).
 
     CPU fp32 products with a large weight run through oneDNN or OpenBLAS when that is the
     backend (forward and both gradients); everything else is ``F.linear``. Traceable by
-    ``torch.compile``.
+    ``torch.compile``. ``backward_weight``, if given, holds weight's values in the layout the
+    input gradient reads (``forward_layout``); it gets no gradient of its own.
     """
     if not uses_backend(x, weight):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _Linear.apply(x, weight, bias)
+        return _Linear.apply(x, weight, bias, backward_weight)
     return _backend_linear(x, weight, bias)  # sampling: no autograd node to build

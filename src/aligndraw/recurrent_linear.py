@@ -81,12 +81,13 @@ class _Step(torch.autograd.Function):
     """y = x Wᵀ + b for one step; records (x, g) instead of returning a weight gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, record: _Record):
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, record: _Record,
+                backward_weight: Tensor | None):
         # ``StepLinear`` gave weight and bias the compute dtype once; a step only casts x (under
         # autocast the product then finds its operands in autocast's dtype and casts nothing).
         xc = x.to(weight.dtype)
         out = gemm.addmm_t(xc, weight, bias)
-        ctx.save_for_backward(xc, weight)
+        ctx.save_for_backward(xc, weight if backward_weight is None else backward_weight)
         ctx.record, ctx.x_dtype = record, x.dtype
         return out
 
@@ -96,7 +97,7 @@ class _Step(torch.autograd.Function):
         grad = grad.to(wc.dtype)
         ctx.record.inputs.append(xc)
         ctx.record.grads.append(grad)
-        return gemm.mm(grad, wc).to(ctx.x_dtype), None, None, None
+        return gemm.mm(grad, wc).to(ctx.x_dtype), None, None, None, None
 
 
 class StepLinear:
@@ -117,13 +118,21 @@ class StepLinear:
         # caches casts of leaf parameters only, and this weight is usually assembled (torch.cat).
         dtype = _compute_dtype(weight)
         # Packed once here (weights are often column slices, e.g. an LSTM's W_ih[:, :Z]),
-        # not at every step's product (``gemm`` packs what it is given).
-        self.weight, self.bias = weight.to(dtype).contiguous(), bias.to(dtype)
+        # not at every step's product (``gemm`` packs what it is given): for the forward
+        # products in the layout oneDNN reads fastest, column-major, and where gradients are
+        # wanted also row-major for the input gradients, which it reads fastest that way.
+        weight, self.bias = weight.to(dtype), bias.to(dtype)
+        self.backward_weight = None
+        if torch.is_grad_enabled() and weight.requires_grad:
+            self.backward_weight = weight = weight.contiguous()  # (N, K) row-major
+        self.weight = gemm.forward_layout(weight)  # (N, K), column-major under oneDNN
+        if self.weight is self.backward_weight:  # one layout for both
+            self.backward_weight = None
 
     def __call__(self, x: Tensor) -> Tensor:
         if not self.deferred:
-            return gemm.linear(x, self.weight, self.bias)
-        return _Step.apply(x, self.weight, self.bias, self.record)
+            return gemm.linear(x, self.weight, self.bias, self.backward_weight)
+        return _Step.apply(x, self.weight, self.bias, self.record, self.backward_weight)
 
 
 def _mix(weights: Tensor, values: Tensor) -> Tensor:
