@@ -7,8 +7,8 @@ projection and the inference LSTM's input, forward (x·Wᵀ + b), input gradient
 weight gradient over all T steps (gᵀ·x with T·B rows) — and a square product, each with
 ``gemm.using("aten")`` (PyTorch's ``@``: MKL in the CPU build) and ``gemm.using("onednn")``
 (the weight row-major, as a parameter is stored); for the forward and the input gradient also
-oneDNN given the weight column-major (``onednn_column_major``: tried as the layout of the shared
-weights' forward products, not kept, docs/performance-log.md) and oneDNN given the weight
+oneDNN given the weight column-major (``onednn_column_major``: the layout of the step-shared
+weights' forward products, ``gemm.forward_layout``, docs/performance.md item 30) and oneDNN given the weight
 prepacked once into its blocked layout (``onednn_prepacked``: the packing not timed, as if done
 once per forward pass; tried in the model, not kept, docs/performance-log.md); for the weight gradient
 also oneDNN fed gᵀ directly (``onednn_direct``), the layout the library does not use, and for
