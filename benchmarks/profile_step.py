@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--shapes", action="store_true",
-                   help="also a table of the products (mm, addmm, bmm, baddbmm) and copies by input shape")
+                   help="also a table of the products (mm, addmm, bmm, baddbmm and the library's oneDNN "
+                        "and OpenBLAS ops) and copies by input shape")
     p.add_argument("--trace-dir", type=Path, default=None, help="write Chrome traces here")
     args = p.parse_args(argv)
     check_step_args(p, args)

@@ -4,12 +4,13 @@ import os
 import pytest
 import torch
 import torch._functorch.config as functorch_config
+from torch._inductor.utils import run_and_get_code
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from aligndraw import alignment, compiler, gemm, openblas
 from aligndraw.language import padding_mask
 from aligndraw.model import AlignDraw
-from aligndraw.recurrent_linear import StepMix
+from aligndraw.recurrent_linear import StepLinear, StepMix
 
 from conftest import needs_onednn, needs_openblas, random_batch, relative_distance, tiny_config
 from conftest import seeded_randn as _rand
@@ -514,8 +515,6 @@ def test_a_warm_compile_loads_the_alignments_graph_from_aotautograds_cache(bf16)
 
 
 def _three_steps(w, b, h):
-    from aligndraw.recurrent_linear import StepLinear
-
     step = StepLinear(w, b)
     for _ in range(3):
         h = torch.tanh(step(h))
@@ -527,8 +526,6 @@ def _three_steps(w, b, h):
 def test_a_compiled_step_linear_lays_out_its_weight_once(monkeypatch, opaque):
     # the forward layout (column-major) is one op's output; built from a transposed view of a
     # copy instead (opaque=False), inductor copied the weight again before each step's product
-    from torch._inductor.utils import run_and_get_code
-
     if not opaque:
         monkeypatch.setattr(gemm, "forward_layout", lambda w: w.t().contiguous().t())
     w, b = _rand(160, 192).requires_grad_(), _rand(160, seed=1).requires_grad_()
@@ -544,7 +541,9 @@ def test_a_compiled_step_linear_lays_out_its_weight_once(monkeypatch, opaque):
     if opaque:
         assert calls == 1 and transposing_loops == 0
     else:  # the failure this op avoids: the copy inlined into kernels, one per product
-        assert calls == 0 and transposing_loops >= 3
+        assert calls == 0
+        if "at::vec::Vectorized" in forward:  # where inductor vectorises, it copies by 16×16 tiles
+            assert transposing_loops >= 3
     want = torch.autograd.grad(_three_steps(w[:, :160], b, h), (w, b, h))
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5 * float(e.abs().max()))

@@ -324,7 +324,21 @@ def test_linear_with_a_forward_layout_and_a_backward_weight_equals_f_linear(back
     h = _rand(16, 96, seed=2).requires_grad_()
     want = torch.autograd.grad(torch.tanh(F.linear(h, w, b)).pow(2).sum(), (w, b, h))
     for backward_weight in (None, w.contiguous()):
-        y = gemm.linear(h, gemm.forward_layout(w), b, backward_weight)
-        got = torch.autograd.grad(torch.tanh(y).pow(2).sum(), (w, b, h))
+        with _WeightStrides() as seen:
+            y = gemm.linear(h, gemm.forward_layout(w), b, backward_weight)
+            got = torch.autograd.grad(torch.tanh(y).pow(2).sum(), (w, b, h))
         for a, e in zip(got, want, strict=True):
             _close(a, e)
+        if backend == "onednn":  # forward, input gradient (16 rows: no weight gradient by oneDNN)
+            assert len(seen.strides) == 2
+            # the input gradient reads the row-major copy transposed, else the forward layout's
+            assert (seen.strides[1][0] == 1) == (backward_weight is not None), seen.strides
+
+
+@needs_onednn
+def test_compiled_forward_layout_gives_the_eager_layout():
+    w = _rand(128, 96)  # not square: the op's fake must give (N, K) with strides (1, N)
+    torch._dynamo.reset()
+    with gemm.using("onednn"):
+        laid = torch.compile(gemm.forward_layout, fullgraph=True)(w)
+    assert laid.shape == (128, 96) and laid.stride() == (1, 128) and torch.equal(laid, w)

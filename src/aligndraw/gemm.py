@@ -287,11 +287,16 @@ def _eligible(*tensors: Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and _ready())
 
 
+def _large(weight: Tensor) -> bool:
+    """A matrix with both sides at least ``MIN_SIZE`` (smaller ones stay with the default BLAS)."""
+    return weight.dim() == 2 and min(weight.shape) >= MIN_SIZE
+
+
 def uses_backend(x: Tensor, weight: Tensor) -> bool:
     """Whether ``x @ weight.T`` goes through oneDNN or OpenBLAS (whichever is the backend):
     CPU, fp32, no autocast, a large weight."""
-    return (weight.dim() == 2 and min(weight.shape) >= MIN_SIZE and x.dim() >= 2
-            and x.numel() > 0 and _eligible(x, weight))  # a single vector or an empty batch: plain
+    return (_large(weight) and x.dim() >= 2 and x.numel() > 0
+            and _eligible(x, weight))  # a single vector or an empty batch: plain
 
 
 # needs_exact_strides (the default for custom ops, named so that inductor keeps it also under
@@ -307,18 +312,14 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _column_major(weight: Tensor) -> Tensor:
-    # (N, K) → (N, K) with N contiguous: a (K, N) row-major copy, viewed as (N, K)
-    return torch.empty_strided(weight.shape, (1, weight.shape[0]), dtype=weight.dtype,
-                               device=weight.device).copy_(weight)
-
-
 # An op of its own so that the compiler makes the copy once per forward pass: written as a
 # transposed view of a copy, inductor copied the weight again inside the kernels before each
 # product that read it (a product needs its operands' exact strides), every step
 @torch.library.custom_op("aligndraw::column_major", mutates_args=())
 def _column_major_op(weight: Tensor) -> Tensor:
-    return _column_major(weight)
+    # (N, K) → (N, K) with N contiguous: a (K, N) row-major copy, viewed as (N, K)
+    return torch.empty_strided(weight.shape, (1, weight.shape[0]), dtype=weight.dtype,
+                               device=weight.device).copy_(weight)
 
 
 @_column_major_op.register_fake
@@ -337,9 +338,8 @@ def forward_layout(weight: Tensor) -> Tensor:
     30); the input gradient g·W is the other way round (fastest with W row-major), so a
     weight that also needs one keeps a row-major copy for it (``StepLinear``).
     """
-    if (_backend == "onednn" and weight.dim() == 2 and min(weight.shape) >= MIN_SIZE
-            and _eligible(weight)):
-        return _column_major_op(weight) if torch.compiler.is_compiling() else _column_major(weight)
+    if _backend == "onednn" and _large(weight) and _eligible(weight):
+        return _column_major_op(weight)
     return weight.contiguous()
 
 

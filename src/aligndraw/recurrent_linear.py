@@ -100,6 +100,19 @@ class _Step(torch.autograd.Function):
         return gemm.mm(grad, wc).to(ctx.x_dtype), None, None, None, None
 
 
+def _layouts(weight: Tensor) -> tuple[Tensor, Tensor | None]:
+    """A (N, K) weight packed once per forward pass, not at every step's product (weights are
+    often column slices, e.g. an LSTM's W_ih[:, :Z], and ``gemm`` packs what it is given):
+    for the forward products as ``gemm.forward_layout`` lays it out (column-major under
+    oneDNN), and where gradients are on and that is another layout, row-major for the input
+    gradients (which oneDNN reads fastest that way); else None."""
+    if not torch.is_grad_enabled():
+        return gemm.forward_layout(weight), None
+    rows = weight.contiguous()  # (N, K) row-major
+    forward = gemm.forward_layout(rows)
+    return forward, (None if forward is rows else rows)
+
+
 class StepLinear:
     """``F.linear(x, weight, bias)`` for every step of one forward pass.
 
@@ -117,17 +130,8 @@ class StepLinear:
         # Under autocast, cast the shared weight once here rather than at every step: autocast
         # caches casts of leaf parameters only, and this weight is usually assembled (torch.cat).
         dtype = _compute_dtype(weight)
-        # Packed once here (weights are often column slices, e.g. an LSTM's W_ih[:, :Z]),
-        # not at every step's product (``gemm`` packs what it is given): for the forward
-        # products in the layout oneDNN reads fastest, column-major, and where gradients are
-        # wanted also row-major for the input gradients, which it reads fastest that way.
-        weight, self.bias = weight.to(dtype), bias.to(dtype)
-        self.backward_weight = None
-        if torch.is_grad_enabled() and weight.requires_grad:
-            self.backward_weight = weight = weight.contiguous()  # (N, K) row-major
-        self.weight = gemm.forward_layout(weight)  # (N, K), column-major under oneDNN
-        if self.weight is self.backward_weight:  # one layout for both
-            self.backward_weight = None
+        self.weight, self.backward_weight = _layouts(weight.to(dtype))
+        self.bias = bias.to(dtype)
 
     def __call__(self, x: Tensor) -> Tensor:
         if not self.deferred:
