@@ -55,7 +55,7 @@ def kept_note(taken: int, sep: str = "") -> str:
 
     if not taken:
         return ""
-    cached = ", blocks cached by size" if allocator.block_cache_stats() is not None else ""
+    cached = ", blocks cached by size" if allocator.block_cache_installed() else ""
     return f"{sep}freed memory kept (mmap threshold {taken >> 20} MiB{cached})"
 
 

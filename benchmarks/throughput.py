@@ -696,7 +696,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_bf16_native": gemm.cpu_bf16_native(),
         "kernel_env": kernel_environment(), "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "flush_denormal": args.flush_denormal, "keep_freed_memory": kept,
-        "block_cache": allocator.block_cache_stats() is not None,
+        "block_cache": allocator.block_cache_installed(),
         "compile_mode": args.compile_mode,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "subnormals_flushed": subnormals_flushed(),

@@ -274,7 +274,7 @@ KEEP = textwrap.dedent("""
     import json
     from aligndraw import allocator
     allocator.keep_freed_memory()
-    print(json.dumps({"cached": allocator.block_cache_stats() is not None}))
+    print(json.dumps({"cached": allocator.block_cache_installed()}))
 """)
 
 

@@ -996,10 +996,10 @@ def test_keeping_freed_memory_not_asked_does_nothing(monkeypatch) -> None:
     from benchmarks.machine import keep_freed_memory, kept_note
 
     assert keep_freed_memory("--keep-freed-memory", asked=False) == 0 and kept_note(0) == ""
-    monkeypatch.setattr(allocator, "block_cache_stats", lambda: None)
+    monkeypatch.setattr(allocator, "block_cache_installed", lambda: False)
     assert kept_note(1 << 30, ", ") == ", freed memory kept (mmap threshold 1024 MiB)"
     assert kept_note(0, ", ") == ""  # no separator left behind
-    monkeypatch.setattr(allocator, "block_cache_stats", lambda: {"hits": 0})
+    monkeypatch.setattr(allocator, "block_cache_installed", lambda: True)
     assert kept_note(1 << 30) == "freed memory kept (mmap threshold 1024 MiB, blocks cached by size)"
 
 

@@ -182,15 +182,18 @@ def test_compiled_linear_equals_eager(backend):
 
 
 class _BackendCalls(TorchDispatchMode):
-    """Counts the products each backend's own op computed."""
+    """Counts the products each backend's own op computed, and the strides of every oneDNN
+    product's weight operand."""
 
     def __init__(self):
         super().__init__()
         self.counts = dict.fromkeys(gemm.BACKENDS, 0)
+        self.strides = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.mkldnn._linear_pointwise.default:
             self.counts["onednn"] += 1
+            self.strides.append(args[1].stride())
         elif func.namespace == "aligndraw_openblas":
             self.counts["openblas"] += 1
         elif func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
@@ -287,26 +290,13 @@ def test_forward_layout_is_column_major_where_onednn_multiplies(backend):
         assert gemm.forward_layout(weight).is_contiguous()
 
 
-class _WeightStrides(TorchDispatchMode):
-    """The strides of the weight operand of every oneDNN product."""
-
-    def __init__(self):
-        super().__init__()
-        self.strides = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.mkldnn._linear_pointwise.default:
-            self.strides.append(args[1].stride())
-        return func(*args, **(kwargs or {}))
-
-
 @needs_onednn
 def test_step_linear_gives_onednn_every_weight_with_its_output_axis_contiguous():
     # the layout oneDNN reads fastest: forward products read the column-major copy, input
     # gradients the row-major one (transposed), weight gradients gᵀ
     w, b = _rand(128, 96).requires_grad_(), _rand(128, seed=1).requires_grad_()
     h = _rand(40, 96, seed=2).requires_grad_()  # 2 steps · 40 rows: the weight gradient's R ≥ MIN_SIZE
-    with gemm.using("onednn"), _WeightStrides() as seen:
+    with gemm.using("onednn"), _BackendCalls() as seen:
         step = StepLinear(w, b)
         assert step.weight.stride() == (1, 128) and step.backward_weight.stride() == (96, 1)
         out = step(torch.tanh(step(h)[:, :96]))
@@ -324,7 +314,7 @@ def test_linear_with_a_forward_layout_and_a_backward_weight_equals_f_linear(back
     h = _rand(16, 96, seed=2).requires_grad_()
     want = torch.autograd.grad(torch.tanh(F.linear(h, w, b)).pow(2).sum(), (w, b, h))
     for backward_weight in (None, w.contiguous()):
-        with _WeightStrides() as seen:
+        with _BackendCalls() as seen:
             y = gemm.linear(h, gemm.forward_layout(w), b, backward_weight)
             got = torch.autograd.grad(torch.tanh(y).pow(2).sum(), (w, b, h))
         for a, e in zip(got, want, strict=True):

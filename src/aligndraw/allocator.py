@@ -146,10 +146,17 @@ def block_cache_stats() -> dict[str, int] | None:
     ``releases`` (times every kept block was given back)."""
     import torch
 
-    if not _loaded() or not torch.ops.aligndraw_block_cache.installed():
+    if not block_cache_installed():
         return None
     hits, misses, kept, live, releases = torch.ops.aligndraw_block_cache.stats()
     return {"hits": hits, "misses": misses, "kept": kept, "live": live, "releases": releases}
+
+
+def block_cache_installed() -> bool:
+    """Whether the block cache is PyTorch's CPU allocator in this process (builds nothing)."""
+    import torch
+
+    return _loaded() and bool(torch.ops.aligndraw_block_cache.installed())
 
 
 def release_cached_blocks() -> None:

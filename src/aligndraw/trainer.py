@@ -509,6 +509,6 @@ class Trainer:
                 log.info("CPU fp32 products: %s (aligndraw.gemm; ALIGNDRAW_CPU_GEMM=onednn|openblas|aten)",
                          gemm.backend())
                 kept = f"blocks up to {self.kept_freed_memory >> 20} MiB" if self.kept_freed_memory else "no"
-                cached = "; freed tensors cached by size" if allocator.block_cache_stats() is not None else ""
+                cached = "; freed tensors cached by size" if allocator.block_cache_installed() else ""
                 log.info("freed memory kept for reuse: %s%s (aligndraw.allocator; %s=0 turns it off)",
                          kept, cached, allocator.ENV)
