@@ -25,8 +25,12 @@ product backend (``aligndraw.gemm``: ``onednn``, ``openblas`` or ``aten``, set a
 before it imports the library); ``--env-a`` / ``--env-b KEY=VALUE`` add environment variables
 to that worker's process from its start (settings read once when a library loads, such as
 OpenMP's ``OMP_*``). ``--precision bf16`` runs both under autocast.
-Prints medians, min/max, B's speed-up by medians and by paired runs and how often B was the
-faster of a pair, then one JSON line last (with the package directory each worker imported).
+Prints medians, min/max, B's speed-up by medians, by paired runs and how often B was the
+faster of a pair, and by blocks of two rounds in both orders (``pairs.balanced``, the figure
+to read: the first run of a round follows the same worker's run, the second the other
+worker's, and sampling ran up to 1.2× slower second than first), with how much slower the
+second run of a round was; then one JSON line last (with the package directory each worker
+imported).
 This is how a change to the library is measured against the code before it, compiled code
 too (within one process, dynamo's guards and recompiles would decide which graph runs).
 """
@@ -240,9 +244,11 @@ def compare(args: argparse.Namespace) -> dict:
 
 
 def _summary(phase: str, a: list[float], b: list[float]) -> dict:
-    """Medians (ms), B's speed-up by medians and by paired runs (``pairs.paired``: with a 95 %
-    interval, the pairs B won and the sign test's p-value); printed too."""
-    from benchmarks.pairs import describe, paired
+    """Medians (ms), B's speed-up by medians, by paired runs (``pairs.paired``: with a 95 %
+    interval, the pairs B won and the sign test's p-value) and by blocks of both orders
+    (``pairs.balanced``, with ``second_run_cost``); printed too. ``a`` and ``b`` in timed
+    order, A first in the first round (``throughput.round_robin``)."""
+    from benchmarks.pairs import balanced, describe, describe_balanced, paired, second_run_cost
 
     out = {f"{phase}_{name}_median_ms": statistics.median(ts) * 1e3 for name, ts in (("a", a), ("b", b))}
     for name, ts in (("a", a), ("b", b)):
@@ -253,6 +259,16 @@ def _summary(phase: str, a: list[float], b: list[float]) -> dict:
     out |= {f"{phase}_b_over_a_paired": pairs["median"], f"{phase}_b_over_a_paired_ci95": pairs["ci95"],
             f"{phase}_b_faster_pairs": pairs["wins"], f"{phase}_sign_test_p": pairs["sign_test_p"]}
     print(f"{phase}: B {out[f'{phase}_b_over_a']:.3f}× A by medians ({describe(pairs)} of {len(a)} pairs)")
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    blocks = balanced(ratios)
+    second = second_run_cost(ratios, [i % 2 == 1 for i in range(len(ratios))])
+    if blocks is not None:
+        out |= {f"{phase}_b_over_a_balanced": blocks["median"],
+                f"{phase}_b_over_a_balanced_ci95": blocks["ci95"],
+                f"{phase}_b_faster_blocks": blocks["wins"], f"{phase}_blocks": blocks["blocks"],
+                f"{phase}_balanced_sign_test_p": blocks["sign_test_p"],
+                f"{phase}_second_run_cost": second}
+    print(f"{phase}: B over A {describe_balanced(blocks, second)}")
     return out
 
 
@@ -262,7 +278,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--b", type=Path, help="source tree B")
     p.add_argument("--preset", default="mnist-captions", choices=("mnist-captions", "coco32"))
     p.add_argument("--compile", action="store_true", help="compile both (aligndraw.compiler)")
-    p.add_argument("--repeats", type=int, default=11, help="timed steps per tree and phase")
+    p.add_argument("--repeats", type=int, default=11,
+                   help="timed steps per tree and phase (an odd number gets one more: as many rounds "
+                        "in each order)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each worker")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 = torch.autocast(bfloat16) around forward / sample, in both")

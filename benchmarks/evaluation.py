@@ -11,11 +11,11 @@ Times the three calls ``aligndraw.evaluation`` makes, without gradients, on one 
 - sample: images from the prior (ssim and fidelity).
 Compiled, the first two share one graph (the caption encoder runs eagerly before it).
 Each call eagerly and compiled in turn (``throughput.round_robin``: every other round in
-reverse order), after two untimed rounds (in the first, each compiled graph compiles or loads
-from the compiler's caches: its first call, as ``FixedShapes.compile_seconds`` timed it, is
-printed). Prints the median ms of each, the ratio and the difference of the results
-(``benchmarks.forms.relative_difference``: the largest difference over the eager result's
-largest magnitude); one JSON line last.
+reverse order, an even number of them), after two untimed rounds (in the first, each compiled
+graph compiles or loads from the compiler's caches: its first call, as
+``FixedShapes.compile_seconds`` timed it, is printed). Prints the median ms of each, the ratio
+and the difference of the results (``benchmarks.forms.relative_difference``: the largest
+difference over the eager result's largest magnitude); one JSON line last.
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     for call in CALLS:  # two untimed rounds: the first compiles (or loads) the compiled graph
         walls, _ = round_robin([eager, comp], call, 2, repeats, torch.device("cpu"))
         ms |= {f"{call}_{side}": statistics.median(t) * 1e3 for side, t in walls.items()}
+        repeats = len(walls["eager"])  # an odd number asked for gets one more round
     first_calls = {graph: seconds for graph, _, seconds in compiled.compile_seconds}
     result: dict = {"model": label, "rows": args.rows, "words": args.words, "threads": args.threads,
                     "repeats": repeats, "first_call_s": first_calls,

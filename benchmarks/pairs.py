@@ -5,9 +5,17 @@ each round gives one ratio A/B. Neither function assumes a distribution: the sig
 how likely B's wins are if each round were a coin flip, and the median's interval is read off
 the sorted ratios at the ranks the binomial distribution gives (the classic order-statistic
 interval). Used by ``ab_trees.py`` and ``throughput.py``; run as a script it reads the rounds
-back from their saved logs (stderr) and prints both for each comparison:
+back from their saved logs (stderr) and prints both for each comparison, and ``balanced``'s:
 
     python benchmarks/pairs.py docs/benchmarks/ab-*.txt docs/benchmarks/mnist-captions-*.txt
+
+Running second in a round can cost time of its own: in ``ab_trees.py`` the first run of a
+round follows the same worker's run in the round before (the orders alternate: A B, B A, A B,
+…), the second follows the other worker's, whose work has probably evicted the first one's
+data from the caches. Sampling ran 1.145–1.215× slower second than first on the Zen 5
+(docs/performance-log.md). A round's ratio then carries that cost one way or the other by
+its order, and a side that runs first in more rounds gets it into its median. ``balanced``
+takes two consecutive rounds, one in each order, as one block, so that the cost cancels.
 """
 
 from __future__ import annotations
@@ -66,12 +74,50 @@ def paired(ratios: Sequence[float]) -> dict:
             "sign_test_p": sign_test(wins, sum(r != 1 for r in ratios))}
 
 
+def balanced(ratios: Sequence[float]) -> dict | None:
+    """``paired``'s figures (and ``blocks``, their number) over blocks of two consecutive
+    rounds, each block's ratio the geometric mean of its rounds' ratios; ratios in timed
+    order, every round in the reverse order of the one before (``throughput.round_robin``).
+    A factor P for running second enters one round of a block as P and the other as 1/P, so
+    it cancels, as does a drift that is linear over the block. An odd last round is left out;
+    None without a block."""
+    blocks = [math.sqrt(x * y) for x, y in zip(ratios[0::2], ratios[1::2], strict=False)]
+    return paired(blocks) | {"blocks": len(blocks)} if blocks else None
+
+
+def second_run_cost(ratios: Sequence[float], reversed_rounds: Sequence[bool]) -> float | None:
+    """How many times longer the second run of a round took than the first, from an A/B's
+    per-round ratios A/B and which rounds ran B first: the median over blocks (as
+    ``balanced``'s) of √(ratio with B first / ratio with A first). 1 when order costs
+    nothing; None without a block holding both orders."""
+    costs = []
+    for i in range(0, len(ratios) - 1, 2):
+        (x, x_rev), (y, y_rev) = zip(ratios[i:i + 2], reversed_rounds[i:i + 2], strict=True)
+        if x_rev != y_rev:
+            first_a, first_b = (y, x) if x_rev else (x, y)  # ratios with A first, with B first
+            costs.append(math.sqrt(first_b / first_a))
+    return statistics.median(costs) if costs else None
+
+
 def describe(figures: dict) -> str:
     """``paired``'s figures as one phrase: "1.012× paired, 95 % interval 0.962–1.066×, …"."""
     interval = figures["ci95"]
     shown = f"{interval[0]:.3f}–{interval[1]:.3f}×" if interval else "none"
     return (f"{figures['median']:.3f}× paired, 95 % interval {shown}, "
             f"faster in {figures['wins']} (sign test p = {figures['sign_test_p']:.2g})")
+
+
+def describe_balanced(figures: dict | None, second_run: float | None = None) -> str:
+    """``balanced``'s figures (and ``second_run_cost``) as one phrase."""
+    if figures is None:
+        return "no block of two rounds in both orders"
+    interval = figures["ci95"]
+    shown = f"{interval[0]:.3f}–{interval[1]:.3f}×" if interval else "none"
+    blocks = figures["blocks"]
+    cost = f"; run second of the two in a round, a step took {second_run:.3f}× as long" if second_run else ""
+    return (f"by blocks of both orders {figures['median']:.3f}× (95 % interval {shown}, "
+            f"faster in {figures['wins']} of {blocks} blocks, "
+            f"sign test p = {figures['sign_test_p']:.2g}){cost}")
 
 
 def logged_rounds(text: str) -> dict[str, dict[str, list[float]]]:
@@ -83,6 +129,16 @@ def logged_rounds(text: str) -> dict[str, dict[str, list[float]]]:
             for name, seconds in TIMING.findall(m[2]):
                 rounds.setdefault(m[1], {}).setdefault(name, []).append(float(seconds))
     return rounds
+
+
+def logged_orders(text: str) -> dict[str, list[bool]]:
+    """{phase: whether each timed round ran in reverse order} from the same log as
+    ``logged_rounds`` (its ", reversed" marks)."""
+    orders: dict[str, list[bool]] = {}
+    for line in text.splitlines():
+        if m := ROUND.match(line):
+            orders.setdefault(m[1], []).append(", reversed:" in line)
+    return orders
 
 
 def comparisons(times: dict[str, list[float]]) -> list[tuple[str, list[float]]]:
@@ -103,9 +159,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="saved ab_trees.py or throughput.py output (stderr included)")
     args = p.parse_args(argv)
     for path in args.logs:
-        for phase, times in logged_rounds(path.read_text()).items():
+        text = path.read_text()
+        orders = logged_orders(text)
+        for phase, times in logged_rounds(text).items():
+            alternating = all(x != y for x, y in zip(orders[phase], orders[phase][1:], strict=False))
+            ab = set(times) == {"a", "b"}  # else the two compared runs need not be adjacent
             for label, ratios in comparisons(times):
-                print(f"{path.name} {phase}: {label}, {len(ratios)} rounds: {describe(paired(ratios))}")
+                second = second_run_cost(ratios, orders[phase]) if ab else None
+                blocks = (describe_balanced(balanced(ratios), second)
+                          if alternating else "the rounds did not alternate their order: no blocks")
+                print(f"{path.name} {phase}: {label}, {len(ratios)} rounds: {describe(paired(ratios))}; "
+                      f"{blocks}")
 
 
 if __name__ == "__main__":

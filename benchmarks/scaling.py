@@ -37,6 +37,7 @@ from benchmarks.throughput import (  # noqa: E402
     PRESETS,
     Variant,
     compile_variant,
+    even_rounds,
     log,
     model_config,
     random_inputs,
@@ -65,7 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", type=_sizes, default=[32, 60, 90], help="square canvas sides")
     p.add_argument("--batch", type=int, default=100, help="the batch of the T and canvas sweeps")
     p.add_argument("--caption-len", type=int, default=12, help="words per random caption")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant and setting")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed runs per variant and setting (an odd number gets one more: as many "
+                        "rounds in each order)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--compile", action="store_true",
@@ -81,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch", "repeats", "caption_len", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    args.repeats = even_rounds(args.repeats)  # as round_robin times them (recorded so)
     if args.warmup < 0:
         p.error("--warmup must be ≥ 0")
     return args

@@ -56,7 +56,7 @@ from benchmarks.naive_reference import (  # noqa: E402
     parameter_map,
     perturb_parameters_,
 )
-from benchmarks.pairs import median_interval  # noqa: E402
+from benchmarks.pairs import balanced, median_interval  # noqa: E402
 from benchmarks.products import ProductsOnly  # noqa: E402
 
 PRESETS = ("mnist-captions", "coco32")
@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=PRESETS, default="mnist-captions", help="model configuration")
     p.add_argument("--batch", type=int, default=100, help="images per batch (the paper's 100)")
     p.add_argument("--caption-len", type=int, default=12, help="words per random caption")
-    p.add_argument("--repeats", type=int, default=7, help="timed runs per variant")
+    p.add_argument("--repeats", type=int, default=7,
+                   help="timed runs per variant (an odd number gets one more: as many rounds in each order)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per variant first")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--precision", choices=("fp32", "bf16", "both"), default="fp32",
@@ -124,6 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch", "repeats", "caption_len", "peak_size", "processes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    args.repeats = even_rounds(args.repeats)  # as round_robin times them (recorded so)
     if args.compile_mode != "default" and not args.compile:
         p.error(f"--compile-mode {args.compile_mode} applies to --compile; add --compile")
     if args.compile_mode == "reduce-overhead" and args.device == "cpu":
@@ -219,19 +221,31 @@ def _timed_variant(variant, phase: str, device: torch.device) -> tuple[float, fl
     return wall, cpu + variant.worker_cpu_s
 
 
+def even_rounds(repeats: int) -> int:
+    """``repeats`` timed rounds made even (one more if odd): as many in each order."""
+    return repeats + repeats % 2
+
+
 def round_robin(variants: list[Variant], phase: str, warmup: int, repeats: int,
                 device: torch.device) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Alternate the variants run by run; returns wall and CPU seconds per variant (no warm-up).
 
-    Every other round runs them in reverse order, so that no variant is always the first of a
-    round while the machine's speed drifts (the log lists them in ``variants``' order).
+    The timed rounds run them in ``variants``' order, then reversed, and so on (the warm-up
+    rounds before them alternate too, ending reversed), and come in an even number
+    (``even_rounds``): each variant is then first of a round as often as last, and a round's
+    first run follows the same variant's run of the round before. Running first or second can
+    cost time of its own (``pairs.balanced``, which takes the rounds two by two, one in each
+    order); with one more round in one order, that cost went into the medians. The log lists
+    every round in ``variants``' order.
     CPU seconds cover all threads of this process, spin-waits at OpenMP barriers included: at
     one thread they are the work done; with several on a busy machine they grow with wall time.
     """
     walls: dict[str, list[float]] = {v.name: [] for v in variants}
     cpus: dict[str, list[float]] = {v.name: [] for v in variants}
+    repeats = even_rounds(repeats) if len(variants) > 1 else repeats
     for r in range(warmup + repeats):
-        reverse = r % 2 == 1 and len(variants) > 1
+        # the last warm-up round reversed, so the first timed one's first run follows its own
+        reverse = (r - warmup) % 2 == 1 and len(variants) > 1
         order = variants[::-1] if reverse else variants
         ran = {v.name: _timed_variant(v, phase, device) for v in order}
         this_round = {v.name: ran[v.name] for v in variants}
@@ -481,7 +495,8 @@ def ratios(results: dict, times: dict) -> dict:
     """Every variant vs the naive reference (same precision, and fp32), and a data-parallel
     library variant also vs the naive model in the same arrangement: ratio of median wall
     times, median of per-round (paired) ratios with a 95 % interval for it (``pairs``; None
-    below 6 rounds), and ratio of median CPU times."""
+    below 6 rounds), the same over blocks of two rounds in both orders (``pairs.balanced``;
+    None below 2 rounds), and ratio of median CPU times."""
     out = {}
     for name in results:
         precision = name.rsplit("_", 1)[1]
@@ -501,6 +516,9 @@ def ratios(results: dict, times: dict) -> dict:
                 out[key][phase] = results[base][phase]["median_s"] / results[name][phase]["median_s"]
                 out[key][f"{phase}_paired"] = statistics.median(paired)
                 out[key][f"{phase}_paired_ci95"] = median_interval(paired)
+                blocks = balanced(paired)  # two rounds, one in each order, per block
+                out[key][f"{phase}_balanced"] = blocks and blocks["median"]
+                out[key][f"{phase}_balanced_ci95"] = blocks and blocks["ci95"]
                 out[key][f"{phase}_cpu"] = (results[base][phase]["cpu_median_s"]
                                             / results[name][phase]["cpu_median_s"])
     return out
@@ -570,6 +588,12 @@ def print_table(report: dict) -> None:
                      if (iv := r.get(f"{phase}_paired_ci95"))]
             if shown:
                 print(f"95 % interval of the paired ratio, {key}: " + ", ".join(shown))
+        for key, r in report["ratios"].items():
+            shown = [f"{phase} {r[f'{phase}_balanced']:.2f}×" + (f" ({iv[0]:.2f}–{iv[1]:.2f}×)" if iv else "")
+                     for phase in ("train", "sample") if r.get(f"{phase}_balanced")
+                     for iv in [r.get(f"{phase}_balanced_ci95")]]
+            if shown:
+                print(f"by blocks of two rounds in both orders (95 % interval), {key}: " + ", ".join(shown))
     ceiling = report.get("ceiling")
     if ceiling and ceiling["train"]["x_naive"]:
         print("fp32 ceiling (matrix products alone at the measured peak): " + ", ".join(

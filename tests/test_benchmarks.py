@@ -8,6 +8,7 @@ gradients for every parameter, same samples, on the same weights and noise.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -363,8 +364,11 @@ def test_ab_trees_times_two_trees_in_turn_each_with_its_own_package(tmp_path: Pa
     assert report["precision"] == "bf16" and not report["plain_b"]
     for phase in ("train", "sample"):
         assert report[f"{phase}_a_median_ms"] > 0 and report[f"{phase}_b_median_ms"] > 0
-        assert 0 <= report[f"{phase}_b_faster_pairs"] <= 3 and report[f"{phase}_b_over_a_paired"] > 0
-        assert report[f"{phase}_b_over_a_paired_ci95"] is None  # 3 pairs give no 95 % interval
+        # --repeats 3 became 4 timed rounds, two in each order: 2 blocks
+        assert 0 <= report[f"{phase}_b_faster_pairs"] <= 4 and report[f"{phase}_b_over_a_paired"] > 0
+        assert report[f"{phase}_b_over_a_paired_ci95"] is None  # 4 pairs give no 95 % interval
+        assert report[f"{phase}_blocks"] == 2 and report[f"{phase}_b_over_a_balanced"] > 0
+        assert report[f"{phase}_second_run_cost"] > 0
     assert report["other_processes_cores"] is None or report["other_processes_cores"] >= 0
 
 
@@ -387,6 +391,12 @@ def test_ab_trees_summary_gives_an_interval_and_the_sign_test() -> None:
     mixed = _summary("sample", a, [t * (1.05 if i % 2 else 0.95) for i, t in enumerate(a)])
     lo, hi = mixed["sample_b_over_a_paired_ci95"]
     assert lo < 1 < hi and mixed["sample_sign_test_p"] > 0.5  # 6 of 11: no evidence either way
+    # the same rounds two by two (A first, then B first): B is 0.95× A's time when second and
+    # 1.05× when first, so about equal speed, and a second run √(0.95/1.05) as long as a first
+    assert mixed["sample_b_over_a_balanced"] == pytest.approx(math.sqrt(1 / (1.05 * 0.95)))
+    assert mixed["sample_blocks"] == 5 and mixed["sample_second_run_cost"] == pytest.approx(
+        math.sqrt(0.95 / 1.05))
+    assert out["train_b_over_a_balanced"] == pytest.approx(1.1) and out["train_b_faster_blocks"] == 5
 
 
 def test_ab_trees_compiles_each_tree_first_in_a_process_of_its_own() -> None:
@@ -648,7 +658,7 @@ def test_fp32_ceiling_from_peak_and_flops() -> None:
     assert fp32_ceiling({}, {"train": 1.0, "sample": 1.0}, {"fp32": 1.0})["train"]["x_naive"] is None
 
 
-def test_round_robin_reverses_the_order_every_other_round() -> None:
+def test_round_robin_runs_as_many_timed_rounds_in_each_order() -> None:
     from benchmarks.throughput import round_robin
 
     calls: list[str] = []
@@ -664,8 +674,60 @@ def test_round_robin_reverses_the_order_every_other_round() -> None:
 
     walls, _ = round_robin([Recorder("a"), Recorder("b"), Recorder("c")], "train", warmup=1,
                               repeats=3, device=torch.device("cpu"))
-    assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]
-    assert {name: len(ts) for name, ts in walls.items()} == {"a": 3, "b": 3, "c": 3}  # warm-up left out
+    # the warm-up reversed, then timed rounds from the given order, alternating; 3 repeats
+    # become 4: every round's first run follows its own variant's run
+    assert calls == ["c", "b", "a"] + ["a", "b", "c", "c", "b", "a"] * 2
+    assert {name: len(ts) for name, ts in walls.items()} == {"a": 4, "b": 4, "c": 4}  # warm-up left out
+    calls.clear()
+    round_robin([Recorder("a"), Recorder("b")], "train", warmup=2, repeats=2, device=torch.device("cpu"))
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    calls.clear()
+    walls, _ = round_robin([Recorder("a")], "train", warmup=0, repeats=3, device=torch.device("cpu"))
+    assert calls == ["a"] * 3  # one variant: no order to balance
+
+
+def test_balanced_blocks_cancel_a_cost_of_running_second() -> None:
+    """Rounds in alternating order, B truly 1.1× faster, and a step run second of a round 1.2×
+    slower: per-round ratios A/B alternate 1.1/1.2 (A first) and 1.1·1.2 (B first). With one
+    more round with B first the per-round median is the biased 1.32; blocks of two rounds
+    give 1.1 and the cost 1.2."""
+    from benchmarks.pairs import balanced, paired, second_run_cost
+
+    true, cost = 1.1, 1.2
+    reversed_rounds = [i % 2 == 1 for i in range(1, 22)]  # 21 rounds, the first with B first
+    ratios = [true * cost if rev else true / cost for rev in reversed_rounds]
+    assert paired(ratios)["median"] == pytest.approx(true * cost)  # 11 of the 21 ran B first
+    blocks = balanced(ratios)
+    assert blocks["median"] == pytest.approx(true) and blocks["blocks"] == 10  # the odd last left out
+    assert blocks["ci95"] == pytest.approx((true, true)) and blocks["wins"] == 10
+    assert second_run_cost(ratios, reversed_rounds) == pytest.approx(cost)
+    assert second_run_cost(ratios[:2], [False, False]) is None  # no block holds both orders
+    assert balanced(ratios[:1]) is None
+
+
+def test_pairs_reads_each_rounds_order_back_from_a_log() -> None:
+    from benchmarks.pairs import logged_orders
+
+    log = ("  train round 1/4 (warm-up): a 0.600s (cpu 1.2s), b 0.500s (cpu 1.0s)\n"
+           "  train round 2/4: a 0.570s (cpu 1.115s), b 0.528s (cpu 1.044s)\n"
+           "  train round 3/4, reversed: a 0.562s (cpu 1.111s), b 0.564s (cpu 1.115s)\n"
+           "  train round 4/4: a 0.571s (cpu 1.1s), b 0.529s (cpu 1.0s)\n"
+           "  sample round 2/2, reversed: a 0.095s (cpu 0.180s), b 0.098s (cpu 0.185s)\n")
+    assert logged_orders(log) == {"train": [False, True, False], "sample": [True]}
+
+
+def test_pairs_script_prints_the_balanced_figures_of_a_saved_log(tmp_path: Path, capsys) -> None:
+    from benchmarks.pairs import main
+
+    rounds = [("", 0.55, 0.60), (", reversed", 0.66, 0.50)] * 3  # B 1.1× faster, second 1.2× slower
+    log = "".join(f"  sample round {i + 2}/7{order}: a {a:.3f}s (cpu 1.0s), b {b:.3f}s (cpu 1.0s)\n"
+                  for i, (order, a, b) in enumerate(rounds))
+    path = tmp_path / "ab.txt"
+    path.write_text(log)
+    main([str(path)])
+    out = capsys.readouterr().out
+    assert "by blocks of both orders 1.100×" in out and "faster in 3 of 3 blocks" in out
+    assert "a step took 1.200× as long" in out
 
 
 @pytest.mark.parametrize("n", [1, 6, 11, 15])
@@ -739,6 +801,10 @@ def test_ratios_give_the_paired_ratio_an_interval_from_six_rounds() -> None:
     assert r["train_paired_ci95"] == pytest.approx((2.0, 2.5))  # 7 rounds: smallest and largest
     few = {phase: {name: ts[:5] for name, ts in times[phase].items()} for phase in times}
     assert ratios(results, few)["library_fp32/naive_fp32"]["sample_paired_ci95"] is None
+    # blocks of two rounds: (2, 2), (2, 2), (2, 2); the seventh round is left out
+    assert r["train_balanced"] == pytest.approx(2.0) and r["train_balanced_ci95"] is None  # 3 blocks
+    one = {phase: {name: ts[:1] for name, ts in times[phase].items()} for phase in times}
+    assert ratios(results, one)["library_fp32/naive_fp32"]["train_balanced"] is None
 
 
 PRODUCT_CONFIGS = {"mnist-captions": preset("mnist-captions").model, "coco32": preset("coco32").model,
