@@ -249,19 +249,20 @@ def _summary(phase: str, a: list[float], b: list[float]) -> dict:
     (``pairs.balanced``, with ``second_run_cost``); printed too. ``a`` and ``b`` in timed
     order, A first in the first round (``throughput.round_robin``)."""
     from benchmarks.pairs import balanced, describe, describe_balanced, paired, second_run_cost
+    from benchmarks.throughput import reversed_round
 
     out = {f"{phase}_{name}_median_ms": statistics.median(ts) * 1e3 for name, ts in (("a", a), ("b", b))}
     for name, ts in (("a", a), ("b", b)):
         print(f"{phase} {name}: median {out[f'{phase}_{name}_median_ms']:.1f} ms, "
               f"min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f}")
-    pairs = paired([x / y for x, y in zip(a, b, strict=True)])
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    pairs = paired(ratios)
     out[f"{phase}_b_over_a"] = statistics.median(a) / statistics.median(b)
     out |= {f"{phase}_b_over_a_paired": pairs["median"], f"{phase}_b_over_a_paired_ci95": pairs["ci95"],
             f"{phase}_b_faster_pairs": pairs["wins"], f"{phase}_sign_test_p": pairs["sign_test_p"]}
     print(f"{phase}: B {out[f'{phase}_b_over_a']:.3f}× A by medians ({describe(pairs)} of {len(a)} pairs)")
-    ratios = [x / y for x, y in zip(a, b, strict=True)]
     blocks = balanced(ratios)
-    second = second_run_cost(ratios, [i % 2 == 1 for i in range(len(ratios))])
+    second = second_run_cost(ratios, [reversed_round(i) for i in range(len(ratios))])
     if blocks is not None:
         out |= {f"{phase}_b_over_a_balanced": blocks["median"],
                 f"{phase}_b_over_a_balanced_ci95": blocks["ci95"],

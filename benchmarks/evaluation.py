@@ -38,7 +38,7 @@ from aligndraw.checkpoint import load_model_dir  # noqa: E402
 from aligndraw.config import ModelConfig  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
 from benchmarks.forms import relative_difference  # noqa: E402
-from benchmarks.throughput import SMOKE_CONFIG, random_inputs, round_robin  # noqa: E402
+from benchmarks.throughput import SMOKE_CONFIG, even_rounds, random_inputs, round_robin  # noqa: E402
 
 CALLS = ("forward", "forward_from_states", "sample")
 
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, label, repeats = AlignDraw(ModelConfig(**SMOKE_CONFIG)).eval(), "smoke", 2
     else:
         model, label, repeats = load_model_dir(args.model)[0], args.model, args.repeats
+    repeats = even_rounds(repeats)  # as round_robin times them (recorded so)
     x = _inputs(model, args.rows, args.words)
     compiled = compiler.FixedShapes(model, words=args.words)
     eager, comp = _Side("eager", _calls(model, x)), _Side("compiled", _calls(compiled, x))
@@ -112,7 +113,6 @@ def main(argv: list[str] | None = None) -> dict:
     for call in CALLS:  # two untimed rounds: the first compiles (or loads) the compiled graph
         walls, _ = round_robin([eager, comp], call, 2, repeats, torch.device("cpu"))
         ms |= {f"{call}_{side}": statistics.median(t) * 1e3 for side, t in walls.items()}
-        repeats = len(walls["eager"])  # an odd number asked for gets one more round
     first_calls = {graph: seconds for graph, _, seconds in compiled.compile_seconds}
     result: dict = {"model": label, "rows": args.rows, "words": args.words, "threads": args.threads,
                     "repeats": repeats, "first_call_s": first_calls,

@@ -221,6 +221,12 @@ def _timed_variant(variant, phase: str, device: torch.device) -> tuple[float, fl
     return wall, cpu + variant.worker_cpu_s
 
 
+def reversed_round(timed_index: int) -> bool:
+    """Whether ``round_robin`` runs the round with this index among the timed ones (warm-up
+    rounds count back from -1) in reverse order: every other one, the first timed one not."""
+    return timed_index % 2 == 1
+
+
 def even_rounds(repeats: int) -> int:
     """``repeats`` timed rounds made even (one more if odd): as many in each order."""
     return repeats + repeats % 2
@@ -245,7 +251,7 @@ def round_robin(variants: list[Variant], phase: str, warmup: int, repeats: int,
     repeats = even_rounds(repeats) if len(variants) > 1 else repeats
     for r in range(warmup + repeats):
         # the last warm-up round reversed, so the first timed one's first run follows its own
-        reverse = (r - warmup) % 2 == 1 and len(variants) > 1
+        reverse = reversed_round(r - warmup) and len(variants) > 1
         order = variants[::-1] if reverse else variants
         ran = {v.name: _timed_variant(v, phase, device) for v in order}
         this_round = {v.name: ran[v.name] for v in variants}

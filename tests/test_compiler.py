@@ -540,10 +540,8 @@ def test_a_compiled_step_linear_lays_out_its_weight_once(monkeypatch, opaque):
     transposing_loops = forward.count("transpose_mxn")
     if opaque:
         assert calls == 1 and transposing_loops == 0
-    else:  # the failure this op avoids: the copy inlined into kernels, one per product
-        assert calls == 0
-        if "at::vec::Vectorized" in forward:  # where inductor vectorises, it copies by 16×16 tiles
-            assert transposing_loops >= 3
+    elif "at::vec::Vectorized" in forward:  # the failure this op avoids: the copy inlined into
+        assert transposing_loops >= 3  # kernels, one per product (by 16×16 tiles, vectorised)
     want = torch.autograd.grad(_three_steps(w[:, :160], b, h), (w, b, h))
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5 * float(e.abs().max()))
