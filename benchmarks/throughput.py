@@ -530,6 +530,20 @@ def ratios(results: dict, times: dict) -> dict:
     return out
 
 
+def blocks_line(key: str, ratio: dict) -> str | None:
+    """The printed line of ``ratio``'s figures by blocks of both orders (``ratios``), or None
+    where it has none. It names a 95 % interval only where it gives one (too few blocks give
+    none)."""
+    intervals = [ratio.get(f"{phase}_balanced_ci95") for phase in ("train", "sample")]
+    shown = [f"{phase} {ratio[f'{phase}_balanced']:.2f}×" + (f" ({iv[0]:.2f}–{iv[1]:.2f}×)" if iv else "")
+             for phase, iv in zip(("train", "sample"), intervals, strict=True)
+             if ratio.get(f"{phase}_balanced")]
+    if not shown:
+        return None
+    named = " (95 % interval)" if any(intervals) else ""
+    return f"by blocks of two rounds in both orders{named}, {key}: " + ", ".join(shown)
+
+
 def print_table(report: dict) -> None:
     peak, flops = report["peak_gflops"], report["flops_per_image"]
     print(f"preset {report['preset']}  batch {report['batch']}  threads {report['threads']}  "
@@ -595,11 +609,8 @@ def print_table(report: dict) -> None:
             if shown:
                 print(f"95 % interval of the paired ratio, {key}: " + ", ".join(shown))
         for key, r in report["ratios"].items():
-            shown = [f"{phase} {r[f'{phase}_balanced']:.2f}×" + (f" ({iv[0]:.2f}–{iv[1]:.2f}×)" if iv else "")
-                     for phase in ("train", "sample") if r.get(f"{phase}_balanced")
-                     for iv in [r.get(f"{phase}_balanced_ci95")]]
-            if shown:
-                print(f"by blocks of two rounds in both orders (95 % interval), {key}: " + ", ".join(shown))
+            if line := blocks_line(key, r):
+                print(line)
     ceiling = report.get("ceiling")
     if ceiling and ceiling["train"]["x_naive"]:
         print("fp32 ceiling (matrix products alone at the measured peak): " + ", ".join(

@@ -201,6 +201,10 @@ def test_throughput_smoke_prints_json_last() -> None:
     for phase in ("train", "sample"):  # an interval around the paired ratio, or none for few rounds
         interval = ratio[f"{phase}_paired_ci95"]
         assert interval is None or interval[0] <= ratio[f"{phase}_paired"] <= interval[1]
+    # one block (2 rounds): the blocks' ratio, with no interval, and a line that names none
+    assert ratio["train_balanced"] > 0 and ratio["train_balanced_ci95"] is None
+    blocks = next(x for x in proc.stdout.splitlines() if x.startswith("by blocks of two rounds"))
+    assert "interval" not in blocks and "library_fp32/naive_fp32: train " in blocks
     # no kernel variable set: none reported, and the table names the kernels the JSON does
     assert report["kernel_env"] == {} and "kernels chosen by the environment" not in proc.stdout
     assert f"PyTorch's kernels: {report['aten_cpu_capability']}  " in proc.stdout
@@ -537,6 +541,19 @@ def test_forms_benchmarks_agree_eager_and_compiled(script, args, shape, forms, t
             assert report[f"{name}_{mode}_diff"] < tolerance
 
 
+def test_lstm_cell_benchmark_times_both_forms_and_their_gradients() -> None:
+    report = last_json(run_benchmark("lstm_cell.py", "--batch", "3", "--hidden", "5", "--threads", "1",
+                                     "--min-time", "0.01"))
+    assert report["shape"] == [3, 20] and report["threads"] == 1 and report["keep_freed_memory"] == 0
+    for name in ("tanh", "sigmoid"):
+        assert report[f"{name}_eager_ms"] > 0 and report[f"{name}_compiled_ms"] > 0
+        assert report[f"{name}_grad_eager_ms"] > 0
+    assert report["tanh_eager_diff"] == 0 and report["tanh_grad_eager_diff"] == 0  # the reference
+    assert report["sigmoid_eager_diff"] < 1e-6 and report["sigmoid_compiled_diff"] < 1e-6
+    assert report["sigmoid_grad_eager_diff"] < 1e-5
+    assert report["op_tanh_eager_ms"] > 0 and report["op_sigmoid_eager_ms"] > 0
+
+
 def test_context_mix_benchmark_times_both_precisions() -> None:
     report = last_json(run_benchmark("context_mix.py", "--batch", "3", "--words", "4", "--width", "8",
                                      "--min-time", "0.01"))
@@ -785,6 +802,20 @@ def test_pairs_compares_a_throughput_log_with_the_naive_reference() -> None:
     assert found["library_fp32 over naive_fp32"] == pytest.approx([2.0, 3.0])
     assert found["library_compiled_fp32 over naive_fp32"] == pytest.approx([4.0, 4.0])
     assert comparisons({"x": [1.0], "y": [2.0]}) == []  # neither an A/B nor a naive reference
+
+
+def test_blocks_line_names_an_interval_only_where_it_gives_one() -> None:
+    from benchmarks.throughput import blocks_line
+
+    with_interval = {"train_balanced": 3.6, "train_balanced_ci95": (3.4, 3.8), "sample_balanced": 5.8,
+                     "sample_balanced_ci95": None}
+    line = blocks_line("a/b", with_interval)
+    assert line == ("by blocks of two rounds in both orders (95 % interval), a/b: "
+                    "train 3.60× (3.40–3.80×), sample 5.80×")
+    without = {"train_balanced": 3.6, "train_balanced_ci95": None, "sample_balanced": 5.8}
+    assert blocks_line("a/b", without) == ("by blocks of two rounds in both orders, a/b: "
+                                           "train 3.60×, sample 5.80×")
+    assert blocks_line("a/b", {"train_balanced": None, "sample_balanced": None}) is None
 
 
 def test_ratios_give_the_paired_ratio_an_interval_from_six_rounds() -> None:

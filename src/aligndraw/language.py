@@ -20,15 +20,52 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+SIGMOID_TANH_DTYPES = (torch.float32, torch.float64)
+
+
+def takes_sigmoid_form(x: Tensor) -> bool:
+    """Whether ``sigmoid_tanh`` and ``lstm_update`` take tanh as 2σ(2x) − 1 for ``x``: fp32
+    or fp64 on the CPU."""
+    return x.device.type == "cpu" and x.dtype in SIGMOID_TANH_DTYPES
+
+
+def sigmoid_tanh(x: Tensor) -> Tensor:
+    """tanh(x), any shape: as 2σ(2x) − 1 for fp32 and fp64 on the CPU, else ``torch.tanh``.
+
+    The same function, and faster in fp32 there: PyTorch's CPU tanh took about 5× as long as
+    its sigmoid on a (100, 300) fp32 tensor (``docs/performance.md``, item 31); fp64 takes the
+    form too, so that the fp64 equality tests run what the library runs. Its error is a few
+    roundings of fp32 values near 1 (under 2.5e-7 against fp64 in ``tests/test_language.py``),
+    not relative to a small result as ``torch.tanh``'s is. In bf16 or fp16 (autocast) the
+    difference 2σ − 1 would lose most of a small result's digits, and on a GPU tanh is one
+    fast kernel, so those keep ``torch.tanh``.
+    """
+    if takes_sigmoid_form(x):
+        return 2 * torch.sigmoid(2 * x) - 1
+    return torch.tanh(x)
+
 
 def lstm_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """LSTM cell update from pre-activations (gate order i, f, g, o as in ``nn.LSTMCell``).
 
     gates: (…, 4D), c: (…, D) → h, c: (…, D).
+
+    For fp32 and fp64 on the CPU tanh(g) is 2σ(2g) − 1, with σ(2g) taken in one sigmoid with
+    the three gates' (see ``sigmoid_tanh``); elsewhere it runs ``nn.LSTMCell``'s own formula.
     """
-    i, f, g, o = gates.chunk(4, dim=-1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
+    if gates.shape[-1] % 4:
+        raise ValueError(f"an LSTM's gates need a last dimension of 4·D (i, f, g, o), "
+                         f"got {tuple(gates.shape)}")
+    if not takes_sigmoid_form(gates):
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    d = gates.shape[-1] // 4
+    doubled = gates.new_ones(4 * d)  # (4D,): 2 on g's share, so the one sigmoid gives σ(2g)
+    doubled[2 * d:3 * d] = 2
+    i, f, g2, o = torch.sigmoid(gates * doubled).chunk(4, dim=-1)  # σ(2g) as g2
+    c = f * c + i * (2 * g2 - 1)
+    return o * sigmoid_tanh(c), c
 
 
 def reverse_index(lengths: Tensor, max_len: int) -> Tensor:

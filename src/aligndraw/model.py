@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from aligndraw import attention, gemm
 from aligndraw.alignment import Alignment, factored_align_weights, key_factors, uniform_weights
 from aligndraw.config import ModelConfig
-from aligndraw.language import CaptionEncoder, lstm_update, padding_mask
+from aligndraw.language import CaptionEncoder, lstm_update, padding_mask, sigmoid_tanh
 from aligndraw.losses import bernoulli_nll, gaussian_kl, gaussian_log_prob
 from aligndraw.recurrent_linear import StepLinear, StepMix
 from aligndraw.sentence_vectors import SentenceVectorEncoder
@@ -290,7 +290,7 @@ class AlignDraw(nn.Module):
         if step == 0:  # P(z_1) = N(0, I)
             zeros = proj["prior"].new_zeros(()).expand(proj["prior"].shape[0], self.config.z_dim)
             return zeros, zeros
-        mu, log_sigma = torch.tanh(proj["prior"]).chunk(2, dim=-1)
+        mu, log_sigma = sigmoid_tanh(proj["prior"]).chunk(2, dim=-1)
         return mu, log_sigma
 
     def _noise(self, noise: Tensor | None, batch: int, like: Tensor,
