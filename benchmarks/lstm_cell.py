@@ -4,7 +4,8 @@
                                    [--keep-freed-memory]
 
 Times, on one step's (B, 4D) gate pre-activations and (B, D) cell state:
-- tanh: ``nn.LSTMCell``'s formula, c' = σ(f)·c + σ(i)·tanh(g), h = σ(o)·tanh(c');
+- tanh: ``aligndraw.language.lstm_update_tanh``, ``nn.LSTMCell``'s formula,
+  c' = σ(f)·c + σ(i)·tanh(g), h = σ(o)·tanh(c');
 - sigmoid: ``aligndraw.language.lstm_update``, the same with tanh(x) = 2σ(2x) − 1 and σ(2g)
   taken in one sigmoid with the gates' (PyTorch's CPU tanh is slower than its sigmoid);
 and, eagerly, each forward and backward (the gradients of h and c' with respect to the gates
@@ -28,15 +29,13 @@ from torch.utils.benchmark import Timer
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aligndraw.language import lstm_update  # noqa: E402
+from aligndraw.language import lstm_update, lstm_update_tanh  # noqa: E402
 from benchmarks.forms import compare_forms  # noqa: E402
 from benchmarks.machine import keep_freed_memory, kept_note  # noqa: E402
 
 
 def tanh_form(gates: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    i, f, g, o = gates.chunk(4, dim=-1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.cat([torch.sigmoid(o) * torch.tanh(c), c], dim=-1)  # (B, 2D): h, c'
+    return torch.cat(lstm_update_tanh(gates, c), dim=-1)  # (B, 2D): h, c'
 
 
 def sigmoid_form(gates: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -45,21 +45,27 @@ def sigmoid_tanh(x: Tensor) -> Tensor:
     return torch.tanh(x)
 
 
+def lstm_update_tanh(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """``nn.LSTMCell``'s own update formula, with ``torch.tanh``: what ``lstm_update`` runs
+    where it does not take the sigmoid form. gates: (…, 4D), c: (…, D) → h, c: (…, D)."""
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
 def lstm_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """LSTM cell update from pre-activations (gate order i, f, g, o as in ``nn.LSTMCell``).
 
     gates: (…, 4D), c: (…, D) → h, c: (…, D).
 
     For fp32 and fp64 on the CPU tanh(g) is 2σ(2g) − 1, with σ(2g) taken in one sigmoid with
-    the three gates' (see ``sigmoid_tanh``); elsewhere it runs ``nn.LSTMCell``'s own formula.
+    the three gates' (see ``sigmoid_tanh``); elsewhere ``lstm_update_tanh``.
     """
     if gates.shape[-1] % 4:
         raise ValueError(f"an LSTM's gates need a last dimension of 4·D (i, f, g, o), "
                          f"got {tuple(gates.shape)}")
     if not takes_sigmoid_form(gates):
-        i, f, g, o = gates.chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        return lstm_update_tanh(gates, c)
     d = gates.shape[-1] // 4
     doubled = gates.new_ones(4 * d)  # (4D,): 2 on g's share, so the one sigmoid gives σ(2g)
     doubled[2 * d:3 * d] = 2
