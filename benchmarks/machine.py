@@ -22,7 +22,7 @@ from aligndraw import gemm
 # PyTorch's and inductor's vector width, MKL's, OpenBLAS's and oneDNN's instruction sets.
 # ``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 OPENBLAS_CORETYPE=Haswell`` runs an
 # AVX-512 machine's step with AVX2 kernels in PyTorch, inductor, MKL and OpenBLAS (oneDNN too
-# with ONEDNN_MAX_CPU_ISA=AVX2; the C library keeps its own): docs/performance.md, "An AVX2 proxy".
+# with ONEDNN_MAX_CPU_ISA=AVX2; the C library keeps its own): docs/performance-log.md, "An AVX2 proxy".
 KERNEL_ENV = ("ALIGNDRAW_CPU_GEMM", "ALIGNDRAW_CPU_BMM", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
               "OPENBLAS_CORETYPE", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 

@@ -6,7 +6,7 @@ mmap threshold (128 KiB at first, raised as blocks are freed, at most 32 MiB) wi
 from the kernel and returns them when the block is freed, and it gives freed heap memory back
 once more than twice that threshold is free at the top. A training step frees and takes back
 the same buffers every step, so they are page-faulted in afresh each time (thousands of faults
-a step; measured, with what keeping them gains, in ``docs/performance.md``, item 20).
+a step; measured, with what keeping them gains, in ``docs/performance-log.md``, item 20).
 
 ``keep_freed_memory`` raises both thresholds for the process, so that freed blocks stay in the
 heap for the next step: mmap threshold 1 GiB (or, where glibc refuses that, its documented

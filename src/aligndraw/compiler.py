@@ -504,7 +504,7 @@ def compile(model: Any, cpp_wrapper: bool | None = None, **kwargs: Any) -> Any: 
     ``cpp_wrapper`` (None: when ``on_cpu(model)``) compiles with inductor's C++ wrapper
     (``CPP_WRAPPER``): a step of mnist-captions makes a few thousand kernel and product calls,
     and making them from the generated Python code cost the Intel Xeon's compiled training
-    1.05× (sampling 1.04×) against making them from C++ (``docs/performance.md``). A cold
+    1.054× (sampling 1.048×) against making them from C++ (``docs/performance.md``). A cold
     compile also builds the wrapper; loading from inductor's cache takes as long as without.
     The backend is ``InductorBackend``, so that a warm compile loads the whole compiled forward
     and backward from AOTAutograd's cache (``aot_autograd_cached``), bf16 graphs too.

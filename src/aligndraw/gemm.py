@@ -92,7 +92,7 @@ def _default_backend(vendor: str | None = None, flags: frozenset[str] | None = N
 
     Without AVX-512 oneDNN has no wider kernels than MKL's AVX2 ones, and on an AVX2-only AMD
     EPYC (Zen 3) MKL was the faster of the two (compiled training 1.069×), OpenBLAS faster
-    than both (docs/performance.md)."""
+    than both (docs/performance-log.md, items 1 and 18)."""
     name = os.environ.get("ALIGNDRAW_CPU_GEMM", "").strip().lower()
     if name:
         return _checked(name)
@@ -128,7 +128,7 @@ def _default_batched_backend(vendor: str | None = None) -> str:
     EPYC (Zen 4) OpenBLAS's kernels, one matrix per call on each thread, ran the batched
     products of a mnist-captions training step's schedule (each timed alone, also some the
     compiled model leaves to inductor) in 24.4 ms against MKL's 59.3 (``benchmarks/products.py``;
-    docs/performance.md, item 26)."""
+    docs/performance-log.md, item 26)."""
     name = os.environ.get("ALIGNDRAW_CPU_BMM", "").strip().lower()
     if name:
         return _checked_batched(name)

@@ -125,13 +125,13 @@ def narrowed_core_warning(core: str | None, forced: str | None, flags: frozenset
     products of a mnist-captions training step, each timed alone, took 33.3 ms with those
     kernels against 16.0 with ``OPENBLAS_CORETYPE=SkylakeX`` (the kernels OpenBLAS picks there
     when the variable is unset), and compiled training ran 1.07× faster by medians (1.09×
-    paired) with SkylakeX (docs/performance.md, item 28)."""
+    paired) with SkylakeX (docs/performance-log.md, item 28)."""
     if not forced or core is None or "avx512f" not in flags or core.lower() in AVX512_CORES:
         return None
     return (f"OpenBLAS runs its {core} kernels, without AVX-512, on this CPU, which has it, and "
             f"OPENBLAS_CORETYPE={forced} is set (OpenBLAS takes its kernels from it when it "
             "loads): the batched products ran about half as fast as with SkylakeX kernels on "
-            "an AMD EPYC Zen 5 (docs/performance.md, item 28); unless you mean it, unset "
+            "an AMD EPYC Zen 5 (docs/performance-log.md, item 28); unless you mean it, unset "
             "OPENBLAS_CORETYPE before the process starts")
 
 
