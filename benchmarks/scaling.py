@@ -3,6 +3,7 @@ canvas size: the library model beside the naive reference, one axis at a time.
 
     python benchmarks/scaling.py [--preset mnist-captions] [--batches 25,50,100,200]
         [--steps 16,32,64] [--sizes 32,60,90] [--repeats 5] [--threads 2] [--compile]
+        [--keep-freed-memory]
 
 Around the preset (mnist-captions: batch 100, T = 32, 60×60; the read and write grids keep the
 preset's size), each setting changes one of the three; the library model (eager fp32, or
@@ -12,6 +13,8 @@ median milliseconds a batch, images/s, microseconds per image and drawing step,
 matrix-multiply GFLOP per image (``flops.py``), the GFLOP/s that makes, and the library's
 speed-up over the reference. One JSON line last. It does not check that the two models agree
 (``throughput.py`` and ``tests/test_benchmarks.py`` do, at the preset and on tiny configs).
+``--keep-freed-memory`` keeps the process's freed memory for reuse, as the trainer does
+(``aligndraw.allocator``), for both models, before the first setting is built.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 from aligndraw.config import ModelConfig  # noqa: E402
 from aligndraw.model import AlignDraw  # noqa: E402
 from benchmarks.flops import flops_per_image  # noqa: E402
-from benchmarks.machine import BUSY_CORES, OtherLoad  # noqa: E402
+from benchmarks.machine import BUSY_CORES, OtherLoad, keep_freed_memory, kept_note  # noqa: E402
 from benchmarks.naive_reference import NaiveAlignDraw, load_from_library  # noqa: E402
 from benchmarks.throughput import (  # noqa: E402
     PRESETS,
@@ -75,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="time the library compiled (aligndraw.compiler) instead of eagerly; "
                         "each setting compiles anew")
     p.add_argument("--skip-naive", action="store_true", help="time the library model only")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="keep freed memory for reuse in this process, as the trainer does "
+                        "(aligndraw.allocator), for both models")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny config and sizes, 1 repeat (for CI)")
     args = p.parse_args(argv)
@@ -183,6 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
     """Sweep, print the table (rows as they finish) and one JSON line; returns the report."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    kept = keep_freed_memory("--keep-freed-memory", args.keep_freed_memory)  # mmap threshold, or 0
+    if kept:
+        print(kept_note(kept))
     print(TABLE_HEAD, flush=True)
     rows = []
     for axis, value, cfg, batch in settings(args, model_config(args)):
@@ -198,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
               "compiled": args.compile, "batch": args.batch, "caption_len": args.caption_len,
               "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
               "torch": torch.__version__, "other_processes_cores_max": busiest, "busy": busy,
-              "rows": rows}
+              "keep_freed_memory": kept, "rows": rows}
     print(json.dumps(report))
     return report
 

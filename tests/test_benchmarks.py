@@ -606,6 +606,7 @@ def test_scaling_benchmark_sweeps_batch_steps_and_canvas() -> None:
     from benchmarks.throughput import SMOKE_CONFIG
 
     report = last_json(run_benchmark("scaling.py", "--smoke"))
+    assert report["keep_freed_memory"] == 0  # not asked
     base = ModelConfig(**SMOKE_CONFIG)  # batch 3, T = 3, 12×12 under --smoke
     rows = {(r["axis"], r["value"]): r for r in report["rows"]}
     assert set(rows) == {("batch", 2), ("batch", 4), ("steps", 2), ("steps", 3), ("canvas", 12),
@@ -627,6 +628,15 @@ def test_scaling_benchmark_sweeps_batch_steps_and_canvas() -> None:
             assert r[f"{phase}_library_gflops"] == pytest.approx(flops[phase] * batch / ms / 1e6)
     assert rows[("steps", 3)]["train_gflop_per_image"] > rows[("steps", 2)]["train_gflop_per_image"]
     assert rows[("canvas", 16)]["train_gflop_per_image"] > rows[("canvas", 12)]["train_gflop_per_image"]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_scaling_benchmark_keeps_freed_memory_when_asked() -> None:
+    out = run_benchmark("scaling.py", "--smoke", "--keep-freed-memory")
+    report = last_json(out)
+    assert report["keep_freed_memory"] in allocator.MMAP_THRESHOLDS  # the one glibc took, in bytes
+    assert "freed memory kept" in out.stdout
+    assert len(report["rows"]) == 6 and all("error" not in r for r in report["rows"])
 
 
 @pytest.mark.parametrize("bad", [["--batches", "0"], ["--batches", "x"], ["--steps", ""],
