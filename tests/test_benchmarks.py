@@ -548,7 +548,6 @@ def test_lstm_cell_benchmark_times_both_forms_and_their_gradients() -> None:
     for name in ("tanh", "sigmoid"):
         assert report[f"{name}_eager_ms"] > 0 and report[f"{name}_compiled_ms"] > 0
         assert report[f"{name}_grad_eager_ms"] > 0
-    assert report["tanh_eager_diff"] == 0 and report["tanh_grad_eager_diff"] == 0  # the reference
     assert report["sigmoid_eager_diff"] < 1e-6 and report["sigmoid_compiled_diff"] < 1e-6
     assert report["sigmoid_grad_eager_diff"] < 1e-5
     assert report["op_tanh_eager_ms"] > 0 and report["op_sigmoid_eager_ms"] > 0

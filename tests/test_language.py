@@ -24,8 +24,7 @@ def test_tanh_equals_torch_tanh_in_fp64_and_to_fp32_rounding() -> None:
     torch.testing.assert_close(sigmoid_tanh(x64), torch.tanh(x64), rtol=0, atol=1e-15)
     x32 = x64.float()
     err = (sigmoid_tanh(x32).double() - torch.tanh(x64)).abs()
-    assert err.max() < 2.5e-7  # a few units of fp32 rounding at 1
-    assert torch.isfinite(sigmoid_tanh(x32)).all()
+    assert err.max() < 2.5e-7  # a few units of fp32 rounding at 1 (a NaN or inf would fail it too)
     # saturation and the sign survive
     big = torch.tensor([-1e4, -100.0, 100.0, 1e4])
     assert torch.equal(sigmoid_tanh(big), torch.tensor([-1.0, -1.0, 1.0, 1.0]))
