@@ -82,3 +82,22 @@ def test_lstm_update_fp32_stays_within_rounding_of_fp64() -> None:
     h, c_new = lstm_update(gates, c)
     assert (h.double() - h_ref).abs().max() < 5e-7
     assert (c_new.double() - c_ref).abs().max() < 1e-6
+
+
+def test_compiled_lstm_update_equals_the_tanh_form_with_gradients() -> None:
+    # under torch.compile lstm_update takes each gate's sigmoid apart: the same function
+    gen = torch.Generator().manual_seed(3)
+    gates = (3 * torch.randn(6, 4 * 5, generator=gen, dtype=torch.float64)).requires_grad_()
+    c = torch.randn(6, 5, generator=gen, dtype=torch.float64).requires_grad_()
+    compiled = torch.compile(lstm_update, fullgraph=True, dynamic=False)
+    ours, ref = compiled(gates, c), reference_lstm_update(gates, c)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+    weights = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in ref]
+    g_ours = torch.autograd.grad(ours, (gates, c), weights)
+    g_ref = torch.autograd.grad(ref, (gates, c), weights)
+    for a, b in zip(g_ours, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+    x32, c32 = gates.detach().float(), c.detach().float()
+    for a, b in zip(compiled(x32, c32), lstm_update(x32, c32), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-7)  # eager fp32, to rounding

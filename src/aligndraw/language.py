@@ -58,14 +58,21 @@ def lstm_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
 
     gates: (…, 4D), c: (…, D) → h, c: (…, D).
 
-    For fp32 and fp64 on the CPU tanh(g) is 2σ(2g) − 1, with σ(2g) taken in one sigmoid with
-    the three gates' (see ``sigmoid_tanh``); elsewhere ``lstm_update_tanh``.
+    For fp32 and fp64 on the CPU tanh(g) is 2σ(2g) − 1 (see ``sigmoid_tanh``); elsewhere
+    ``lstm_update_tanh``. Eagerly σ(2g) is taken in one sigmoid with the three gates'; under
+    torch.compile each gate's sigmoid is written apart, which inductor fuses into one kernel
+    without the (4D,) vector of 1s and 2s (``docs/performance.md``, item 32). Both give the same
+    values: 2·g and 1·x are exact.
     """
     if gates.shape[-1] % 4:
         raise ValueError(f"an LSTM's gates need a last dimension of 4·D (i, f, g, o), "
                          f"got {tuple(gates.shape)}")
     if not takes_sigmoid_form(gates):
         return lstm_update_tanh(gates, c)
+    if torch.compiler.is_compiling():
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * (2 * torch.sigmoid(2 * g) - 1)
+        return torch.sigmoid(o) * sigmoid_tanh(c), c
     d = gates.shape[-1] // 4
     doubled = gates.new_ones(4 * d)  # (4D,): 2 on g's share, so the one sigmoid gives σ(2g)
     doubled[2 * d:3 * d] = 2
