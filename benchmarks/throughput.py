@@ -550,7 +550,7 @@ def print_table(report: dict) -> None:
           f"device {report['gpu'] or report['device']}  torch {report['torch']}  "
           f"load avg {report['loadavg_before']}")
     print(f"cpu {report['cpu_vendor'] or report['cpu']}  PyTorch's kernels: {report['aten_cpu_capability']}  "
-          f"library's fp32 products: {report['gemm_backend']} (batched, compiled: "
+          f"library's fp32 products: {report['gemm_backend']} (batched: "
           f"{report['batched_backend']})"
           + (f"  OpenBLAS's kernels: {report['openblas_core']}" if report["openblas_core"] else "")
           + ("  subnormal numbers flushed to 0 (--flush-denormal)" if report["flush_denormal"] else "")

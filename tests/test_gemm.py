@@ -1,3 +1,4 @@
+import logging
 from pathlib import Path
 
 import pytest
@@ -182,12 +183,12 @@ def test_compiled_linear_equals_eager(backend):
 
 
 class _BackendCalls(TorchDispatchMode):
-    """Counts the products each backend's own op computed, and the strides of every oneDNN
-    product's weight operand."""
+    """Counts the products each backend's own op computed (OpenBLAS's batched ones apart, as
+    "batched"), and the strides of every oneDNN product's weight operand."""
 
     def __init__(self):
         super().__init__()
-        self.counts = dict.fromkeys(gemm.BACKENDS, 0)
+        self.counts = dict.fromkeys((*gemm.BACKENDS, "batched"), 0)
         self.strides = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -195,7 +196,7 @@ class _BackendCalls(TorchDispatchMode):
             self.counts["onednn"] += 1
             self.strides.append(args[1].stride())
         elif func.namespace == "aligndraw_openblas":
-            self.counts["openblas"] += 1
+            self.counts["batched" if func.__name__.split(".")[0] in ("bmm", "baddbmm") else "openblas"] += 1
         elif func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
             self.counts["aten"] += 1
         return func(*args, **(kwargs or {}))
@@ -208,11 +209,12 @@ def test_the_model_runs_its_products_through_the_chosen_backend(backend):
     noise = torch.randn(4, config.steps, config.z_dim, generator=torch.Generator().manual_seed(0))
     losses, grads, counts = {}, {}, {}
     for name in dict.fromkeys((backend, "aten")):
-        with gemm.using(name), _BackendCalls() as calls:
+        with gemm.using(name), gemm.using_batched("aten"), _BackendCalls() as calls:
             losses[name] = model(images, tokens, lengths, noise=noise).loss
             grads[name] = torch.autograd.grad(losses[name], list(model.parameters()))
             model.sample(tokens, lengths, noise=noise, history=False)
         counts[name] = calls.counts
+    assert counts[backend]["batched"] == 0
     if backend == "aten":
         assert counts["aten"]["onednn"] == counts["aten"]["openblas"] == 0
         return
@@ -332,3 +334,118 @@ def test_compiled_forward_layout_gives_the_eager_layout():
     with gemm.using("onednn"):
         laid = torch.compile(gemm.forward_layout, fullgraph=True)(w)
     assert laid.shape == (128, 96) and laid.stride() == (1, 128) and torch.equal(laid, w)
+
+
+def _with_grads(fn, *tensors, weights):
+    """fn(*tensors) and the gradients of Σ weights·fn(*tensors) with respect to each tensor."""
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out, leaves, weights)
+
+
+@needs_openblas
+@pytest.mark.parametrize("channels", [1, 3])
+def test_eager_batched_products_equal_float64_with_gradients_through_openblas(channels):
+    # the read's shapes: (B, 1, N, H) @ (B, C, H, W), then @ (B, 1, W, N), the second a
+    # transposed view; with three channels the filterbank is broadcast, a copy autograd sums
+    f_y, images, f_x = _rand(5, 1, 8, 20), _rand(5, channels, 20, 24, seed=1), _rand(5, 1, 8, 24, seed=2)
+    canvas, left, right = _rand(5, 20, 24, seed=3), _rand(5, 20, 8, seed=4), _rand(5, 8, 24, seed=5)
+
+    def read(f_y, images, f_x):
+        return gemm.matmul(gemm.matmul(f_y, images), f_x.transpose(-1, -2))
+
+    weights = _rand(5, channels, 8, 8, seed=6)
+    with gemm.using_batched("openblas"), _BackendCalls() as calls:
+        got, got_grads = _with_grads(read, f_y, images, f_x, weights=weights)
+        got_add, got_add_grads = _with_grads(gemm.baddbmm, canvas, left, right, weights=images[:, 0])
+    assert calls.counts["batched"] == 2 + 4 + 1 + 2  # forward, gradients; baddbmm and its two
+    d = torch.float64
+    want, want_grads = _with_grads(read, f_y.to(d), images.to(d), f_x.to(d), weights=weights.to(d))
+    want_add, want_add_grads = _with_grads(torch.baddbmm, canvas.to(d), left.to(d), right.to(d),
+                                           weights=images[:, 0].to(d))
+    for a, b in zip((got, *got_grads, got_add, *got_add_grads),
+                    (want, *want_grads, want_add, *want_add_grads), strict=True):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        _close(a, b.float())
+
+
+@needs_openblas
+def test_eager_batched_products_stay_pytorchs_where_openblas_does_not_apply(monkeypatch):
+    a, b = _rand(4, 6, 5), _rand(4, 5, 7, seed=1)
+    with gemm.using_batched("openblas"), _BackendCalls() as calls:
+        with monkeypatch.context() as tracing:  # traced, the compiler's pass moves the products
+            tracing.setattr(torch.compiler, "is_compiling", lambda: True)
+            gemm.matmul(a, b)
+            gemm.baddbmm(_rand(4, 6, 7), a, b)
+        gemm.matmul(a[:, :1], b)  # one row a matrix (the context mix's α_t-weighted sum)
+        gemm.matmul(a, b[..., :1])  # one column
+        gemm.matmul(a.double(), b.double())  # not fp32
+        gemm.matmul(a[0], b[0])  # two dimensions
+        gemm.baddbmm(_rand(1, 6, 7), a, b)  # a broadcast C
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            gemm.matmul(a, b)
+        assert calls.counts["batched"] == 0
+        gemm.matmul(a[:, :, :0], b[:, :0])  # empty
+        gemm.baddbmm(_rand(4, 6, 7), a[:, :, :0], b[:, :0])
+        assert calls.counts["batched"] == 0
+        gemm.matmul(a, b)
+        assert calls.counts["batched"] == 1
+    with gemm.using_batched("aten"), _BackendCalls() as calls:
+        gemm.matmul(a, b), gemm.bmm(a, b), gemm.baddbmm(_rand(4, 6, 7), a, b)
+    assert calls.counts["batched"] == 0
+
+
+@needs_openblas
+@pytest.mark.parametrize("wanted", [0, 1])
+def test_eager_batched_product_gradients_for_one_operand(wanted):
+    # autograd asks only for the gradients it needs (the images need none)
+    a, b = _rand(3, 5, 4), _rand(3, 4, 6, seed=1)
+    leaves = [a.clone(), b.clone()]
+    leaves[wanted].requires_grad_()
+    with gemm.using_batched("openblas"), _BackendCalls() as calls:
+        (grad,) = torch.autograd.grad(gemm.bmm(*leaves).sum(), leaves[wanted])
+    assert calls.counts["batched"] == 2  # the product and the one gradient
+    (want,) = torch.autograd.grad((leaves[0].double() @ leaves[1].double()).sum(), leaves[wanted])
+    _close(grad, want.float())
+
+
+def test_a_default_batched_openblas_that_fails_to_build_leaves_eager_products_to_pytorch(monkeypatch,
+                                                                                         caplog):
+    def fail():
+        raise RuntimeError("the build failed")
+
+    monkeypatch.setattr(openblas, "loaded", lambda: False)
+    monkeypatch.setattr(openblas, "load", fail)
+    monkeypatch.setattr(gemm, "_backend", "onednn")
+    monkeypatch.setattr(gemm, "_batched", "openblas")
+    monkeypatch.setattr(gemm, "_batched_asked", False)
+    a, b = _rand(3, 5, 4), _rand(3, 4, 6, seed=1)
+    with caplog.at_level(logging.WARNING, logger="aligndraw.gemm"):
+        torch.testing.assert_close(gemm.matmul(a, b), torch.bmm(a, b))
+    assert gemm.batched_backend() == "aten" and "the build failed" in caplog.text
+
+
+@needs_openblas
+def test_the_eager_model_runs_its_batched_products_through_openblas():
+    config = tiny_config(lang_hidden=32, align_dim=64, enc_hidden=64, dec_hidden=64, z_dim=64)
+    model = AlignDraw(config)
+    images, tokens, lengths = random_batch(config)
+    noise = torch.randn(4, config.steps, config.z_dim, generator=torch.Generator().manual_seed(0))
+    losses, grads, counts = {}, {}, {}
+    for name in ("openblas", "aten"):
+        with gemm.using("aten"), gemm.using_batched(name), _BackendCalls() as calls:
+            losses[name] = model(images, tokens, lengths, noise=noise).loss
+            grads[name] = torch.autograd.grad(losses[name], list(model.parameters()))
+            training = calls.counts["batched"]
+            model.sample(tokens, lengths, noise=noise, history=False)
+        counts[name] = (training, calls.counts["batched"] - training)
+    # per drawing step: the two glimpses' four products and seven gradients (the images need
+    # none), the write's two products and four gradients; per word, the caption encoder's
+    # recurrent product and its two gradients; the context mix's stacked gradient once
+    words = tokens.shape[1]
+    assert counts["openblas"][0] == (4 + 7 + 2 + 4) * config.steps + 3 * words + 1
+    assert counts["openblas"][1] == 2 + words  # sampling without history: the writes' two products
+    assert counts["aten"] == (0, 0)
+    _close(losses["openblas"], losses["aten"])
+    flat = {name: torch.cat([g.flatten() for g in grads[name]]) for name in grads}
+    assert (flat["openblas"] - flat["aten"]).norm() <= 1e-5 * flat["aten"].norm()

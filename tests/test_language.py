@@ -84,6 +84,20 @@ def test_lstm_update_fp32_stays_within_rounding_of_fp64() -> None:
     assert (c_new.double() - c_ref).abs().max() < 1e-6
 
 
+def test_compiled_lstm_update_takes_the_gates_apart() -> None:
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    gates, c = torch.randn(6, 4 * 5), torch.randn(6, 5)
+    torch.compile(lstm_update, backend=keep_graph, fullgraph=True, dynamic=False)(gates, c)
+    calls = [str(node.target) for node in graphs[0].graph.nodes]
+    assert not any("ones" in call or "setitem" in call for call in calls)  # no (4D,) vector
+    assert sum("sigmoid" in call for call in calls) == 5  # i, f, 2g, o and the cell's tanh
+
+
 def test_compiled_lstm_update_equals_the_tanh_form_with_gradients() -> None:
     # under torch.compile lstm_update takes each gate's sigmoid apart: the same function
     gen = torch.Generator().manual_seed(3)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from aligndraw import gemm
+
 LOG2_E = 1 / math.log(2)  # log₂ e
 
 
@@ -153,7 +155,8 @@ def read(images: Tensor, f_x: Tensor, f_y: Tensor, gamma: Tensor) -> Tensor:
     Returns:
         (B, C, N, N) glimpses.
     """
-    glimpse = f_y[:, None] @ images @ f_x[:, None].transpose(-1, -2)  # (B, C, N, N)
+    rows = gemm.matmul(f_y[:, None], images)  # (B, 1, N, H) @ (B, C, H, W) → (B, C, N, W)
+    glimpse = gemm.matmul(rows, f_x[:, None].transpose(-1, -2))  # (B, C, N, N)
     return glimpse * gamma[:, None, None, None]
 
 
@@ -168,7 +171,7 @@ def write(patch: Tensor, f_x: Tensor, f_y: Tensor, gamma: Tensor) -> Tensor:
     """
     # Scale the small M×M patch rather than the H×W result: same value, far fewer operations.
     patch = patch / gamma[:, None, None, None]
-    return f_y[:, None].transpose(-1, -2) @ (patch @ f_x[:, None])  # (B, C, H, W)
+    return gemm.matmul(f_y[:, None].transpose(-1, -2), gemm.matmul(patch, f_x[:, None]))  # (B, C, H, W)
 
 
 def write_onto(canvas: Tensor, patch: Tensor, f_x: Tensor, f_y: Tensor, gamma: Tensor) -> Tensor:
@@ -187,10 +190,10 @@ def write_onto(canvas: Tensor, patch: Tensor, f_x: Tensor, f_y: Tensor, gamma: T
         return canvas + write(patch, f_x, f_y, gamma)
     b, c, h, w = canvas.shape
     m = patch.shape[-1]
-    right = (patch / gamma[:, None, None, None]) @ f_x[:, None]  # (B, C, M, W)
+    right = gemm.matmul(patch / gamma[:, None, None, None], f_x[:, None])  # (B, C, M, W)
     left = f_y.transpose(1, 2)[:, None].expand(b, c, h, m)  # (B, C, H, M)
-    out = torch.baddbmm(canvas.reshape(b * c, h, w), left.reshape(b * c, h, m),
-                        right.reshape(b * c, m, w))  # (B·C, H, W)
+    out = gemm.baddbmm(canvas.reshape(b * c, h, w), left.reshape(b * c, h, m),
+                       right.reshape(b * c, m, w))  # (B·C, H, W)
     return out.view(b, c, h, w)
 
 
@@ -213,14 +216,14 @@ def write_sum(canvas: Tensor, patches: Tensor, f_x: Tensor, f_y: Tensor, gamma: 
     b, c, h, w = canvas.shape
     t, m = patches.shape[1], patches.shape[-1]
     scaled = patches.transpose(1, 2) / gamma[:, None, :, None, None]  # (B, C, T, M, M)
-    right = (scaled @ f_x[:, None]).reshape(b * c, t * m, w)  # (B·C, T·M, W)
+    right = gemm.matmul(scaled, f_x[:, None]).reshape(b * c, t * m, w)  # (B·C, T·M, W)
     left = f_y.reshape(b, t * m, h).transpose(1, 2)  # (B, H, T·M), a view
     if c > 1:
         left = left[:, None].expand(b, c, h, t * m).reshape(b * c, h, t * m)  # (B·C, H, T·M)
     flat = canvas.reshape(b * c, h, w)  # (B·C, H, W)
     if torch.is_autocast_enabled(canvas.device.type):
         return (flat + torch.bmm(left, right)).view(b, c, h, w)
-    return torch.baddbmm(flat, left, right).view(b, c, h, w)
+    return gemm.baddbmm(flat, left, right).view(b, c, h, w)
 
 
 def window_box(window: Window, n: int) -> Tensor:

@@ -31,7 +31,10 @@ context mix's gradients) have a backend of their own, applied under ``torch.comp
 ``aligndraw.compiler``'s last graph pass: ``ALIGNDRAW_CPU_BMM=openblas|aten`` or
 ``set_batched_backend``; the default is OpenBLAS on AMD processors where its op can be built
 (there MKL's ``bmm`` runs AVX2 kernels; OpenBLAS's op trained 1.05× faster compiled on an AMD
-EPYC Zen 4), else ``aten``. Eager products stay PyTorch's. OpenBLAS picks its kernels when it
+EPYC Zen 4), else ``aten``. Eagerly the filterbanks' products, the caption encoder's recurrent
+product and the context mix's stacked gradient take the same backend through ``matmul``,
+``bmm`` and ``baddbmm`` here (forward and both gradients); the first such product loads
+OpenBLAS's op. OpenBLAS picks its kernels when it
 loads; where the environment's ``OPENBLAS_CORETYPE`` holds it to kernels without AVX-512 on a
 processor with AVX-512, the first load logs a warning (``openblas.narrowed_core_warning``).
 """
@@ -41,6 +44,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -152,6 +156,7 @@ _batched = _default_batched_backend()
 # OpenBLAS's op is an error; chosen by default, it falls back to aten with a warning
 _asked = bool(os.environ.get("ALIGNDRAW_CPU_GEMM", "").strip())
 _batched_asked = bool(os.environ.get("ALIGNDRAW_CPU_BMM", "").strip())
+_PREPARING = threading.Lock()
 
 
 def prepare() -> str:
@@ -159,6 +164,12 @@ def prepare() -> str:
     the backend. ``aligndraw.compiler.compile`` calls it before tracing; eager products call it
     at their first use. Chosen by default, a backend that fails to load falls back to ``aten``
     with a warning; asked for, the failure is raised."""
+    with _PREPARING:  # one load, where products first run on several threads (the server)
+        _prepare_locked()
+    return _backend
+
+
+def _prepare_locked() -> None:
     global _backend, _batched
     if "openblas" in (_backend, _batched) and not openblas.loaded():
         try:
@@ -171,7 +182,6 @@ def prepare() -> str:
             log.warning("OpenBLAS products unavailable (%s); PyTorch's products instead", e)
             _backend = "aten" if _backend == "openblas" else _backend
             _batched = "aten"
-    return _backend
 
 
 def _load_openblas() -> None:
@@ -209,7 +219,8 @@ def backend() -> str:
 
 
 def batched_backend() -> str:
-    """The CPU fp32 batched-product backend (``bmm``, ``baddbmm`` under ``torch.compile``):
+    """The CPU fp32 batched-product backend (``bmm``, ``baddbmm``: eagerly through ``matmul``
+    and ``baddbmm`` here, under ``torch.compile`` through ``aligndraw.compiler``'s pass):
     ``"openblas"`` or ``"aten"``. A default ``"openblas"`` that fails to load becomes ``"aten"``."""
     return _batched
 
@@ -247,8 +258,8 @@ def set_backend(name: str) -> str:
 
 
 def set_batched_backend(name: str) -> str:
-    """Use ``name`` (one of ``BATCHED_BACKENDS``) for CPU fp32 batched products compiled from now
-    on; returns the old one. OpenBLAS's op is loaded here (built on first use)."""
+    """Use ``name`` (one of ``BATCHED_BACKENDS``) for CPU fp32 batched products, eager and
+    compiled, from now on; returns the old one. OpenBLAS's op is loaded here (built on first use)."""
     return _chosen("batched", _checked_batched(name))
 
 
@@ -263,8 +274,8 @@ def using(name: str) -> Iterator[None]:
 
 @contextmanager
 def using_batched(name: str) -> Iterator[None]:
-    """Within the block, CPU fp32 batched products compiled use backend ``name``; after it, the
-    previous one, as it was."""
+    """Within the block, CPU fp32 batched products (eager, and compiled within it) use backend
+    ``name``; after it, the previous one, as it was."""
     with _restored("batched"):
         set_batched_backend(name)
         yield
@@ -453,3 +464,98 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _Linear.apply(x, weight, bias, backward_weight)
     return _backend_linear(x, weight, bias)  # sampling: no autograd node to build
+
+
+def _batched_eligible(*tensors: Tensor) -> bool:
+    """Eagerly (callers leave traced products to the compiler's pass first), OpenBLAS chosen
+    for batched products and loaded (here, at the first product: built once, and numpy's
+    OpenBLAS set to one thread for the process), no autocast, every tensor fp32 on the CPU."""
+    if (_batched != "openblas" or torch.is_autocast_enabled("cpu")
+            or not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)):
+        return False
+    if not openblas.loaded():
+        prepare()  # chosen by default, a failure to load falls back to aten
+    return _batched == "openblas"
+
+
+def _transposed(t: Tensor) -> Tensor:
+    return t.transpose(1, 2)  # (P, M, K) → (P, K, M), a view: OpenBLAS reads either order
+
+
+class _Bmm(torch.autograd.Function):
+    """a @ b for (P, M, K), (P, K, N) through OpenBLAS's batched op, forward and both gradients."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        ctx.save_for_backward(a, b)
+        return openblas.bmm(a, b)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        a, b = ctx.saved_tensors
+        grad_a = openblas.bmm(grad, _transposed(b)) if ctx.needs_input_grad[0] else None
+        grad_b = openblas.bmm(_transposed(a), grad) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+class _Baddbmm(torch.autograd.Function):
+    """c + a @ b for (P, M, N), (P, M, K), (P, K, N) through OpenBLAS's batched op."""
+
+    @staticmethod
+    def forward(ctx, c: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        ctx.save_for_backward(a, b)
+        return openblas.baddbmm(c, a, b)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        a, b = ctx.saved_tensors
+        grad_a = openblas.bmm(grad, _transposed(b)) if ctx.needs_input_grad[1] else None
+        grad_b = openblas.bmm(_transposed(a), grad) if ctx.needs_input_grad[2] else None
+        return grad, grad_a, grad_b
+
+
+def _stacked(t: Tensor, batch: torch.Size) -> Tensor:
+    # (..., M, K) → (P, M, K) over the broadcast batch: a view where the batch dimensions allow
+    # one, else a copy (a filterbank broadcast over channels); autograd sums its gradient back
+    return t.expand(*batch, *t.shape[-2:]).reshape(-1, *t.shape[-2:])
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for (..., M, K), (..., K, N) with batch dimensions broadcast → (..., M, N),
+    differentiable.
+
+    Eagerly, CPU fp32 products of at least three dimensions, more than one row and column a
+    matrix, go through OpenBLAS's batched op where it is the batched backend (the step's
+    filterbank products and the context mix's stacked gradient; MKL runs AVX2 kernels on AMD
+    processors); everything else, and everything under ``torch.compile`` (where
+    ``aligndraw.compiler``'s pass moves the traced products), is ``a @ b``."""
+    if torch.compiler.is_compiling():
+        return a @ b
+    if (min(a.dim(), b.dim()) < 3 or 1 in (a.shape[-2], b.shape[-1]) or a.numel() == 0
+            or b.numel() == 0 or not _batched_eligible(a, b)):
+        return a @ b
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    out = _Bmm.apply(_stacked(a, batch), _stacked(b, batch))  # (P, M, N)
+    return out.view(*batch, a.shape[-2], b.shape[-1])  # (..., M, N)
+
+
+def bmm(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.bmm(a, b)`` for (P, M, K), (P, K, N) → (P, M, N), differentiable; eagerly through
+    OpenBLAS's batched op as ``matmul`` (the caption encoder's recurrent product), else
+    PyTorch's (so that a traced graph keeps its ``bmm``)."""
+    if torch.compiler.is_compiling() or a.dim() != 3 or b.dim() != 3:
+        return torch.bmm(a, b)
+    return matmul(a, b)
+
+
+def baddbmm(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``torch.baddbmm(c, a, b)`` (β = α = 1) for (P, M, N), (P, M, K), (P, K, N) → (P, M, N),
+    differentiable; eagerly through OpenBLAS's batched op as ``matmul`` (c of the output's
+    shape), else PyTorch's."""
+    if (torch.compiler.is_compiling() or not c.dim() == a.dim() == b.dim() == 3
+            or c.shape != (a.shape[0], a.shape[1], b.shape[2]) or 0 in (*a.shape, b.shape[2])
+            or not _batched_eligible(c, a, b)):
+        return torch.baddbmm(c, a, b)
+    return _Baddbmm.apply(c, a, b)

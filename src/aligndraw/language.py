@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from aligndraw import gemm
+
 SIGMOID_TANH_DTYPES = (torch.float32, torch.float64)
 
 
@@ -60,9 +62,9 @@ def lstm_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
 
     For fp32 and fp64 on the CPU tanh(g) is 2σ(2g) − 1 (see ``sigmoid_tanh``); elsewhere
     ``lstm_update_tanh``. Eagerly σ(2g) is taken in one sigmoid with the three gates'; under
-    torch.compile each gate's sigmoid is written apart, which inductor fuses into one kernel
-    without the (4D,) vector of 1s and 2s (``docs/performance.md``, item 32). Both give the same
-    values: 2·g and 1·x are exact.
+    torch.compile each gate's sigmoid is written apart, without the (4D,) vector of 1s and 2s,
+    which measured faster compiled (``docs/performance.md``, item 32). The two forms are the
+    same function (2·g and 1·x are exact), equal to fp32 rounding.
     """
     if gates.shape[-1] % 4:
         raise ValueError(f"an LSTM's gates need a last dimension of 4·D (i, f, g, o), "
@@ -162,7 +164,7 @@ class CaptionEncoder(nn.Module):
         # index's backward would fill a (2, B, L, 4D) tensor of zeros and add it to the others
         x_words = x_gates.unbind(2)  # L × (2, B, 4D)
         for j in range(max_len):  # padding comes after every caption's real words in both
-            h, c = lstm_update(x_words[j] + torch.bmm(h, w_hh_t), c)  # (2, B, D)
+            h, c = lstm_update(x_words[j] + gemm.bmm(h, w_hh_t), c)  # (2, B, D)
             states.append(h)
         out = torch.stack(states, dim=2)  # (2, B, L, D)
         backward = out[1].gather(1, rev[..., None].expand(-1, -1, out.shape[-1]))  # un-reversed

@@ -156,7 +156,7 @@ def mix_weights_grad(values: Tensor, grad: Tensor) -> Tensor:
 def _mix_grads(inputs: list[Tensor], grads: list[Tensor]) -> tuple[Tensor]:
     weights = torch.stack(inputs, dim=1)  # (B, T, L)
     g = torch.stack(grads, dim=1)  # (B, T, D)
-    return (weights.transpose(1, 2) @ g,)  # (B, L, T) @ (B, T, D) → (B, L, D)
+    return (gemm.matmul(weights.transpose(1, 2), g),)  # (B, L, T) @ (B, T, D) → (B, L, D)
 
 
 class _MixStep(torch.autograd.Function):

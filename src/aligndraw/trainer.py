@@ -506,8 +506,9 @@ class Trainer:
             log.info("training %s (%.2fM parameters) on %s × %d into %s", self.config.preset,
                      params / 1e6, self.device, self.dist.world_size, self.out)
             if self.device.type == "cpu":
-                log.info("CPU fp32 products: %s (aligndraw.gemm; ALIGNDRAW_CPU_GEMM=onednn|openblas|aten)",
-                         gemm.backend())
+                log.info("CPU fp32 products: %s, batched: %s (aligndraw.gemm; ALIGNDRAW_CPU_GEMM="
+                         "onednn|openblas|aten, ALIGNDRAW_CPU_BMM=openblas|aten)",
+                         gemm.backend(), gemm.batched_backend())
                 kept = f"blocks up to {self.kept_freed_memory >> 20} MiB" if self.kept_freed_memory else "no"
                 cached = "; freed tensors cached by size" if allocator.block_cache_installed() else ""
                 log.info("freed memory kept for reuse: %s%s (aligndraw.allocator; %s=0 turns it off)",
