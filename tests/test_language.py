@@ -54,12 +54,12 @@ def test_low_precision_keeps_torch_tanh_exactly(dtype) -> None:
         assert torch.equal(ours, ref)
 
 
-@pytest.mark.parametrize("shape", [(7, 4 * 5), (2, 3, 4 * 8)])
-def test_lstm_update_equals_the_tanh_form_with_gradients(shape) -> None:
-    gen = torch.Generator().manual_seed(1)
+def assert_equals_the_tanh_form_with_gradients(update, shape: tuple[int, ...], seed: int) -> None:
+    """update(gates, c) against nn.LSTMCell's formula in fp64, values and gradients."""
+    gen = torch.Generator().manual_seed(seed)
     gates = (3 * torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
     c = torch.randn(*shape[:-1], shape[-1] // 4, generator=gen, dtype=torch.float64).requires_grad_()
-    ours, ref = lstm_update(gates, c), reference_lstm_update(gates, c)
+    ours, ref = update(gates, c), reference_lstm_update(gates, c)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
     weights = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in ref]
@@ -67,6 +67,11 @@ def test_lstm_update_equals_the_tanh_form_with_gradients(shape) -> None:
     g_ref = torch.autograd.grad(ref, (gates, c), weights)
     for a, b in zip(g_ours, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("shape", [(7, 4 * 5), (2, 3, 4 * 8)])
+def test_lstm_update_equals_the_tanh_form_with_gradients(shape) -> None:
+    assert_equals_the_tanh_form_with_gradients(lstm_update, shape, seed=1)
 
 
 def test_lstm_update_names_gates_that_are_not_four_shares() -> None:
@@ -100,18 +105,9 @@ def test_compiled_lstm_update_takes_the_gates_apart() -> None:
 
 def test_compiled_lstm_update_equals_the_tanh_form_with_gradients() -> None:
     # under torch.compile lstm_update takes each gate's sigmoid apart: the same function
-    gen = torch.Generator().manual_seed(3)
-    gates = (3 * torch.randn(6, 4 * 5, generator=gen, dtype=torch.float64)).requires_grad_()
-    c = torch.randn(6, 5, generator=gen, dtype=torch.float64).requires_grad_()
     compiled = torch.compile(lstm_update, fullgraph=True, dynamic=False)
-    ours, ref = compiled(gates, c), reference_lstm_update(gates, c)
-    for a, b in zip(ours, ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
-    weights = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in ref]
-    g_ours = torch.autograd.grad(ours, (gates, c), weights)
-    g_ref = torch.autograd.grad(ref, (gates, c), weights)
-    for a, b in zip(g_ours, g_ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
-    x32, c32 = gates.detach().float(), c.detach().float()
+    assert_equals_the_tanh_form_with_gradients(compiled, (6, 4 * 5), seed=3)
+    gen = torch.Generator().manual_seed(4)
+    x32, c32 = 3 * torch.randn(6, 4 * 5, generator=gen), torch.randn(6, 5, generator=gen)
     for a, b in zip(compiled(x32, c32), lstm_update(x32, c32), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-7)  # eager fp32, to rounding

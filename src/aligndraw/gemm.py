@@ -34,9 +34,9 @@ context mix's gradients) have a backend of their own, applied under ``torch.comp
 EPYC Zen 4), else ``aten``. Eagerly the filterbanks' products, the caption encoder's recurrent
 product and the context mix's stacked gradient take the same backend through ``matmul``,
 ``bmm`` and ``baddbmm`` here (forward and both gradients); the first such product loads
-OpenBLAS's op. OpenBLAS picks its kernels when it
-loads; where the environment's ``OPENBLAS_CORETYPE`` holds it to kernels without AVX-512 on a
-processor with AVX-512, the first load logs a warning (``openblas.narrowed_core_warning``).
+OpenBLAS's op. OpenBLAS picks its kernels when it loads; where the environment's
+``OPENBLAS_CORETYPE`` holds it to kernels without AVX-512 on a processor with AVX-512, the
+first load logs a warning (``openblas.narrowed_core_warning``).
 """
 
 from __future__ import annotations
@@ -482,6 +482,15 @@ def _transposed(t: Tensor) -> Tensor:
     return t.transpose(1, 2)  # (P, M, K) → (P, K, M), a view: OpenBLAS reads either order
 
 
+def _product_grads(ctx, grad: Tensor, first: int) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of a @ b for a and b (saved in ``ctx``, inputs ``first`` and ``first + 1``
+    of the op), each only where autograd needs it: grad bᵀ (P, M, K) and aᵀ grad (P, K, N)."""
+    a, b = ctx.saved_tensors
+    grad_a = openblas.bmm(grad, _transposed(b)) if ctx.needs_input_grad[first] else None
+    grad_b = openblas.bmm(_transposed(a), grad) if ctx.needs_input_grad[first + 1] else None
+    return grad_a, grad_b
+
+
 class _Bmm(torch.autograd.Function):
     """a @ b for (P, M, K), (P, K, N) through OpenBLAS's batched op, forward and both gradients."""
 
@@ -493,10 +502,7 @@ class _Bmm(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        a, b = ctx.saved_tensors
-        grad_a = openblas.bmm(grad, _transposed(b)) if ctx.needs_input_grad[0] else None
-        grad_b = openblas.bmm(_transposed(a), grad) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b
+        return _product_grads(ctx, grad, 0)
 
 
 class _Baddbmm(torch.autograd.Function):
@@ -510,10 +516,7 @@ class _Baddbmm(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        a, b = ctx.saved_tensors
-        grad_a = openblas.bmm(grad, _transposed(b)) if ctx.needs_input_grad[1] else None
-        grad_b = openblas.bmm(_transposed(a), grad) if ctx.needs_input_grad[2] else None
-        return grad, grad_a, grad_b
+        return grad, *_product_grads(ctx, grad, 1)
 
 
 def _stacked(t: Tensor, batch: torch.Size) -> Tensor:
