@@ -292,10 +292,15 @@ def _ready() -> bool:
     return True
 
 
+def _cpu_fp32(*tensors: Tensor) -> bool:
+    """No autocast, and every tensor fp32 on the CPU: what either backend multiplies."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.is_autocast_enabled("cpu"))
+
+
 def _eligible(*tensors: Tensor) -> bool:
     """oneDNN or OpenBLAS chosen, no autocast, and every tensor fp32 on the CPU (sizes aside)."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and not torch.is_autocast_enabled("cpu") and _ready())
+    return _cpu_fp32(*tensors) and _ready()
 
 
 def _large(weight: Tensor) -> bool:
@@ -470,8 +475,7 @@ def _batched_eligible(*tensors: Tensor) -> bool:
     """Eagerly (callers leave traced products to the compiler's pass first), OpenBLAS chosen
     for batched products and loaded (here, at the first product: built once, and numpy's
     OpenBLAS set to one thread for the process), no autocast, every tensor fp32 on the CPU."""
-    if (_batched != "openblas" or torch.is_autocast_enabled("cpu")
-            or not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)):
+    if _batched != "openblas" or not _cpu_fp32(*tensors):
         return False
     if not openblas.loaded():
         prepare()  # chosen by default, a failure to load falls back to aten
@@ -534,9 +538,8 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     filterbank products and the context mix's stacked gradient; MKL runs AVX2 kernels on AMD
     processors); everything else, and everything under ``torch.compile`` (where
     ``aligndraw.compiler``'s pass moves the traced products), is ``a @ b``."""
-    if torch.compiler.is_compiling():
-        return a @ b
-    if (min(a.dim(), b.dim()) < 3 or 1 in (a.shape[-2], b.shape[-1]) or a.numel() == 0
+    if (torch.compiler.is_compiling()  # first: no guards on the tests after it
+            or min(a.dim(), b.dim()) < 3 or 1 in (a.shape[-2], b.shape[-1]) or a.numel() == 0
             or b.numel() == 0 or not _batched_eligible(a, b)):
         return a @ b
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
