@@ -256,14 +256,20 @@ def test_cpu_bf16_native_agrees_with_the_processor_flags():
 
 def test_the_default_batched_backend_follows_the_processor(monkeypatch):
     monkeypatch.delenv("ALIGNDRAW_CPU_BMM", raising=False)
-    buildable = "openblas" if openblas.missing() is None else "aten"
-    assert gemm._default_batched_backend("AuthenticAMD") == buildable
-    assert gemm._default_batched_backend("GenuineIntel") == "aten"
-    assert gemm._default_batched_backend("") == "aten"
-    monkeypatch.setattr(openblas, "missing", lambda: "no ninja")
-    assert gemm._default_batched_backend("AuthenticAMD") == "aten"
+    avx512, avx2 = frozenset({"avx2", "avx512f"}), frozenset({"avx2", "fma"})
+    monkeypatch.setattr(openblas, "missing", lambda: None)  # buildable, whatever this machine has
+    assert gemm._default_batched_backend("AuthenticAMD", avx512) == "openblas"
+    assert gemm._default_batched_backend("AuthenticAMD", avx2) == "aten"  # Zen 3: item 34
+    assert gemm._default_batched_backend("GenuineIntel", avx512) == "aten"
+    assert gemm._default_batched_backend("", avx512) == "aten"
+    assert gemm._default_batched_backend("AuthenticAMD", frozenset()) == "aten"  # flags unknown
     monkeypatch.setenv("ALIGNDRAW_CPU_BMM", " ATen ")
-    assert gemm._default_batched_backend("AuthenticAMD") == "aten"  # the environment decides first
+    assert gemm._default_batched_backend("AuthenticAMD", avx512) == "aten"  # the environment decides first
+    monkeypatch.setenv("ALIGNDRAW_CPU_BMM", "openblas")
+    assert gemm._default_batched_backend("AuthenticAMD", avx2) == "openblas"  # asked for: any CPU
+    monkeypatch.delenv("ALIGNDRAW_CPU_BMM")
+    monkeypatch.setattr(openblas, "missing", lambda: "no ninja")
+    assert gemm._default_batched_backend("AuthenticAMD", avx512) == "aten"
     monkeypatch.setenv("ALIGNDRAW_CPU_BMM", "mkl")
     with pytest.raises(ValueError, match="batched-product backend must be one of openblas, aten.*"
                                          "ALIGNDRAW_CPU_BMM.*got 'mkl'"):

@@ -194,7 +194,7 @@ def test_every_way_of_loading_openblas_checks_its_kernels(monkeypatch, caplog, h
     loaded = _narrowed(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="aligndraw.gemm"):
         if how == "prepare":
-            monkeypatch.setattr(gemm, "_batched", "openblas")  # the AMD default, not loaded yet
+            monkeypatch.setattr(gemm, "_batched", "openblas")  # the AVX-512 AMD default, not loaded yet
             gemm.prepare()
         else:
             getattr(gemm, how)("openblas")

@@ -28,7 +28,7 @@ A second pass, ``unfuse_cpu_bias``, runs after inductor's patterns
 ops becomes ``mm`` + bias, the addition done in the fused kernel that reads the product anyway,
 as inductor does on GPUs (compiled sampling 1.042× and 1.066× faster in two A/Bs on an Intel
 Xeon, training 1.006× and 1.012×; ``docs/performance-log.md``, item 25). After it, where the
-batched products' backend is OpenBLAS (``gemm.batched_backend``, AMD processors),
+batched products' backend is OpenBLAS (``gemm.batched_backend``, AMD processors with AVX-512),
 ``openblas_batched`` moves CPU fp32 ``bmm`` and ``baddbmm`` to OpenBLAS's batched op (an AMD
 EPYC Zen 4's compiled training 1.05× faster; item 26).
 

@@ -29,12 +29,13 @@ autocast, small heads) is plain PyTorch.
 The step's **batched** products (``bmm`` and ``baddbmm``: the filterbanks' products and the
 context mix's gradients) have a backend of their own, applied under ``torch.compile`` by
 ``aligndraw.compiler``'s last graph pass: ``ALIGNDRAW_CPU_BMM=openblas|aten`` or
-``set_batched_backend``; the default is OpenBLAS on AMD processors where its op can be built
-(there MKL's ``bmm`` runs AVX2 kernels; OpenBLAS's op trained 1.05× faster compiled on an AMD
-EPYC Zen 4), else ``aten``. Eagerly the filterbanks' products, the caption encoder's recurrent
-product and the context mix's stacked gradient take the same backend through ``matmul``,
-``bmm`` and ``baddbmm`` here (forward and both gradients); the first such product loads
-OpenBLAS's op. OpenBLAS picks its kernels when it loads; where the environment's
+``set_batched_backend``; the default is OpenBLAS on AMD processors with AVX-512 where its op
+can be built (there MKL's ``bmm`` runs AVX2 kernels, as far as its speed shows; OpenBLAS's
+op trained 1.05× faster compiled on an AMD EPYC Zen 4), else ``aten`` (on an AVX2-only Zen 3
+eager training ran 0.945× as fast with OpenBLAS's op). Eagerly the filterbanks' products,
+the caption encoder's recurrent product and the context mix's stacked gradient take the same
+backend through ``matmul``, ``bmm`` and ``baddbmm`` here (forward and both gradients); the
+first such product loads OpenBLAS's op. OpenBLAS picks its kernels when it loads; where the environment's
 ``OPENBLAS_CORETYPE`` holds it to kernels without AVX-512 on a processor with AVX-512, the
 first load logs a warning (``openblas.narrowed_core_warning``).
 """
@@ -123,21 +124,27 @@ def _checked(name: str) -> str:
     return name
 
 
-def _default_batched_backend(vendor: str | None = None) -> str:
-    """``ALIGNDRAW_CPU_BMM`` if set; else OpenBLAS on an AMD CPU where its op can be built
-    (``openblas.missing()``), ``aten`` (PyTorch's ``bmm``: MKL) otherwise.
+def _default_batched_backend(vendor: str | None = None, flags: frozenset[str] | None = None) -> str:
+    """``ALIGNDRAW_CPU_BMM`` if set; else, by ``vendor`` and ``flags`` (default this CPU's):
+    OpenBLAS on an AMD CPU with AVX-512 where its op can be built (``openblas.missing()``),
+    ``aten`` (PyTorch's ``bmm``: MKL) otherwise.
 
     The step's batched products are small (the filterbanks' 8×60·60×60 and smaller, the context
     mix's 1×12·12×1200). On an AMD processor MKL runs them with its AVX2 kernels; on an AMD
     EPYC (Zen 4) OpenBLAS's kernels, one matrix per call on each thread, ran the batched
     products of a mnist-captions training step's schedule (each timed alone, also some the
     compiled model leaves to inductor) in 24.4 ms against MKL's 59.3 (``benchmarks/products.py``;
-    docs/performance-log.md, item 26)."""
+    docs/performance-log.md, item 26). On an AVX2-only AMD EPYC (Zen 3) eager training ran
+    0.945× as fast with OpenBLAS's (the autograd nodes of item 33 included) and compiled
+    training was alike (1.007×, not resolved): item 34. AVX-512 is what separates the AMD
+    processors measured, not a shown cause."""
     name = os.environ.get("ALIGNDRAW_CPU_BMM", "").strip().lower()
     if name:
         return _checked_batched(name)
     vendor = cpu_vendor() if vendor is None else vendor
-    return "openblas" if vendor == "AuthenticAMD" and openblas.missing() is None else "aten"
+    flags = cpu_flags() if flags is None else flags
+    amd_avx512 = vendor == "AuthenticAMD" and "avx512f" in flags
+    return "openblas" if amd_avx512 and openblas.missing() is None else "aten"
 
 
 def _checked_batched(name: str) -> str:

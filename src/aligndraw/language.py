@@ -73,7 +73,7 @@ def lstm_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         return lstm_update_tanh(gates, c)
     if torch.compiler.is_compiling():
         i, f, g, o = gates.chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * (2 * torch.sigmoid(2 * g) - 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * sigmoid_tanh(g)
         return torch.sigmoid(o) * sigmoid_tanh(c), c
     d = gates.shape[-1] // 4
     doubled = gates.new_ones(4 * d)  # (4D,): 2 on g's share, so the one sigmoid gives σ(2g)
