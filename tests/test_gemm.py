@@ -388,6 +388,7 @@ def test_eager_batched_products_stay_pytorchs_where_openblas_does_not_apply(monk
         gemm.matmul(a.double(), b.double())  # not fp32
         gemm.matmul(a[0], b[0])  # two dimensions
         gemm.baddbmm(_rand(1, 6, 7), a, b)  # a broadcast C
+        gemm.baddbmm(_rand(4, 1, 7), a[:, :1], b)  # one row a matrix, as in matmul
         with torch.autocast("cpu", dtype=torch.bfloat16):
             gemm.matmul(a, b)
         assert calls.counts["batched"] == 0

@@ -35,9 +35,9 @@ op trained 1.05× faster compiled on an AMD EPYC Zen 4), else ``aten`` (on an AV
 eager training ran 0.945× as fast with OpenBLAS's op). Eagerly the filterbanks' products,
 the caption encoder's recurrent product and the context mix's stacked gradient take the same
 backend through ``matmul``, ``bmm`` and ``baddbmm`` here (forward and both gradients); the
-first such product loads OpenBLAS's op. OpenBLAS picks its kernels when it loads; where the environment's
-``OPENBLAS_CORETYPE`` holds it to kernels without AVX-512 on a processor with AVX-512, the
-first load logs a warning (``openblas.narrowed_core_warning``).
+first such product loads OpenBLAS's op. OpenBLAS picks its kernels when it loads; where the
+environment's ``OPENBLAS_CORETYPE`` holds it to kernels without AVX-512 on a processor with
+AVX-512, the first load logs a warning (``openblas.narrowed_core_warning``).
 """
 
 from __future__ import annotations
@@ -530,6 +530,13 @@ class _Baddbmm(torch.autograd.Function):
         return grad, *_product_grads(ctx, grad, 1)
 
 
+def _worth_batching(a: Tensor, b: Tensor) -> bool:
+    """Whether a @ b, (..., M, K)·(..., K, N), has more than one row and column a matrix and
+    no empty side: the products OpenBLAS's batched op takes eagerly. One-row products (the
+    context mix's α_t-weighted sum) stay PyTorch's, as inductor sums them under the compiler."""
+    return a.shape[-2] > 1 and b.shape[-1] > 1 and a.numel() > 0 and b.numel() > 0
+
+
 def _stacked(t: Tensor, batch: torch.Size) -> Tensor:
     # (..., M, K) → (P, M, K) over the broadcast batch: a view where the batch dimensions allow
     # one, else a copy (a filterbank broadcast over channels); autograd sums its gradient back
@@ -546,8 +553,7 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     processors); everything else, and everything under ``torch.compile`` (where
     ``aligndraw.compiler``'s pass moves the traced products), is ``a @ b``."""
     if (torch.compiler.is_compiling()  # first: no guards on the tests after it
-            or min(a.dim(), b.dim()) < 3 or 1 in (a.shape[-2], b.shape[-1]) or a.numel() == 0
-            or b.numel() == 0 or not _batched_eligible(a, b)):
+            or min(a.dim(), b.dim()) < 3 or not _worth_batching(a, b) or not _batched_eligible(a, b)):
         return a @ b
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     out = _Bmm.apply(_stacked(a, batch), _stacked(b, batch))  # (P, M, N)
@@ -568,7 +574,7 @@ def baddbmm(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
     differentiable; eagerly through OpenBLAS's batched op as ``matmul`` (c of the output's
     shape), else PyTorch's."""
     if (torch.compiler.is_compiling() or not c.dim() == a.dim() == b.dim() == 3
-            or c.shape != (a.shape[0], a.shape[1], b.shape[2]) or 0 in (*a.shape, b.shape[2])
+            or c.shape != (a.shape[0], a.shape[1], b.shape[2]) or not _worth_batching(a, b)
             or not _batched_eligible(c, a, b)):
         return torch.baddbmm(c, a, b)
     return _Baddbmm.apply(c, a, b)
