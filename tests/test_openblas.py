@@ -67,15 +67,22 @@ def test_products_equal_float64_in_every_layout(layout_a, layout_b):
     _close(openblas.mm(a2, b2), _f64(a, b))
     _close(openblas.addmm(bias, a2, b2), _f64(a, b, bias))
     _close(openblas.tmm(_layout(a.T.contiguous(), layout_a), b2[:, :130]), _f64(a, b[:, :130]))
+    # a tall product (a weight gradient's shape), split by rows over the threads
+    tall, wide = _rand(96, 723, seed=3), _layout(a.T.contiguous(), layout_b)  # (96, 723), (96, 100)
+    _close(openblas.tmm(_layout(tall, layout_a), wide), _f64(tall.T, a.T))
+    _close(openblas.addmm(bias[:100], _layout(tall.T.contiguous(), layout_a), wide),
+           _f64(tall.T, a.T, bias[:100]))
 
 
 @needs_openblas
 @pytest.mark.parametrize("m,k,n", [(1, 80, 723), (3, 80, 5), (100, 80, 64), (100, 80, 130),
-                                   (7, 80, 3286), (5, 1, 300), (300, 80, 1), (1, 1, 1)])
+                                   (7, 80, 3286), (5, 1, 300), (300, 80, 1), (1, 1, 1),
+                                   (723, 80, 100), (130, 80, 7), (330, 80, 300)])
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
 def test_every_size_and_thread_count(m, k, n, threads):
-    # one output column block per thread, at least 64 columns each, starting at multiples of
-    # 16: 1, 5 and 64 columns run on one thread, 130 and more are split
+    # one output block of the longer side (rows if M > N, else columns) per thread, at least 64
+    # rows or columns each, starting at multiples of 16: up to 64 run on one thread, 130 and
+    # more are split
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

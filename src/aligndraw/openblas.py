@@ -9,8 +9,11 @@ gradient 39–46 ms against 80–106), and compiled training was 1.09× faster (
 beside PyTorch's OpenMP one, and on two cores the two pools' spinning threads starve each
 other (the plain products of a step then took 2970–3028 ms against MKL's 515–546). So a small C++ op
 (``csrc/openblas_gemm.cpp``, built once with PyTorch's extension builder and cached) splits
-each product's output columns over PyTorch's threads, and each thread calls OpenBLAS's
-``cblas_sgemm`` for its block. Same fp32 arithmetic, another summation order.
+each product's output over PyTorch's threads, and each thread calls OpenBLAS's ``cblas_sgemm``
+for its block. It splits the longer side, rows for an (M, N) output with M > N, else columns:
+each thread's sgemm packs all of the operand that is not split, so a weight gradient aᵀb
+(M = 3286 rows against N = 300 columns in mnist-captions) does not pack its (M, R) side once
+per thread. Same fp32 arithmetic, another summation order.
 
 :func:`load` sets numpy's OpenBLAS to one thread for the whole process (OpenBLAS's thread
 count is global: numpy's build has no per-thread setting), so numpy's own matrix products in

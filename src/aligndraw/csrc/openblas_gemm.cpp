@@ -1,5 +1,5 @@
-// fp32 matrix products through OpenBLAS's sgemm, split by output columns over PyTorch's own
-// (OpenMP) threads: each thread multiplies its column block with OpenBLAS on one thread, so
+// fp32 matrix products through OpenBLAS's sgemm, split by output rows or columns over PyTorch's
+// own (OpenMP) threads: each thread multiplies its block with OpenBLAS on one thread, so
 // OpenBLAS's thread pool never runs beside PyTorch's. Loaded by aligndraw/openblas.py, which
 // finds the sgemm (numpy's OpenBLAS) and hands its address to bind(), after setting that
 // OpenBLAS to one thread for the process.
@@ -24,8 +24,8 @@ Sgemm64 sgemm64 = nullptr;
 Sgemm32 sgemm32 = nullptr;
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-constexpr int64_t kMinColumns = 64;  // no thread gets fewer output columns than this
-constexpr int64_t kAlign = 16;       // column blocks start at multiples of this
+constexpr int64_t kMinBlock = 64;  // no thread gets fewer output rows or columns than this
+constexpr int64_t kAlign = 16;     // row and column blocks start at multiples of this
 
 void bind(int64_t sgemm, bool ilp64) {
   sgemm64 = ilp64 ? reinterpret_cast<Sgemm64>(sgemm) : nullptr;
@@ -63,15 +63,18 @@ Operand matrix(const at::Tensor& t, int64_t d) {
 
 Operand operand(const at::Tensor& t) { return matrix(t, 0); }
 
-void sgemm(const Operand& a, const Operand& b, int64_t m, int64_t n, int64_t k, int64_t n0,
-           float beta, float* c, int64_t ldc) {
+// Rows [m0, m0 + m) and columns [n0, n0 + n) of c (ldc floats a row) = a b (+ beta c).
+void sgemm(const Operand& a, const Operand& b, int64_t m0, int64_t m, int64_t n0, int64_t n,
+           int64_t k, float beta, float* c, int64_t ldc) {
+  const float* a0 = a.data + (a.trans ? m0 : m0 * a.ld);  // row m0 of a
   const float* b0 = b.data + (b.trans ? n0 * b.ld : n0);  // column n0 of b
+  float* c0 = c + m0 * ldc + n0;
   const int ta = a.trans ? kTrans : kNoTrans, tb = b.trans ? kTrans : kNoTrans;
   if (sgemm64) {
-    sgemm64(kRowMajor, ta, tb, m, n, k, 1.0f, a.data, a.ld, b0, b.ld, beta, c + n0, ldc);
+    sgemm64(kRowMajor, ta, tb, m, n, k, 1.0f, a0, a.ld, b0, b.ld, beta, c0, ldc);
   } else {
     sgemm32(kRowMajor, ta, tb, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
-            1.0f, a.data, static_cast<int>(a.ld), b0, static_cast<int>(b.ld), beta, c + n0,
+            1.0f, a0, static_cast<int>(a.ld), b0, static_cast<int>(b.ld), beta, c0,
             static_cast<int>(ldc));
   }
 }
@@ -110,12 +113,21 @@ at::Tensor product(const std::optional<at::Tensor>& bias, const at::Tensor& a, c
               "aligndraw_openblas: a row stride this large needs a 64-bit-integer OpenBLAS");
   const float beta = bias.has_value() ? 1.0f : 0.0f;
   float* out = c.data_ptr<float>();
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kMinColumns));
+  // Each thread's sgemm packs all of the operand that is not split: split by columns, every
+  // thread packs all of a (M·K floats); by rows, all of b (K·N). So the longer side is split.
+  const bool by_rows = m > n;
+  const int64_t extent = by_rows ? m : n;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), extent / kMinBlock));
   at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      const int64_t n0 = i == 0 ? 0 : n * i / chunks / kAlign * kAlign;
-      const int64_t n1 = i + 1 == chunks ? n : n * (i + 1) / chunks / kAlign * kAlign;
-      if (n1 > n0) sgemm(oa, ob, m, n1 - n0, k, n0, beta, out, n);
+      const int64_t e0 = i == 0 ? 0 : extent * i / chunks / kAlign * kAlign;
+      const int64_t e1 = i + 1 == chunks ? extent : extent * (i + 1) / chunks / kAlign * kAlign;
+      if (e1 <= e0) continue;
+      if (by_rows) {
+        sgemm(oa, ob, e0, e1 - e0, 0, n, k, beta, out, n);
+      } else {
+        sgemm(oa, ob, 0, m, e0, e1 - e0, k, beta, out, n);
+      }
     }
   });
   return c;
@@ -172,7 +184,7 @@ at::Tensor batched(const std::optional<at::Tensor>& c, const at::Tensor& a, cons
       // views of matrix i (no tensor held: sa and sb keep theirs alive)
       const Operand ai{at::Tensor(), sa.matrix.data + i * sa.step, sa.matrix.ld, sa.matrix.trans};
       const Operand bi{at::Tensor(), sb.matrix.data + i * sb.step, sb.matrix.ld, sb.matrix.trans};
-      sgemm(ai, bi, m, n, k, 0, beta, o + i * m * n, n);
+      sgemm(ai, bi, 0, m, 0, n, k, beta, o + i * m * n, n);
     }
   });
   return out;
