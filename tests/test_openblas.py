@@ -18,6 +18,16 @@ def _loaded():
         openblas.load()
 
 
+@pytest.fixture
+def two_threads():
+    """Two torch threads during the test, so that products long enough are split in two
+    (whatever the machine's core count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def _f64(a, b, bias=None):
     out = a.double() @ b.double()
     return (out if bias is None else out + bias.double()).float()
@@ -61,7 +71,7 @@ def test_numpys_openblas_is_found_with_its_symbols():
 @needs_openblas
 @pytest.mark.parametrize("layout_a", LAYOUTS)
 @pytest.mark.parametrize("layout_b", LAYOUTS)
-def test_products_equal_float64_in_every_layout(layout_a, layout_b):
+def test_products_equal_float64_in_every_layout(layout_a, layout_b, two_threads):
     a, b, bias = _rand(100, 96), _rand(96, 723, seed=1), _rand(723, seed=2)
     a2, b2 = _layout(a, layout_a), _layout(b, layout_b)
     _close(openblas.mm(a2, b2), _f64(a, b))
@@ -81,8 +91,8 @@ def test_products_equal_float64_in_every_layout(layout_a, layout_b):
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
 def test_every_size_and_thread_count(m, k, n, threads):
     # one output block of the longer side (rows if M > N, else columns) per thread, at least 64
-    # rows or columns each, starting at multiples of 16: up to 64 run on one thread, 130 and
-    # more are split
+    # rows or columns each, starting at multiples of 16: fewer than 128 run on one thread, 130
+    # and more are split
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
