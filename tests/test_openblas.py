@@ -2,6 +2,7 @@ import logging
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -18,14 +19,15 @@ def _loaded():
         openblas.load()
 
 
-@pytest.fixture
-def two_threads():
-    """Two torch threads during the test, so that products long enough are split in two
-    (whatever the machine's core count)."""
+@contextmanager
+def _threads(n: int):
+    """``n`` torch threads within the block (the ops split products over them), as before after."""
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _f64(a, b, bias=None):
@@ -71,17 +73,17 @@ def test_numpys_openblas_is_found_with_its_symbols():
 @needs_openblas
 @pytest.mark.parametrize("layout_a", LAYOUTS)
 @pytest.mark.parametrize("layout_b", LAYOUTS)
-def test_products_equal_float64_in_every_layout(layout_a, layout_b, two_threads):
+def test_products_equal_float64_in_every_layout(layout_a, layout_b):
     a, b, bias = _rand(100, 96), _rand(96, 723, seed=1), _rand(723, seed=2)
     a2, b2 = _layout(a, layout_a), _layout(b, layout_b)
-    _close(openblas.mm(a2, b2), _f64(a, b))
-    _close(openblas.addmm(bias, a2, b2), _f64(a, b, bias))
-    _close(openblas.tmm(_layout(a.T.contiguous(), layout_a), b2[:, :130]), _f64(a, b[:, :130]))
-    # a tall product (a weight gradient's shape), split by rows over the threads
     tall, wide = _rand(96, 723, seed=3), _layout(a.T.contiguous(), layout_b)  # (96, 723), (96, 100)
-    _close(openblas.tmm(_layout(tall, layout_a), wide), _f64(tall.T, a.T))
-    _close(openblas.addmm(bias[:100], _layout(tall.T.contiguous(), layout_a), wide),
-           _f64(tall.T, a.T, bias[:100]))
+    with _threads(2):  # wide outputs split by columns, tall ones by rows, on any machine
+        _close(openblas.mm(a2, b2), _f64(a, b))
+        _close(openblas.addmm(bias, a2, b2), _f64(a, b, bias))
+        _close(openblas.tmm(_layout(a.T.contiguous(), layout_a), b2[:, :130]), _f64(a, b[:, :130]))
+        _close(openblas.tmm(_layout(tall, layout_a), wide), _f64(tall.T, a.T))  # a weight gradient's shape
+        _close(openblas.addmm(bias[:100], _layout(tall.T.contiguous(), layout_a), wide),
+               _f64(tall.T, a.T, bias[:100]))
 
 
 @needs_openblas
@@ -93,15 +95,11 @@ def test_every_size_and_thread_count(m, k, n, threads):
     # one output block of the longer side (rows if M > N, else columns) per thread, at least 64
     # rows or columns each, starting at multiples of 16: fewer than 128 run on one thread, 130
     # and more are split
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a, b, bias = _rand(m, k), _rand(k, n, seed=1), _rand(n, seed=2)
+    a, b, bias = _rand(m, k), _rand(k, n, seed=1), _rand(n, seed=2)
+    with _threads(threads):
         _close(openblas.addmm(bias, a, b), _f64(a, b, bias))
         _close(openblas.mm(a, b), _f64(a, b))
         _close(openblas.mm(a.T.contiguous().T, b.T.contiguous().T), _f64(a, b))  # both transposed
-    finally:
-        torch.set_num_threads(before)
 
 
 @needs_openblas
@@ -310,14 +308,10 @@ def test_batched_products_equal_float64_in_every_layout(layout_a, layout_b):
                                      (100, 12, 1, 1200), (3, 1, 1, 1), (1, 5, 7, 3)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_batched_products_at_the_steps_shapes_and_any_thread_count(p, m, k, n, threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a, b, c = _rand(p, m, k), _rand(p, k, n, seed=1), _rand(p, m, n, seed=2)
+    a, b, c = _rand(p, m, k), _rand(p, k, n, seed=1), _rand(p, m, n, seed=2)
+    with _threads(threads):
         _close(openblas.bmm(a, b), (a.double() @ b.double()).float())
         _close(openblas.baddbmm(c, a, b), (c.double() + a.double() @ b.double()).float())
-    finally:
-        torch.set_num_threads(before)
 
 
 @needs_openblas

@@ -114,7 +114,8 @@ at::Tensor product(const std::optional<at::Tensor>& bias, const at::Tensor& a, c
   const float beta = bias.has_value() ? 1.0f : 0.0f;
   float* out = c.data_ptr<float>();
   // Each thread's sgemm packs all of the operand that is not split: split by columns, every
-  // thread packs all of a (M·K floats); by rows, all of b (K·N). So the longer side is split.
+  // thread packs all of a (M·K floats); by rows, all of b (K·N). So the longer side is split,
+  // into at most extent / kMinBlock blocks: none is empty, even rounded down to kAlign.
   const bool by_rows = m > n;
   const int64_t extent = by_rows ? m : n;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), extent / kMinBlock));
@@ -122,12 +123,9 @@ at::Tensor product(const std::optional<at::Tensor>& bias, const at::Tensor& a, c
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t e0 = i == 0 ? 0 : extent * i / chunks / kAlign * kAlign;
       const int64_t e1 = i + 1 == chunks ? extent : extent * (i + 1) / chunks / kAlign * kAlign;
-      if (e1 <= e0) continue;
-      if (by_rows) {
-        sgemm(oa, ob, e0, e1 - e0, 0, n, k, beta, out, n);
-      } else {
-        sgemm(oa, ob, 0, m, e0, e1 - e0, k, beta, out, n);
-      }
+      const int64_t m0 = by_rows ? e0 : 0, rows = by_rows ? e1 - e0 : m;
+      const int64_t n0 = by_rows ? 0 : e0, cols = by_rows ? n : e1 - e0;
+      sgemm(oa, ob, m0, rows, n0, cols, k, beta, out, n);
     }
   });
   return c;
