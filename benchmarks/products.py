@@ -248,13 +248,22 @@ def _openblas_bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.
     return openblas.bmm(a, b)
 
 
+def _tall_bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """a @ b per matrix as ``aligndraw.gemm.tall_bmm`` forms it (tall results transposed); a new
+    output (``out`` is left alone)."""
+    return gemm.tall_bmm(a, b)
+
+
 def _batched_product(device: torch.device):
     """The batched products' function: ``_openblas_bmm`` where ``aligndraw.gemm`` chooses
-    OpenBLAS for them and its op is loaded (``gemm.prepare``), else ``torch.bmm`` into ``out``.
-    Every batched product of the schedule goes through it, also the one-row and one-column
-    ones that the compiled library leaves to inductor (``compiler.openblas_batched``)."""
+    OpenBLAS for them and its op is loaded (``gemm.prepare``), ``_tall_bmm`` where the library
+    forms tall results transposed (``gemm.transposes_tall_products``), else ``torch.bmm`` into
+    ``out``. Every batched product of the schedule goes through it, also the one-row and
+    one-column ones that the compiled library leaves to inductor (``compiler.openblas_batched``)."""
     if device.type == "cpu" and gemm.batched_backend() == "openblas" and openblas.loaded():
         return _openblas_bmm
+    if device.type == "cpu" and gemm.transposes_tall_products():
+        return _tall_bmm
     return torch.bmm
 
 

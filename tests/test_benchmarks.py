@@ -978,6 +978,20 @@ def test_products_only_follows_the_librarys_product_backend(backend: str) -> Non
     assert counts["aten"]["onednn"] == counts["aten"]["openblas"] == 0
 
 
+@pytest.mark.parametrize("transposed", [True, False])
+def test_products_times_batched_products_as_the_library_forms_them(monkeypatch, transposed: bool) -> None:
+    """Where the library forms tall batched results transposed (PyTorch's products on an AMD
+    processor) the benchmark does too, with the same values."""
+    from benchmarks import products
+
+    monkeypatch.setattr(gemm, "_tall_transposed", transposed)
+    with gemm.using_batched("aten"):
+        product = products._batched_product(torch.device("cpu"))
+    assert product is (products._tall_bmm if transposed else torch.bmm)
+    a, b = torch.randn(3, 9, 5), torch.randn(3, 5, 4)
+    assert torch.allclose(product(a, b, out=torch.empty(3, 9, 4)), a @ b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("flag", ["--batch", "--caption-len", "--repeats", "--threads"])
 def test_products_benchmark_rejects_sizes_below_one(flag: str) -> None:
     proc = run_benchmark("products.py", "--smoke", flag, "0")

@@ -335,15 +335,47 @@ def test_the_last_pass_follows_the_batched_product_backend(monkeypatch):
         assert compiler.LastPasses().uuid() == aten
 
 
+def _tall_and_other_products(a, b, d):
+    # a tall bmm (9 × 4 a matrix), a wide one, a one-column one and a tall fp64 one
+    return a @ b, b.transpose(1, 2) @ a.transpose(1, 2), a @ b[..., :1], d @ d.transpose(1, 2)[..., :2]
+
+
+def test_cpu_fp32_tall_batched_products_become_transposed_wide_ones():
+    args = (_rand(3, 9, 5), _rand(3, 5, 4, seed=1), _rand(3, 6, 5, seed=2).double())
+    gm = _traced(_tall_and_other_products, *args)
+    assert compiler.transpose_tall_products(gm.graph) == 1  # not the wide, one-column or fp64 ones
+    gm.recompile()
+    sizes = [tuple(n.meta["val"].shape[1:]) for n in gm.graph.nodes
+             if n.op == "call_function" and n.target is torch.ops.aten.bmm.default]
+    assert sorted(sizes) == [(4, 9), (4, 9), (6, 2), (9, 1)]  # the tall fp32 product formed wide
+    for got, want in zip(gm(*args), _tall_and_other_products(*args), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_last_pass_keys_whether_tall_products_are_transposed(monkeypatch):
+    with gemm.using_batched("aten"):
+        monkeypatch.setattr(gemm, "_tall_transposed", False)
+        plain = compiler.LastPasses().uuid()
+        monkeypatch.setattr(gemm, "_tall_transposed", True)
+        assert compiler.LastPasses().uuid() != plain  # inductor's cache tells them apart
+
+
 def test_compiled_model_with_mkl_products_keeps_its_fp32_step_products_and_equals_eager(monkeypatch):
     stacked = []  # the product op of every group the pass stacks
     stack = compiler._stacked
     monkeypatch.setattr(compiler, "_stacked", lambda graph, terms: (
         stacked.append(compiler._product(terms[0])[0].target), stack(graph, terms))[1])
+    transposed, transpose = [], compiler.transpose_tall_products
+    monkeypatch.setattr(gemm, "_tall_transposed", True)  # as on an AMD processor
+    monkeypatch.setattr(compiler, "transpose_tall_products",
+                        lambda graph: transposed.append(transpose(graph)))
     want, got, changed, _, unfused = _eager_and_compiled_grads(monkeypatch, autocast=False,
                                                                backend="aten")
     # the context mix's batched products are stacked, no fp32 mm sum is
     assert torch.ops.aten.bmm.default in stacked and torch.ops.aten.mm.default not in stacked
+    # the backward graph forms each drawing step's tall filterbank gradients (the two reads'
+    # F_xᵀ, the write's F̂_yᵀ) as wide products
+    assert max(transposed) >= 3 * tiny_config().steps
     # forward: at least the projection of h_dec and the posterior at every step add their bias
     # in a fused kernel; the backward graph has no biased product
     assert max(unfused) >= 2 * tiny_config().steps and min(unfused) == 0

@@ -30,7 +30,9 @@ as inductor does on GPUs (compiled sampling 1.042× and 1.066× faster in two A/
 Xeon, training 1.006× and 1.012×; ``docs/performance-log.md``, item 25). After it, where the
 batched products' backend is OpenBLAS (``gemm.batched_backend``, AMD processors with AVX-512),
 ``openblas_batched`` moves CPU fp32 ``bmm`` and ``baddbmm`` to OpenBLAS's batched op (an AMD
-EPYC Zen 4's compiled training 1.05× faster; item 26).
+EPYC Zen 4's compiled training 1.05× faster; item 26); where they stay PyTorch's on an AMD
+processor, ``transpose_tall_products`` forms the products whose matrices come out taller than
+wide as transposed views of wide ones (MKL's AVX2 kernels run them 2.2–2.6× faster; item 36).
 
 ``FixedShapes`` runs a model's forward and sample compiled for evaluation (``aligndraw
 evaluate --compile``), each call padded to sizes compiled before.
@@ -293,24 +295,56 @@ def openblas_batched(graph: fx.Graph) -> int:
     return changed
 
 
+def transpose_tall_products(graph: fx.Graph) -> int:
+    """Rewrite CPU fp32 ``bmm(A, B)`` whose matrices come out taller than wide (M > N > 1) as
+    ``(Bᵀ Aᵀ)ᵀ``, a transposed view of the product formed with its long side along the rows;
+    returns how many changed. Same sums. Run where ``gemm.transposes_tall_products`` (PyTorch's
+    batched products on an AMD processor): in the backward graph, the gradients of the write's
+    and the reads' filterbanks, which MKL's AVX2 kernels ran 2.2–2.6× slower tall than wide."""
+    changed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.bmm.default or node.kwargs:
+            continue
+        vals = [_val(a) for a in node.args]
+        if not all(isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dtype == torch.float32
+                   and v.dim() == 3 for v in vals):
+            continue
+        a, b = vals  # (P, M, K), (P, K, N)
+        if not a.shape[1] > b.shape[2] > 1:
+            continue
+        with graph.inserting_before(node):
+            b_t = _call(graph, aten.permute.default, node.args[1], [0, 2, 1])  # (P, N, K)
+            a_t = _call(graph, aten.permute.default, node.args[0], [0, 2, 1])  # (P, K, M)
+            wide = _call(graph, aten.bmm.default, b_t, a_t)  # (P, N, M)
+            tall = _call(graph, aten.permute.default, wide, [0, 2, 1])  # (P, M, N), a view
+        node.replace_all_uses_with(tall)
+        graph.erase_node(node)
+        changed += 1
+    return changed
+
+
 def _openblas_batched_on() -> bool:
     """Whether ``LastPasses`` moves batched products to OpenBLAS: its backend chosen, its op loaded."""
     return gemm.batched_backend() == "openblas" and openblas.loaded()
 
 
 class LastPasses(CustomGraphPass):
-    """``unfuse_cpu_bias``, then ``openblas_batched`` where ``_openblas_batched_on()``, as
-    inductor's last post-grad pass. Keyed by this file, OpenBLAS's op and whether the second
-    pass runs, for inductor's cache."""
+    """``unfuse_cpu_bias``, then ``openblas_batched`` where ``_openblas_batched_on()`` or else
+    ``transpose_tall_products`` where ``gemm.transposes_tall_products()``, as inductor's last
+    post-grad pass. Keyed by this file, OpenBLAS's op and which second pass runs, for inductor's
+    cache."""
 
     def __call__(self, graph: fx.Graph) -> None:
         unfuse_cpu_bias(graph)
         if _openblas_batched_on():
             openblas_batched(graph)
+        elif gemm.transposes_tall_products():
+            transpose_tall_products(graph)
 
     def uuid(self) -> bytes:
         return get_hash_for_files((__file__, openblas.__file__, str(openblas.SOURCE))) \
-            + (b"openblas" if _openblas_batched_on() else b"aten")
+            + (b"openblas" if _openblas_batched_on()
+               else b"aten, tall transposed" if gemm.transposes_tall_products() else b"aten")
 
 
 # inductor's C++ wrapper: the generated code calls its kernels from C++, not Python (built
