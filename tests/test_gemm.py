@@ -468,50 +468,6 @@ def test_tall_bmm_equals_float64_and_forms_tall_results_transposed(shape):
     assert got.stride() == ((m * n, 1, m) if m > n > 1 else (m * n, n, 1))
 
 
-class _BatchedResults(TorchDispatchMode):
-    """The (M, N) of every matrix PyTorch's ``bmm`` and ``baddbmm`` compute, as computed."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in (torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default):
-            self.sizes.append(tuple(out.shape[1:]))
-        return out
-
-
-@pytest.mark.parametrize("transposed", [True, False])
-def test_eager_batched_gradients_form_tall_results_transposed_where_asked(monkeypatch, transposed):
-    # the read's two products and the write's baddbmm at the step's proportions (8-point
-    # filterbanks over a 20 × 24 image): the gradients for F_xᵀ, (W, N), and for the write's
-    # F̂_yᵀ, (H, M), come out tall
-    monkeypatch.setattr(gemm, "_tall_transposed", transposed)
-    f_y, images, f_x = _rand(5, 1, 8, 20), _rand(5, 1, 20, 24, seed=1), _rand(5, 1, 8, 24, seed=2)
-    canvas, left, right = _rand(5, 20, 24, seed=3), _rand(5, 20, 8, seed=4), _rand(5, 8, 24, seed=5)
-
-    def read(f_y, images, f_x):
-        return gemm.matmul(gemm.matmul(f_y, images), f_x.transpose(-1, -2))
-
-    with gemm.using_batched("aten"), _BatchedResults() as results:
-        assert gemm.transposes_tall_products() is transposed
-        got, got_grads = _with_grads(read, f_y, images, f_x, weights=_rand(5, 1, 8, 8, seed=6))
-        got_add, got_add_grads = _with_grads(gemm.baddbmm, canvas, left, right, weights=images[:, 0])
-    tall = [(m, n) for m, n in results.sizes if m > n > 1]
-    assert tall == ([] if transposed else [(24, 8), (20, 8)])  # F_xᵀ's gradient, then F̂_yᵀ's
-    assert len(results.sizes) == 2 + 4 + 1 + 2  # forward, gradients; baddbmm and its two
-    d = torch.float64
-    want, want_grads = _with_grads(read, f_y.to(d), images.to(d), f_x.to(d),
-                                   weights=_rand(5, 1, 8, 8, seed=6).to(d))
-    want_add, want_add_grads = _with_grads(torch.baddbmm, canvas.to(d), left.to(d), right.to(d),
-                                           weights=images[:, 0].to(d))
-    for a, b in zip((got, *got_grads, got_add, *got_add_grads),
-                    (want, *want_grads, want_add, *want_add_grads), strict=True):
-        assert a.dtype == torch.float32 and a.shape == b.shape
-        _close(a, b.float())
-
-
 @needs_openblas
 def test_tall_products_are_transposed_only_where_pytorch_runs_the_batched_products(monkeypatch):
     monkeypatch.setattr(gemm, "_tall_transposed", True)

@@ -32,7 +32,8 @@ batched products' backend is OpenBLAS (``gemm.batched_backend``, AMD processors 
 ``openblas_batched`` moves CPU fp32 ``bmm`` and ``baddbmm`` to OpenBLAS's batched op (an AMD
 EPYC Zen 4's compiled training 1.05× faster; item 26); where they stay PyTorch's on an AMD
 processor, ``transpose_tall_products`` forms the products whose matrices come out taller than
-wide as transposed views of wide ones (MKL's AVX2 kernels run them 2.2–2.6× faster; item 36).
+wide as transposed views of wide ones (MKL's AVX2 kernels run them 2.2–2.6× faster; item 36;
+eagerly the Python autograd node that would do the same cost more than it saved).
 
 ``FixedShapes`` runs a model's forward and sample compiled for evaluation (``aligndraw
 evaluate --compile``), each call padded to sizes compiled before.

@@ -163,7 +163,7 @@ _batched = _default_batched_backend()
 # OpenBLAS's op is an error; chosen by default, it falls back to aten with a warning
 _asked = bool(os.environ.get("ALIGNDRAW_CPU_GEMM", "").strip())
 _batched_asked = bool(os.environ.get("ALIGNDRAW_CPU_BMM", "").strip())
-# whether PyTorch's batched products form tall results transposed (``transposes_tall_products``)
+# whether compiled batched products form tall results transposed (``transposes_tall_products``)
 _tall_transposed = cpu_vendor() == "AuthenticAMD"
 _PREPARING = threading.Lock()
 
@@ -235,17 +235,17 @@ def batched_backend() -> str:
 
 
 def transposes_tall_products() -> bool:
-    """Whether CPU fp32 batched products whose matrices come out taller than wide are formed
-    transposed (``tall_bmm``): where they are PyTorch's (MKL's) on an AMD processor, eagerly in
-    ``matmul`` and ``baddbmm``'s gradients and under ``torch.compile`` through
-    ``aligndraw.compiler``'s pass.
+    """Whether ``aligndraw.compiler``'s pass forms CPU fp32 batched products whose matrices come
+    out taller than wide as transposed wide ones (``tall_bmm``): where they are PyTorch's (MKL's)
+    on an AMD processor.
 
     MKL's AVX2 kernels run a product with few output columns slowly: on an AMD EPYC (Zen 3) the
     write's filterbank gradient dC F̂ᵀ, 100 × (60×60)·(60×8), took 8.7 ms over a training step's
-    32 drawing steps against 3.9 as (F̂ dCᵀ)ᵀ, and the read's 200 × (60×8)·(8×8) 6.4 ms against
-    2.5 (docs/performance-log.md, item 36; products.py on a Zen 4 shows the same gap). OpenBLAS's
-    batched op runs the tall form as fast as the wide one, and MKL's Intel kernels were not
-    measured, so neither changes."""
+    32 drawing steps against 3.8 as (F̂ dCᵀ)ᵀ, and the reads' 200 × (60×8)·(8×8) 6.4 ms against
+    2.5 (docs/performance-log.md, item 36; ``benchmarks/products.py`` on a Zen 4 shows the same
+    gap). Only compiled: eagerly the Python autograd node that would transpose them cost more
+    than it saved. OpenBLAS's batched op runs the tall form as fast as the wide one, and MKL's
+    Intel kernels were not measured, so neither changes."""
     return _batched == "aten" and _tall_transposed
 
 
@@ -513,7 +513,8 @@ def _transposed(t: Tensor) -> Tensor:
 def tall_bmm(a: Tensor, b: Tensor) -> Tensor:
     """``torch.bmm(a, b)`` for (P, M, K), (P, K, N) → (P, M, N); where the result's matrices are
     taller than wide (M > N > 1), formed as (bᵀ aᵀ)ᵀ and returned as that transposed view: the
-    same sums with the long side along the product's rows (``transposes_tall_products``)."""
+    same sums, the long side along the product's rows. The form ``aligndraw.compiler``'s
+    ``transpose_tall_products`` gives such products where ``transposes_tall_products``."""
     if a.shape[1] > b.shape[2] > 1:
         return torch.bmm(_transposed(b), _transposed(a)).transpose(1, 2)  # (P, N, M) → (P, M, N)
     return torch.bmm(a, b)
@@ -521,44 +522,39 @@ def tall_bmm(a: Tensor, b: Tensor) -> Tensor:
 
 def _product_grads(ctx, grad: Tensor, first: int) -> tuple[Tensor | None, Tensor | None]:
     """The gradients of a @ b for a and b (saved in ``ctx``, inputs ``first`` and ``first + 1``
-    of the op), each only where autograd needs it: grad bᵀ (P, M, K) and aᵀ grad (P, K, N),
-    through OpenBLAS's batched op or, with PyTorch's, tall results transposed (``tall_bmm``)."""
+    of the op), each only where autograd needs it: grad bᵀ (P, M, K) and aᵀ grad (P, K, N)."""
     a, b = ctx.saved_tensors
-    product = openblas.bmm if ctx.openblas else tall_bmm
-    grad_a = product(grad, _transposed(b)) if ctx.needs_input_grad[first] else None
-    grad_b = product(_transposed(a), grad) if ctx.needs_input_grad[first + 1] else None
+    grad_a = openblas.bmm(grad, _transposed(b)) if ctx.needs_input_grad[first] else None
+    grad_b = openblas.bmm(_transposed(a), grad) if ctx.needs_input_grad[first + 1] else None
     return grad_a, grad_b
 
 
 class _Bmm(torch.autograd.Function):
-    """a @ b for (P, M, K), (P, K, N), forward and both gradients, through OpenBLAS's batched op
-    (``use_openblas``) or PyTorch's with tall gradients transposed."""
+    """a @ b for (P, M, K), (P, K, N) through OpenBLAS's batched op, forward and both gradients."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, use_openblas: bool) -> Tensor:
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
         ctx.save_for_backward(a, b)
-        ctx.openblas = use_openblas
-        return openblas.bmm(a, b) if use_openblas else torch.bmm(a, b)
+        return openblas.bmm(a, b)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        return *_product_grads(ctx, grad, 0), None
+        return _product_grads(ctx, grad, 0)
 
 
 class _Baddbmm(torch.autograd.Function):
-    """c + a @ b for (P, M, N), (P, M, K), (P, K, N), as ``_Bmm``."""
+    """c + a @ b for (P, M, N), (P, M, K), (P, K, N) through OpenBLAS's batched op."""
 
     @staticmethod
-    def forward(ctx, c: Tensor, a: Tensor, b: Tensor, use_openblas: bool) -> Tensor:
+    def forward(ctx, c: Tensor, a: Tensor, b: Tensor) -> Tensor:
         ctx.save_for_backward(a, b)
-        ctx.openblas = use_openblas
-        return openblas.baddbmm(c, a, b) if use_openblas else torch.baddbmm(c, a, b)
+        return openblas.baddbmm(c, a, b)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        return grad, *_product_grads(ctx, grad, 1), None
+        return grad, *_product_grads(ctx, grad, 1)
 
 
 def _worth_batching(a: Tensor, b: Tensor) -> bool:
@@ -574,19 +570,6 @@ def _stacked(t: Tensor, batch: torch.Size) -> Tensor:
     return t.expand(*batch, *t.shape[-2:]).reshape(-1, *t.shape[-2:])
 
 
-def _route(*tensors: Tensor) -> bool | None:
-    """How ``matmul`` and ``baddbmm`` run an eager batched product of ``tensors``: through
-    OpenBLAS's batched op (True), PyTorch's with tall gradients transposed (False: where
-    ``transposes_tall_products``, for a product autograd will differentiate), or as they are
-    (None)."""
-    if _batched_eligible(*tensors):
-        return True
-    if (transposes_tall_products() and _cpu_fp32(*tensors) and torch.is_grad_enabled()
-            and any(t.requires_grad for t in tensors)):
-        return False
-    return None
-
-
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for (..., M, K), (..., K, N) with batch dimensions broadcast → (..., M, N),
     differentiable.
@@ -594,22 +577,20 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     Eagerly, CPU fp32 products of at least three dimensions, more than one row and column a
     matrix, go through OpenBLAS's batched op where it is the batched backend (the step's
     filterbank products and the context mix's stacked gradient; MKL runs AVX2 kernels on AMD
-    processors), or, where ``transposes_tall_products``, through PyTorch's with their tall
-    gradients transposed; everything else, and everything under ``torch.compile`` (where
-    ``aligndraw.compiler``'s passes do the same to the traced products), is ``a @ b``."""
+    processors); everything else, and everything under ``torch.compile`` (where
+    ``aligndraw.compiler``'s pass moves the traced products), is ``a @ b``."""
     if (torch.compiler.is_compiling()  # first: no guards on the tests after it
-            or min(a.dim(), b.dim()) < 3 or not _worth_batching(a, b)
-            or (use_openblas := _route(a, b)) is None):
+            or min(a.dim(), b.dim()) < 3 or not _worth_batching(a, b) or not _batched_eligible(a, b)):
         return a @ b
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    out = _Bmm.apply(_stacked(a, batch), _stacked(b, batch), use_openblas)  # (P, M, N)
+    out = _Bmm.apply(_stacked(a, batch), _stacked(b, batch))  # (P, M, N)
     return out.view(*batch, a.shape[-2], b.shape[-1])  # (..., M, N)
 
 
 def bmm(a: Tensor, b: Tensor) -> Tensor:
-    """``torch.bmm(a, b)`` for (P, M, K), (P, K, N) → (P, M, N), differentiable; eagerly as
-    ``matmul`` (the caption encoder's recurrent product), else PyTorch's (so that a traced graph
-    keeps its ``bmm``)."""
+    """``torch.bmm(a, b)`` for (P, M, K), (P, K, N) → (P, M, N), differentiable; eagerly through
+    OpenBLAS's batched op as ``matmul`` (the caption encoder's recurrent product), else
+    PyTorch's (so that a traced graph keeps its ``bmm``)."""
     if torch.compiler.is_compiling() or a.dim() != 3 or b.dim() != 3:
         return torch.bmm(a, b)
     return matmul(a, b)
@@ -617,9 +598,10 @@ def bmm(a: Tensor, b: Tensor) -> Tensor:
 
 def baddbmm(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``torch.baddbmm(c, a, b)`` (β = α = 1) for (P, M, N), (P, M, K), (P, K, N) → (P, M, N),
-    differentiable; eagerly as ``matmul`` (c of the output's shape), else PyTorch's."""
+    differentiable; eagerly through OpenBLAS's batched op as ``matmul`` (c of the output's
+    shape), else PyTorch's."""
     if (torch.compiler.is_compiling() or not c.dim() == a.dim() == b.dim() == 3
             or c.shape != (a.shape[0], a.shape[1], b.shape[2]) or not _worth_batching(a, b)
-            or (use_openblas := _route(c, a, b)) is None):
+            or not _batched_eligible(c, a, b)):
         return torch.baddbmm(c, a, b)
-    return _Baddbmm.apply(c, a, b, use_openblas)
+    return _Baddbmm.apply(c, a, b)
