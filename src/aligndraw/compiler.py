@@ -32,7 +32,7 @@ batched products' backend is OpenBLAS (``gemm.batched_backend``, AMD processors 
 ``openblas_batched`` moves CPU fp32 ``bmm`` and ``baddbmm`` to OpenBLAS's batched op (an AMD
 EPYC Zen 4's compiled training 1.05× faster; item 26); where they stay PyTorch's on an AMD
 processor, ``transpose_tall_products`` forms the products whose matrices come out taller than
-wide as transposed views of wide ones (MKL's AVX2 kernels run them 2.2–2.6× faster; item 36;
+wide as transposed views of wide ones (MKL's AVX2 kernels run them 2.0–2.7× faster; item 36;
 eagerly the Python autograd node that would do the same cost more than it saved).
 
 ``FixedShapes`` runs a model's forward and sample compiled for evaluation (``aligndraw
@@ -301,7 +301,7 @@ def transpose_tall_products(graph: fx.Graph) -> int:
     ``(Bᵀ Aᵀ)ᵀ``, a transposed view of the product formed with its long side along the rows;
     returns how many changed. Same sums. Run where ``gemm.transposes_tall_products`` (PyTorch's
     batched products on an AMD processor): in the backward graph, the gradients of the write's
-    and the reads' filterbanks, which MKL's AVX2 kernels ran 2.2–2.6× slower tall than wide."""
+    and the reads' filterbanks, which MKL's AVX2 kernels ran 2.0–2.7× slower tall than wide."""
     changed = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not aten.bmm.default or node.kwargs:
