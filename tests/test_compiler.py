@@ -327,6 +327,7 @@ def test_cpu_fp32_batched_products_become_openblas_ops():
 
 @needs_openblas
 def test_the_last_pass_follows_the_batched_product_backend(monkeypatch):
+    monkeypatch.setattr(gemm, "_tall_transposed", False)  # item 36's pass apart: its own test
     with gemm.using_batched("aten"):
         aten = compiler.LastPasses().uuid()
     with gemm.using_batched("openblas"):
@@ -373,8 +374,8 @@ def test_compiled_model_with_mkl_products_keeps_its_fp32_step_products_and_equal
                                                                backend="aten")
     # the context mix's batched products are stacked, no fp32 mm sum is
     assert torch.ops.aten.bmm.default in stacked and torch.ops.aten.mm.default not in stacked
-    # the backward graph forms each drawing step's tall filterbank gradients (the two reads'
-    # F_xᵀ, the write's F̂_yᵀ) as wide products
+    # a graph (the backward one) forms each drawing step's tall filterbank gradients (the two
+    # reads' F_xᵀ, the write's F̂_yᵀ) as wide products
     assert max(transposed) >= 3 * tiny_config().steps
     # forward: at least the projection of h_dec and the posterior at every step add their bias
     # in a fused kernel; the backward graph has no biased product

@@ -468,16 +468,16 @@ def test_tall_bmm_equals_float64_and_forms_tall_results_transposed(shape):
     assert got.stride() == ((m * n, 1, m) if m > n > 1 else (m * n, n, 1))
 
 
-@needs_openblas
-def test_tall_products_are_transposed_only_where_pytorch_runs_the_batched_products(monkeypatch):
-    monkeypatch.setattr(gemm, "_tall_transposed", True)
-    with gemm.using_batched("openblas"):
-        assert not gemm.transposes_tall_products()  # OpenBLAS runs both forms alike
+def test_tall_products_are_transposed_where_pytorch_runs_the_batched_products_on_amd(monkeypatch):
     with gemm.using_batched("aten"):
+        monkeypatch.setattr(gemm, "_tall_transposed", True)  # as on an AMD processor
         assert gemm.transposes_tall_products()
-        monkeypatch.setattr(gemm, "_tall_transposed", False)  # not an AMD processor
+        monkeypatch.setattr(gemm, "_tall_transposed", False)  # any other vendor
         assert not gemm.transposes_tall_products()
 
 
-def test_tall_products_are_transposed_on_amd_processors():
-    assert gemm._tall_transposed is (gemm.cpu_vendor() == "AuthenticAMD")
+@needs_openblas
+def test_tall_products_are_left_to_openblas_where_it_runs_the_batched_products(monkeypatch):
+    monkeypatch.setattr(gemm, "_tall_transposed", True)
+    with gemm.using_batched("openblas"):
+        assert not gemm.transposes_tall_products()  # OpenBLAS runs the tall form as fast

@@ -267,6 +267,12 @@ def unfuse_cpu_bias(graph: fx.Graph) -> int:
 _BATCHED = {aten.bmm.default: "bmm", aten.baddbmm.default: "baddbmm"}
 
 
+def _cpu_fp32_batched(vals: list[Any]) -> bool:
+    """Whether every operand's fake value is a CPU fp32 stack of matrices (3-D)."""
+    return all(isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dtype == torch.float32
+               and v.dim() == 3 for v in vals)
+
+
 def openblas_batched(graph: fx.Graph) -> int:
     """Rewrite CPU fp32 ``bmm(A, B)`` and ``baddbmm(C, A, B)`` (C of the output's shape, β = α = 1)
     as OpenBLAS's batched products (``aligndraw.openblas``); returns how many changed. Same
@@ -279,8 +285,7 @@ def openblas_batched(graph: fx.Graph) -> int:
         if node.op != "call_function" or node.target not in _BATCHED or node.kwargs:
             continue
         vals = [_val(a) for a in node.args]
-        if not all(isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dtype == torch.float32
-                   and v.dim() == 3 for v in vals):
+        if not _cpu_fp32_batched(vals):
             continue
         a, b = vals[-2], vals[-1]  # (P, M, K), (P, K, N)
         if node.target is aten.baddbmm.default and tuple(vals[0].shape) != (*a.shape[:2], b.shape[2]):
@@ -300,15 +305,15 @@ def transpose_tall_products(graph: fx.Graph) -> int:
     """Rewrite CPU fp32 ``bmm(A, B)`` whose matrices come out taller than wide (M > N > 1) as
     ``(Bᵀ Aᵀ)ᵀ``, a transposed view of the product formed with its long side along the rows;
     returns how many changed. Same sums. Run where ``gemm.transposes_tall_products`` (PyTorch's
-    batched products on an AMD processor): in the backward graph, the gradients of the write's
-    and the reads' filterbanks, which MKL's AVX2 kernels ran 2.0–2.7× slower tall than wide."""
+    batched products on an AMD processor), on every graph; the model's tall products are the
+    gradients of the write's and the reads' filterbanks in its backward graph, which MKL's AVX2
+    kernels ran 2.0–2.7× slower tall than wide."""
     changed = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not aten.bmm.default or node.kwargs:
             continue
         vals = [_val(a) for a in node.args]
-        if not all(isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dtype == torch.float32
-                   and v.dim() == 3 for v in vals):
+        if not _cpu_fp32_batched(vals):
             continue
         a, b = vals  # (P, M, K), (P, K, N)
         if not a.shape[1] > b.shape[2] > 1:

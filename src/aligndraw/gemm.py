@@ -242,10 +242,12 @@ def transposes_tall_products() -> bool:
     MKL's AVX2 kernels run a product with few output columns slowly: on an AMD EPYC (Zen 3) the
     write's filterbank gradient dC F̂ᵀ, 100 × (60×60)·(60×8), took 4.81–5.45 ms over a training
     step's 32 drawing steps against 2.38–2.44 as (F̂ dCᵀ)ᵀ, and the reads' 200 × (60×8)·(8×8)
-    3.19–3.22 ms against 1.19–1.22 (docs/performance-log.md, item 36; ``benchmarks/products.py``
-    on a Zen 4 shows the same gap). Only compiled: eagerly the Python autograd node that would
-    transpose them cost more than it saved. OpenBLAS's batched op runs the tall form as fast as
-    the wide one or faster, and MKL's Intel kernels were not measured, so neither changes."""
+    3.19–3.22 ms against 1.19–1.22 (docs/performance-log.md, item 36; on an AMD EPYC Zen 4,
+    MKL's tall 100 × (60×60)·(60×8) took 6.41 ms against 1.88 for 100 × (8×60)·(60×60),
+    ``docs/benchmarks/products-batched-aten-zen4.txt``). Only compiled: eagerly the Python
+    autograd node that would transpose them cost more than it saved. OpenBLAS's batched op runs
+    the tall form as fast as the wide one or faster, and MKL's Intel kernels were not measured,
+    so neither changes."""
     return _batched == "aten" and _tall_transposed
 
 
