@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -34,6 +36,17 @@ def _allocator_left_alone(monkeypatch):
 def seeded_randn(*shape: int, seed: int = 0) -> torch.Tensor:
     """N(0, 1) values of ``shape`` from their own seeded generator."""
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """``n`` torch threads within the block (ops split their work over them), as before after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def tiny_config(**overrides) -> ModelConfig:

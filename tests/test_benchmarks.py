@@ -23,7 +23,7 @@ from aligndraw import allocator, gemm, openblas
 from aligndraw.config import ModelConfig, preset
 from aligndraw.model import AlignDraw
 
-from conftest import needs_avx2, needs_onednn, needs_openblas, random_batch, tiny_config
+from conftest import needs_avx2, needs_onednn, needs_openblas, random_batch, tiny_config, torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 # whether keep_freed_memory also installs the block cache here (it builds where it can)
@@ -61,10 +61,8 @@ TOL = {torch.float32: 1e-3, torch.float64: 1e-10}
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy machine every parallel op would wait
     for a descheduled thread (seconds per test instead of milliseconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def twin_models(config: ModelConfig, dtype: torch.dtype, seed: int = 0):

@@ -2,14 +2,13 @@ import logging
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
 import torch
 
 from aligndraw import extensions, gemm, openblas
 
-from conftest import needs_avx2, needs_openblas
+from conftest import needs_avx2, needs_openblas, torch_threads
 from conftest import seeded_randn as _rand
 
 
@@ -17,17 +16,6 @@ from conftest import seeded_randn as _rand
 def _loaded():
     if openblas.missing() is None:
         openblas.load()
-
-
-@contextmanager
-def _threads(n: int):
-    """``n`` torch threads within the block (the ops split products over them), as before after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _f64(a, b, bias=None):
@@ -77,7 +65,7 @@ def test_products_equal_float64_in_every_layout(layout_a, layout_b):
     a, b, bias = _rand(100, 96), _rand(96, 723, seed=1), _rand(723, seed=2)
     a2, b2 = _layout(a, layout_a), _layout(b, layout_b)
     tall, wide = _rand(96, 723, seed=3), _layout(a.T.contiguous(), layout_b)  # (96, 723), (96, 100)
-    with _threads(2):  # wide outputs split by columns, tall ones by rows, on any machine
+    with torch_threads(2):  # wide outputs split by columns, tall ones by rows, on any machine
         _close(openblas.mm(a2, b2), _f64(a, b))
         _close(openblas.addmm(bias, a2, b2), _f64(a, b, bias))
         _close(openblas.tmm(_layout(a.T.contiguous(), layout_a), b2[:, :130]), _f64(a, b[:, :130]))
@@ -96,7 +84,7 @@ def test_every_size_and_thread_count(m, k, n, threads):
     # rows or columns each, starting at multiples of 16: fewer than 128 run on one thread, 130
     # and more are split
     a, b, bias = _rand(m, k), _rand(k, n, seed=1), _rand(n, seed=2)
-    with _threads(threads):
+    with torch_threads(threads):
         _close(openblas.addmm(bias, a, b), _f64(a, b, bias))
         _close(openblas.mm(a, b), _f64(a, b))
         _close(openblas.mm(a.T.contiguous().T, b.T.contiguous().T), _f64(a, b))  # both transposed
@@ -309,7 +297,7 @@ def test_batched_products_equal_float64_in_every_layout(layout_a, layout_b):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_batched_products_at_the_steps_shapes_and_any_thread_count(p, m, k, n, threads):
     a, b, c = _rand(p, m, k), _rand(p, k, n, seed=1), _rand(p, m, n, seed=2)
-    with _threads(threads):
+    with torch_threads(threads):
         _close(openblas.bmm(a, b), (a.double() @ b.double()).float())
         _close(openblas.baddbmm(c, a, b), (c.double() + a.double() @ b.double()).float())
 

@@ -316,7 +316,7 @@ def transpose_tall_products(graph: fx.Graph) -> int:
         if not _cpu_fp32_batched(vals):
             continue
         a, b = vals  # (P, M, K), (P, K, N)
-        if not a.shape[1] > b.shape[2] > 1:
+        if not gemm.comes_out_tall(a.shape[1], b.shape[2]):
             continue
         with graph.inserting_before(node):
             b_t = _call(graph, aten.permute.default, node.args[1], [0, 2, 1])  # (P, N, K)

@@ -512,12 +512,18 @@ def _transposed(t: Tensor) -> Tensor:
     return t.transpose(1, 2)  # (P, M, K) → (P, K, M), a view: OpenBLAS reads either order
 
 
+def comes_out_tall(m: int, n: int) -> bool:
+    """Whether (M, N) matrices are taller than wide with more than one column: the products that
+    ``tall_bmm`` and ``aligndraw.compiler``'s ``transpose_tall_products`` form transposed."""
+    return m > n > 1
+
+
 def tall_bmm(a: Tensor, b: Tensor) -> Tensor:
     """``torch.bmm(a, b)`` for (P, M, K), (P, K, N) → (P, M, N); where the result's matrices are
     taller than wide (M > N > 1), formed as (bᵀ aᵀ)ᵀ and returned as that transposed view: the
     same sums, the long side along the product's rows. The form ``aligndraw.compiler``'s
     ``transpose_tall_products`` gives such products where ``transposes_tall_products``."""
-    if a.shape[1] > b.shape[2] > 1:
+    if comes_out_tall(a.shape[1], b.shape[2]):
         return torch.bmm(_transposed(b), _transposed(a)).transpose(1, 2)  # (P, N, M) → (P, M, N)
     return torch.bmm(a, b)
 
