@@ -6,6 +6,7 @@
     python benchmarks/ab_trees.py --a . --b . --compile --plain-a --precision bf16
     python benchmarks/ab_trees.py --a . --b . --compile --gemm-b aten
     python benchmarks/ab_trees.py --a . --b . --compile --env-b OMP_PROC_BIND=true
+    python benchmarks/ab_trees.py --a . --b . --compile --threads-a 1 --threads-b 2
 
 Each tree runs in a worker process of its own (its ``src/`` and ``benchmarks/`` first on the
 path), built like ``throughput.py``'s library variant (same preset, seed, batch of random
@@ -24,7 +25,9 @@ string), so the same tree can also be compared with itself under other compiler 
 product backend (``aligndraw.gemm``: ``onednn``, ``openblas`` or ``aten``, set as ``ALIGNDRAW_CPU_GEMM``
 before it imports the library); ``--env-a`` / ``--env-b KEY=VALUE`` add environment variables
 to that worker's process from its start (settings read once when a library loads, such as
-OpenMP's ``OMP_*``). ``--precision bf16`` runs both under autocast.
+OpenMP's ``OMP_*``; not ``OMP_NUM_THREADS``: a worker sets its threads itself, ``--threads``, or
+``--threads-a`` / ``--threads-b`` for one, reported as ``a_threads`` / ``b_threads``).
+``--precision bf16`` runs both under autocast.
 Prints medians, min/max, B's speed-up by medians, by paired runs and how often B was the
 faster of a pair, and by blocks of two rounds in both orders (``pairs.balanced``, the figure
 to read: the first run of a round follows the same worker's run, the second the other
@@ -110,7 +113,7 @@ def worker(tree: Path, args: argparse.Namespace, inductor: dict) -> None:
 
         if not allocator.keep_freed_memory():
             raise SystemExit("this C library refused aligndraw.allocator's settings")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)  # --threads-a, as _Worker passes it
     cfg = ModelConfig(**SMOKE_CONFIG) if args.smoke else preset(args.preset).model
     inputs = random_inputs(cfg, batch_size(args), 6 if args.smoke else 12, torch.device("cpu"), 0)
     torch.manual_seed(0)
@@ -119,7 +122,8 @@ def worker(tree: Path, args: argparse.Namespace, inductor: dict) -> None:
     from aligndraw import gemm
 
     built = inputs[0].shape[0]  # the images' batch, as built
-    print(f"ready {gemm.backend()} {built} {Path(aligndraw.__file__).resolve().parent}", flush=True)
+    print(f"ready {gemm.backend()} {built} {torch.get_num_threads()} "
+          f"{Path(aligndraw.__file__).resolve().parent}", flush=True)
     for line in sys.stdin:
         wall, cpu = time.perf_counter(), time.process_time()
         getattr(variant, f"{line.strip()}_step")()
@@ -134,7 +138,7 @@ class _Worker:
     def __init__(self, name: str, tree: Path, inductor: list[str], plain: bool, gemm: str | None,
                  args: argparse.Namespace) -> None:
         cmd = [sys.executable, __file__, "--worker", str(tree), "--preset", args.preset,
-               "--threads", str(args.threads), "--precision", args.precision]
+               "--threads", str(getattr(args, f"threads_{name}")), "--precision", args.precision]
         cmd += ["--batch", str(args.batch)] if args.batch else []
         cmd += ["--compile"] * args.compile + ["--smoke"] * args.smoke + ["--plain-a"] * plain
         cmd += [f"--inductor-a={item}" for item in inductor]
@@ -144,9 +148,9 @@ class _Worker:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=os.environ | getattr(args, f"env_{name}"))
         self.pids = (self.proc.pid,)
-        # its product backend, the batch it built and where its aligndraw came from
-        self.gemm, batch, self.package = self._read().removeprefix("ready ").split(" ", 2)
-        self.batch = int(batch)
+        # its product backend, the batch it built, its threads and where its aligndraw came from
+        self.gemm, batch, threads, self.package = self._read().removeprefix("ready ").split(" ", 3)
+        self.batch, self.threads = int(batch), int(threads)
 
     def _read(self) -> str:
         line = self.proc.stdout.readline()
@@ -218,6 +222,7 @@ def compare(args: argparse.Namespace) -> dict:
         result |= {f"{w.name}_package": w.package for w in workers}
         result |= {f"{w.name}_gemm": w.gemm for w in workers}
         result |= {f"{w.name}_batch": w.batch for w in workers}
+        result |= {f"{w.name}_threads": w.threads for w in workers}
         for phase in PHASES:
             for w in workers:  # with --compile: loading the graphs (or, without the warm-up, the compile)
                 result[f"{phase}_{w.name}_first_s"] = timed(getattr(w, f"{phase}_step"), cpu)
@@ -282,7 +287,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--repeats", type=int, default=11,
                    help="timed steps per tree and phase (an odd number gets one more: as many rounds "
                         "in each order)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of each worker")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads of each worker (--threads-a / --threads-b set one's own)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 = torch.autocast(bfloat16) around forward / sample, in both")
     p.add_argument("--smoke", action="store_true", help="tiny config and batch (for CI)")
@@ -300,6 +306,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                        help=f"compile {name.upper()} with plain torch.compile (no aligndraw.compiler pass)")
         p.add_argument(f"--gemm-{name}", choices=("onednn", "openblas", "aten"),
                        help=f"{name.upper()}'s CPU fp32 product backend (default: the library's)")
+        p.add_argument(f"--threads-{name}", type=int, default=None,
+                       help=f"{name.upper()}'s torch threads (default: --threads; an OMP_NUM_THREADS "
+                            f"in --env-{name} does not set them)")
         p.add_argument(f"--env-{name}", action="append", default=[], metavar="KEY=VALUE",
                        help=f"an environment variable for {name.upper()}'s worker process (repeatable)")
         p.add_argument(f"--keep-freed-memory-{name}", action="store_true",
@@ -307,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                             "(aligndraw.allocator; the tree must have it)")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    _threads(p, args)
     try:
         settings = {name: inductor_settings(getattr(args, f"inductor_{name}")) for name in ("a", "b")}
         for name in ("a", "b"):  # parsed once: {KEY: VALUE} from here on
@@ -336,6 +346,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.batch is not None and args.batch < 1:
         p.error(f"--batch must be at least 1, got {args.batch}")
     return compare(args)
+
+
+def _threads(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Each worker's threads: its own ``--threads-x``, else ``--threads``; at least 1."""
+    for flag, value in (("threads", args.threads), ("threads-a", args.threads_a),
+                        ("threads-b", args.threads_b)):
+        if value is not None and value < 1:
+            p.error(f"--{flag} must be at least 1, got {value}")
+    for name in ("a", "b"):
+        if getattr(args, f"threads_{name}") is None:
+            setattr(args, f"threads_{name}", args.threads)
 
 
 if __name__ == "__main__":

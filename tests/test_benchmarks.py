@@ -442,6 +442,17 @@ def test_ab_trees_gives_each_worker_its_own_product_backend() -> None:
     assert bad.returncode == 2 and "--gemm-b" in bad.stderr and "'mkl'" in bad.stderr
 
 
+def test_ab_trees_gives_each_worker_its_own_threads() -> None:
+    report = last_json(run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--smoke",
+                                     "--repeats", "1", "--threads-a", "1", "--threads-b", "2"))
+    assert (report["a_threads"], report["b_threads"]) == (1, 2)
+    both = last_json(run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--smoke",
+                                   "--repeats", "1", "--threads", "1"))
+    assert (both["a_threads"], both["b_threads"]) == (1, 1)
+    bad = run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--threads-b", "0")
+    assert bad.returncode == 2 and "--threads-b must be at least 1, got 0" in bad.stderr
+
+
 @needs_onednn
 def test_ab_trees_starts_each_worker_with_its_own_environment() -> None:
     # the product backend is read from the environment when the library is imported, so each
