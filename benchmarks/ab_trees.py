@@ -113,7 +113,7 @@ def worker(tree: Path, args: argparse.Namespace, inductor: dict) -> None:
 
         if not allocator.keep_freed_memory():
             raise SystemExit("this C library refused aligndraw.allocator's settings")
-    torch.set_num_threads(args.threads)  # --threads-a, as _Worker passes it
+    torch.set_num_threads(args.threads)  # _Worker passes this worker's own (--threads-x) as --threads
     cfg = ModelConfig(**SMOKE_CONFIG) if args.smoke else preset(args.preset).model
     inputs = random_inputs(cfg, batch_size(args), 6 if args.smoke else 12, torch.device("cpu"), 0)
     torch.manual_seed(0)

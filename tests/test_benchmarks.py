@@ -446,9 +446,10 @@ def test_ab_trees_gives_each_worker_its_own_threads() -> None:
     report = last_json(run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--smoke",
                                      "--repeats", "1", "--threads-a", "1", "--threads-b", "2"))
     assert (report["a_threads"], report["b_threads"]) == (1, 2)
-    both = last_json(run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--smoke",
-                                   "--repeats", "1", "--threads", "1"))
-    assert (both["a_threads"], both["b_threads"]) == (1, 1)
+    # a worker without its own takes --threads, not the default
+    fallback = last_json(run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--smoke",
+                                       "--repeats", "1", "--threads", "1", "--threads-b", "2"))
+    assert (fallback["a_threads"], fallback["b_threads"]) == (1, 2)
     bad = run_benchmark("ab_trees.py", "--a", str(ROOT), "--b", str(ROOT), "--threads-b", "0")
     assert bad.returncode == 2 and "--threads-b must be at least 1, got 0" in bad.stderr
 
