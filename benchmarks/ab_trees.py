@@ -316,7 +316,6 @@ def main(argv: list[str] | None = None) -> dict | None:
                             "(aligndraw.allocator; the tree must have it)")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    _threads(p, args)
     try:
         settings = {name: inductor_settings(getattr(args, f"inductor_{name}")) for name in ("a", "b")}
         for name in ("a", "b"):  # parsed once: {KEY: VALUE} from here on
@@ -345,6 +344,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.batch is not None and args.batch < 1:
         p.error(f"--batch must be at least 1, got {args.batch}")
+    _threads(p, args)
     return compare(args)
 
 
