@@ -34,9 +34,13 @@ demo: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist; a free worker takes the next test, so
+# the long compile tests spread out). TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= 2
+
 test: install
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
