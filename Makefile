@@ -34,8 +34,9 @@ demo: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 
-# The suite runs in TEST_WORKERS processes (pytest-xdist; a free worker takes the next test, so
-# the long compile tests spread out). TEST_WORKERS=0 runs it in this one process.
+# The suite runs in TEST_WORKERS processes (pytest-xdist's worksteal: each worker starts on its
+# share of the tests and, when its queue runs low, takes half of another's). TEST_WORKERS=0 runs
+# it in this one process.
 TEST_WORKERS ?= 2
 
 test: install
