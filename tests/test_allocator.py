@@ -219,6 +219,11 @@ FORK = textwrap.dedent("""
     import torch
     from aligndraw import allocator
     allocator.cache_blocks()
+    # the calls the child makes, once before the other thread starts: their first call runs
+    # PyTorch's one-time static initialisers, and a child forked while the other thread is
+    # inside one would wait for it forever (that lock is the C++ runtime's, not the lists')
+    torch.empty(1000).fill_(1.0)
+    allocator.block_cache_stats()
     stop = threading.Event()
 
     def churn():  # another thread takes and frees blocks while the main thread forks
