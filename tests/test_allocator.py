@@ -224,16 +224,21 @@ FORK = textwrap.dedent("""
     # inside one would wait for it forever (that lock is the C++ runtime's, not the lists')
     torch.empty(1000).fill_(1.0)
     allocator.block_cache_stats()
+    # the other thread's calls: each allocates 20000 tensors in C++, without the GIL, so the
+    # lists' lock is often held when the main thread forks (one tensor per call was not enough:
+    # 0 of 3 runs of 20 forks hung without the fork handlers, against 4 of 6 runs of 100 forks)
+    small = [torch.empty(8) for _ in range(20000)]
+    torch._foreach_add(small, 1.0)
     stop = threading.Event()
 
     def churn():  # another thread takes and frees blocks while the main thread forks
         while not stop.is_set():
-            torch.empty(1000)
+            torch._foreach_add(small, 1.0)
 
     thread = threading.Thread(target=churn)
     thread.start()
     codes = []
-    for _ in range(20):
+    for _ in range(100):
         pid = os.fork()
         if pid == 0:  # the child takes and frees blocks through the inherited cache
             before = allocator.block_cache_stats()
@@ -253,7 +258,7 @@ FORK = textwrap.dedent("""
 def test_a_forked_child_takes_blocks_while_another_thread_held_the_lists():
     # without the fork handlers a child forked while the other thread held the lists' lock
     # would wait for it forever (the timeout fails the test)
-    assert _run(FORK)["codes"] == [0] * 20
+    assert _run(FORK)["codes"] == [0] * 100
 
 
 PROFILED = textwrap.dedent("""
