@@ -225,8 +225,8 @@ FORK = textwrap.dedent("""
     torch.empty(1000).fill_(1.0)
     allocator.block_cache_stats()
     # the other thread's calls: each allocates 20000 tensors in C++, without the GIL, so the
-    # lists' lock is often held when the main thread forks (one tensor per call was not enough:
-    # 0 of 3 runs of 20 forks hung without the fork handlers, against 4 of 6 runs of 100 forks)
+    # lists' lock is often held when the main thread forks. Without the fork handlers, 4 of 6
+    # runs of this script hung on an idle machine; one tensor a call and 20 forks hung in 0 of 3
     small = [torch.empty(8) for _ in range(20000)]
     torch._foreach_add(small, 1.0)
     stop = threading.Event()
@@ -257,7 +257,8 @@ FORK = textwrap.dedent("""
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
 def test_a_forked_child_takes_blocks_while_another_thread_held_the_lists():
     # without the fork handlers a child forked while the other thread held the lists' lock
-    # would wait for it forever (the timeout fails the test)
+    # would wait for it forever, and the timeout fails the test: in about two runs of three
+    # (docs/benchmarks/fork-test-sensitivity-zen3.txt), so one green run is no proof
     assert _run(FORK)["codes"] == [0] * 100
 
 
