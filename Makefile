@@ -39,8 +39,7 @@ lint: install
 # it in this one process.
 TEST_WORKERS ?= 2
 
-test: install
-	$(BIN)/ruff check src tests benchmarks
+test: lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 clean:
