@@ -30,7 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from aligndraw import attention, gemm
-from aligndraw.alignment import Alignment, factored_align_weights, key_factors, uniform_weights
+from aligndraw.alignment import (
+    Alignment,
+    factored_align_weights,
+    fused_context,
+    fused_context_usable,
+    key_factors,
+    uniform_weights,
+)
 from aligndraw.config import ModelConfig
 from aligndraw.language import CaptionEncoder, lstm_update, padding_mask, sigmoid_tanh
 from aligndraw.losses import bernoulli_nll, gaussian_kl, gaussian_log_prob
@@ -243,6 +250,9 @@ class AlignDraw(nn.Module):
         v = self.alignment.v.weight[0]
         keys2 = 2 * keys  # (B, L, A), once per caption
         factors = key_factors(keys2)  # e^(−2k)
+        if fused_context_usable(factors, v, mixer.values):  # no gradients: one op a step
+            values = mixer.values
+            return lambda query2: fused_context(factors, query2, v, mask, values)
         return lambda query2: mix(factored_align_weights(keys2, factors, query2, v, mask))
 
     def context_gates(self, h_lang: Tensor) -> Tensor:
