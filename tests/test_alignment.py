@@ -1,13 +1,10 @@
 import pytest
 import torch
 
-from aligndraw import alignment
 from aligndraw.alignment import (
     Alignment,
     factored_align_weights,
     factored_scores,
-    fused_context,
-    fused_context_usable,
     key_factors,
     mean_context,
 )
@@ -236,58 +233,3 @@ def test_factored_scores_eager_gradients_for_mixed_dtypes_and_single_rows(shape,
     for got, ref, leaf in zip(grads, want, (k, q, v), strict=True):
         assert got.dtype == leaf.dtype and got.shape == leaf.shape
         torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * (1 + ref.abs().max().item()))
-
-
-def _context_inputs(b=5, length=7, a=37, d=53, query_rows=None, seed=0):
-    """Random factors, query, v, a padding mask and values; A and D off multiples of 8 and 16
-    so that the op's vector loops have tails."""
-    g = torch.Generator().manual_seed(seed)
-    keys2 = torch.randn(b, length, a, generator=g) * 2
-    query2 = torch.randn(query_rows or b, a, generator=g) * 2
-    v = torch.randn(a, generator=g)
-    lengths = torch.randint(1, length + 1, (b,), generator=g)
-    lengths[0] = length
-    values = torch.randn(b, length, d, generator=g)
-    return keys2, query2, v, padding_mask(lengths, length), values
-
-
-@pytest.mark.parametrize("query_rows", [None, 1])  # one query per image, or h_dec_0's for all
-def test_fused_context_equals_pytorch_ops(query_rows):
-    keys2, query2, v, mask, values = _context_inputs(query_rows=query_rows)
-    factors = key_factors(keys2)
-    with torch.no_grad():
-        assert fused_context_usable(factors, v, values)
-        alpha, mixed = fused_context(factors, query2, v, mask, values)
-    want = factored_align_weights(keys2, factors, query2, v, mask)
-    torch.testing.assert_close(alpha, want, rtol=1e-5, atol=1e-6)
-    assert (alpha[~mask] == 0).all()
-    torch.testing.assert_close(mixed, (want[:, None, :] @ values).squeeze(1), rtol=1e-5, atol=1e-5)
-
-
-def test_fused_context_names_what_it_rejects():
-    keys2, query2, v, mask, values = _context_inputs()
-    factors = key_factors(keys2)
-    with pytest.raises(RuntimeError, match="factors must be a 3-d CPU Float tensor, got a 3-d cpu Double"):
-        fused_context(factors.double(), query2, v, mask, values)
-    with pytest.raises(RuntimeError, match=r"shapes must be factors \(B, L, A\)"):
-        fused_context(factors, query2, v, mask, values[:, :3])
-    with pytest.raises(RuntimeError, match="mask must be a 2-d CPU Bool tensor"):
-        fused_context(factors, query2, v, mask.float(), values)
-
-
-def test_fused_context_only_where_no_gradient_is_recorded(monkeypatch):
-    keys2, _, v, _, values = _context_inputs()
-    factors = key_factors(keys2)
-    assert not fused_context_usable(factors, v, values)  # gradients on: autograd needs PyTorch's ops
-    with torch.no_grad():
-        assert fused_context_usable(factors, v, values)
-        assert not fused_context_usable(factors.double(), v, values)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not fused_context_usable(factors, v, values)
-        monkeypatch.setenv(alignment.FUSED_CONTEXT_ENV, "0")
-        alignment._load_fused_context.cache_clear()
-        try:
-            assert alignment.fused_context_missing() == f"{alignment.FUSED_CONTEXT_ENV}=0"
-            assert not fused_context_usable(factors, v, values)
-        finally:
-            alignment._load_fused_context.cache_clear()

@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-import aligndraw.model as model_module
-from aligndraw import alignment
+from aligndraw import step_kernels
 from aligndraw.model import AlignDraw
 
 from conftest import perturbed_model, random_batch, tiny_config
@@ -159,36 +158,43 @@ def test_bf16_autocast_bound_and_gradients_follow_fp32(kind):
     assert torch.nn.functional.cosine_similarity(flat, ref_flat, dim=0) > 0.9999
 
 
-def _context_calls(monkeypatch):
-    """Count the model's calls of the fused context op."""
-    calls = []
-    real = model_module.fused_context
-    monkeypatch.setattr(model_module, "fused_context", lambda *a: calls.append(1) or real(*a))
+def _kernel_calls(monkeypatch):
+    """Count the model's calls of each step kernel."""
+    calls = {"context": 0, "lstm": 0, "prior_sample": 0}
+    for name in calls:
+        real = getattr(step_kernels, name)
+
+        def counted(*args, name=name, real=real):
+            calls[name] += 1
+            return real(*args)
+        monkeypatch.setattr(step_kernels, name, counted)
     return calls
 
 
-def test_sampling_and_evaluation_take_the_fused_context_with_pytorch_ops_results(tiny, monkeypatch):
+def test_sampling_and_evaluation_take_the_step_kernels_with_pytorch_ops_results(tiny, monkeypatch):
     model = _model(tiny).float()
     images, tokens, lengths = random_batch(tiny)
     noise = torch.randn(4, tiny.steps, tiny.z_dim)
-    calls = _context_calls(monkeypatch)
+    calls = _kernel_calls(monkeypatch)
     fused = model.sample(tokens, lengths, generator=torch.Generator().manual_seed(3))
-    assert len(calls) == tiny.steps  # one op a drawing step
+    # one of each a drawing step; the first step's prior is N(0, I), without the kernel
+    assert calls == {"context": tiny.steps, "lstm": tiny.steps, "prior_sample": tiny.steps - 1}
     with torch.no_grad():
         fused_loss = model(images, tokens, lengths, noise=noise)
-    assert len(calls) == 2 * tiny.steps  # evaluation's forward too, without gradients
+    assert calls["context"] == 2 * tiny.steps  # evaluation's forward takes the context too
     model(images, tokens, lengths, noise=noise).loss.backward()
-    assert len(calls) == 2 * tiny.steps  # training records gradients: PyTorch's ops
-    monkeypatch.setenv(alignment.FUSED_CONTEXT_ENV, "0")
-    alignment._load_fused_context.cache_clear()
+    assert calls["context"] == 2 * tiny.steps  # training records gradients: PyTorch's ops
+    monkeypatch.setenv(step_kernels.ENV, "0")
+    step_kernels._load.cache_clear()
     try:
         plain = model.sample(tokens, lengths, generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
             plain_loss = model(images, tokens, lengths, noise=noise)
     finally:
-        alignment._load_fused_context.cache_clear()
-    assert len(calls) == 2 * tiny.steps
+        step_kernels._load.cache_clear()
+    assert calls == {"context": 2 * tiny.steps, "lstm": tiny.steps, "prior_sample": tiny.steps - 1}
     torch.testing.assert_close(fused.alignments, plain.alignments, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fused.images, plain.images, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.canvases, plain.canvases, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.write_windows, plain.write_windows, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused_loss.nll, plain_loss.nll, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused_loss.kl_steps, plain_loss.kl_steps, rtol=1e-5, atol=1e-5)

@@ -15,16 +15,10 @@ Symbols: B batch, L words, A alignment size, D2 = 2·D_lang.
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-
 import torch
 from torch import Tensor, nn
 
-from aligndraw import extensions, gemm
-
-log = logging.getLogger(__name__)
+from aligndraw import gemm
 
 # Doubled pre-activations are clamped to ±FACTOR_BOUND before exp(−·): e^80 ≈ 5.5e34 is a normal
 # fp32 (and bf16) number (the largest is ≈ e^88.7), so neither factor overflows or vanishes.
@@ -139,59 +133,6 @@ def factored_align_weights(keys2: Tensor, factors: Tensor, query2: Tensor, v: Te
 def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
     """softmax over the last axis of (B, L) scores, 0 where ``mask`` is False (padding)."""
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-
-
-FUSED_CONTEXT_ENV = "ALIGNDRAW_FUSED_CONTEXT"  # "0": PyTorch's ops, and no build
-
-
-def fused_context_missing() -> str | None:
-    """Why the fused context op cannot be used here: turned off by ``ALIGNDRAW_FUSED_CONTEXT=0``,
-    no C++ compiler or no ninja; None if it can be built. Cheap: builds nothing."""
-    if os.environ.get(FUSED_CONTEXT_ENV, "1").strip() == "0":
-        return f"{FUSED_CONTEXT_ENV}=0"
-    return extensions.missing("the alignment's fused context op")
-
-
-@functools.cache
-def _load_fused_context() -> str | None:
-    """Build (once, cached) and load the fused context op; None, or why it could not."""
-    why = fused_context_missing()
-    if why:
-        log.info("%s: the alignment's context runs in PyTorch's ops", why)
-        return why
-    log.info("loading the alignment's fused context op (built once, a few seconds)")
-    try:
-        extensions.build("aligndraw_alignment", "alignment_context.cpp", openmp=True)
-    except (OSError, RuntimeError, ImportError) as e:  # what PyTorch's builder raises
-        why = f"the alignment's fused context op did not build ({str(e)[-2000:]})"
-        log.warning("%s; PyTorch's ops run it (%s=0 skips the build)", why, FUSED_CONTEXT_ENV)
-        return why
-    return None
-
-
-def fused_context_usable(*tensors: Tensor) -> bool:
-    """Whether ``fused_context`` can take these tensors' step: no gradient recorded, not
-    under ``torch.compile`` (which fuses PyTorch's form itself) or CPU autocast (whose query
-    comes in bf16), CPU fp32 tensors and the op built (on the first call that gets this far)."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
-        return False
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
-        return False
-    return _load_fused_context() is None
-
-
-def fused_context(factors: Tensor, query2: Tensor, v: Tensor, mask: Tensor,
-                  values: Tensor) -> tuple[Tensor, Tensor]:
-    """α_t and Σ_j α_j values_j in one pass per image, without gradients (sampling, evaluation).
-
-    Args: factors (B, L, A) = ``key_factors(keys2)``, query2 (B, A) or (1, A), v (A,),
-    mask (B, L) True on real words, values (B, L, D) (the words' shares of the generative gates,
-    ``AlignDraw.context_gates``); CPU fp32, after ``fused_context_usable``.
-
-    Returns: α_t (B, L), as ``factored_align_weights``, and the mix (B, D), as ``StepMix``;
-    equal to PyTorch's ops but for the order of the sums.
-    """
-    return torch.ops.aligndraw_alignment.context(factors, key_factors(query2), v, mask, values)
 
 
 def uniform_weights(mask: Tensor, dtype: torch.dtype) -> Tensor:

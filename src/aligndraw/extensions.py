@@ -26,11 +26,12 @@ def missing(what: str) -> str | None:
     return None
 
 
-def build(name: str, source: str, openmp: bool = False) -> None:
-    """Compile (once, cached) and load ``csrc/<source>`` as the op library ``name`` (its ops
-    then under ``torch.ops.<name>``). Raises what the builder raises where it fails."""
+def build(name: str, source: str, openmp: bool = False, flags: tuple[str, ...] = ()) -> None:
+    """Compile (once, cached) and load ``csrc/<source>`` as the extension ``name`` (its ops
+    then under the namespace its ``TORCH_LIBRARY`` names), with ``flags`` added to the
+    compiler's. Raises what the builder raises where it fails."""
     from torch.utils.cpp_extension import load
 
-    flags = ["-O3", "-fopenmp"] if openmp else ["-O3"]
-    load(name=name, sources=[str(CSRC / source)], is_python_module=False, extra_cflags=flags,
-         extra_ldflags=["-fopenmp"] if openmp else [])
+    cflags = ["-O3", "-fopenmp"] if openmp else ["-O3"]
+    load(name=name, sources=[str(CSRC / source)], is_python_module=False,
+         extra_cflags=cflags + list(flags), extra_ldflags=["-fopenmp"] if openmp else [])

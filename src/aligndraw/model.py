@@ -29,15 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from aligndraw import attention, gemm
-from aligndraw.alignment import (
-    Alignment,
-    factored_align_weights,
-    fused_context,
-    fused_context_usable,
-    key_factors,
-    uniform_weights,
-)
+from aligndraw import attention, gemm, step_kernels
+from aligndraw.alignment import Alignment, factored_align_weights, key_factors, uniform_weights
 from aligndraw.config import ModelConfig
 from aligndraw.language import CaptionEncoder, lstm_update, padding_mask, sigmoid_tanh
 from aligndraw.losses import bernoulli_nll, gaussian_kl, gaussian_log_prob
@@ -250,9 +243,9 @@ class AlignDraw(nn.Module):
         v = self.alignment.v.weight[0]
         keys2 = 2 * keys  # (B, L, A), once per caption
         factors = key_factors(keys2)  # e^(−2k)
-        if fused_context_usable(factors, v, mixer.values):  # no gradients: one op a step
+        if step_kernels.usable(factors, v, mixer.values):  # no gradients: one op a step
             values = mixer.values
-            return lambda query2: fused_context(factors, query2, v, mask, values)
+            return lambda query2: step_kernels.context(factors, query2, v, mask, values)
         return lambda query2: mix(factored_align_weights(keys2, factors, query2, v, mask))
 
     def context_gates(self, h_lang: Tensor) -> Tensor:
@@ -361,14 +354,18 @@ class AlignDraw(nn.Module):
         return DrawLoss.of(nll, kl, kl_steps_t, weight)
 
     def _decode(self, st: dict[str, Tensor], proj: dict[str, Tensor], z: Tensor, context: ContextStep,
-                dec_in: StepLinear) -> tuple[dict[str, Tensor], Tensor]:
+                dec_in: StepLinear, kernels: bool = False) -> tuple[dict[str, Tensor], Tensor]:
         """Alignment and generative LSTM update; returns the new state and α_t (B, L).
 
-        ``context``: from ``_context_step``."""
+        ``context``: from ``_context_step``. ``kernels``: the cell in ``step_kernels.lstm``
+        (where ``step_kernels.usable``)."""
         alpha, w_s = context(proj.get("query2"))
-        gates = proj["dec"] + dec_in(z) + w_s  # W_z z_t + W_s s_t + W_hh h_dec + b
+        parts = [proj["dec"], dec_in(z), w_s]  # W_hh h_dec + b, W_z z_t, W_s s_t
         st = dict(st)
-        st["h_dec"], st["c_dec"] = lstm_update(gates, st["c_dec"])
+        if kernels:
+            st["h_dec"], st["c_dec"] = step_kernels.lstm(parts, st["c_dec"])
+        else:
+            st["h_dec"], st["c_dec"] = lstm_update(parts[0] + parts[1] + parts[2], st["c_dec"])
         return st, alpha
 
     # ----------------------------------------------------------------------------- generation
@@ -399,10 +396,14 @@ class AlignDraw(nn.Module):
         st = self._initial_state(b)
         proj = proj_fn(self.h_dec0[None])  # (1, ·): h_dec_0 is the same for every image
         h_decs, alphas = [], []
+        kernels = step_kernels.usable(eps, st["c_dec"])  # the step's elementwise work in C++
         for t in range(cfg.steps):
-            mu_p, log_sigma_p = self._prior(proj, t)
-            z = mu_p + log_sigma_p.exp() * eps[:, t]
-            st, alpha = self._decode(st, proj, z, context, dec_in)
+            if kernels and t > 0:
+                z = step_kernels.prior_sample(proj["prior"], eps[:, t])
+            else:
+                mu_p, log_sigma_p = self._prior(proj, t)
+                z = mu_p + log_sigma_p.exp() * eps[:, t]
+            st, alpha = self._decode(st, proj, z, context, dec_in, kernels)
             h_decs.append(st["h_dec"])
             alphas.append(alpha)
             if t + 1 < cfg.steps:
