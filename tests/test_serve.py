@@ -263,3 +263,12 @@ def test_serve_command_rejects_a_bad_model_before_serving(monkeypatch, tmp_path)
         cmd_serve(serve_args("--model", str(tmp_path / "nope")))
     with pytest.raises(ValueError, match="--port"):
         cmd_serve(serve_args("--model", "x", "--port", "70000"))
+
+
+def test_the_app_builds_the_step_kernels_before_its_first_drawing(monkeypatch):
+    from aligndraw import step_kernels
+
+    calls = []
+    monkeypatch.setattr(step_kernels, "ready", lambda: calls.append(1) or True)
+    create_app(tiny_pipeline())
+    assert calls == [1]  # at creation: a first drawing never waits for the compiler

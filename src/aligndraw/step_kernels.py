@@ -79,6 +79,13 @@ def _load() -> str | None:
     return None
 
 
+def ready() -> bool:
+    """Build and load the kernels now, where they are not yet, and say whether they can run:
+    for a server, so that its first drawing does not wait for the compiler (``usable`` builds
+    them on its first call otherwise)."""
+    return _load() is None
+
+
 def usable(*tensors: Tensor) -> bool:
     """Whether the kernels can take a step on these tensors: no gradient recorded, not under
     ``torch.compile`` or CPU autocast, CPU fp32 tensors, and the kernels built (on the first
