@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from aligndraw import allocator, gemm, openblas
+from aligndraw import allocator, gemm, openblas, step_kernels
 from aligndraw.config import ModelConfig
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
@@ -21,6 +21,8 @@ needs_avx2 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64")
                                 reason="an x86 processor with AVX2 (AVX2 kernels asked for by name)")
 needs_block_cache = pytest.mark.skipif(allocator.block_cache_missing() is not None,
                                        reason=f"no block cache here: {allocator.block_cache_missing()}")
+needs_step_kernels = pytest.mark.skipif(step_kernels.missing() is not None,
+                                        reason=f"no step kernels here: {step_kernels.missing()}")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
 

@@ -4,7 +4,7 @@ import torch
 from aligndraw import step_kernels
 from aligndraw.model import AlignDraw
 
-from conftest import perturbed_model, random_batch, tiny_config
+from conftest import needs_step_kernels, perturbed_model, random_batch, tiny_config
 from reference import naive_forward
 
 
@@ -171,6 +171,7 @@ def _kernel_calls(monkeypatch):
     return calls
 
 
+@needs_step_kernels
 def test_sampling_and_evaluation_take_the_step_kernels_with_pytorch_ops_results(tiny, monkeypatch):
     model = _model(tiny).float()
     images, tokens, lengths = random_batch(tiny)

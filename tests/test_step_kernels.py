@@ -5,6 +5,14 @@ from aligndraw import step_kernels
 from aligndraw.alignment import factored_align_weights, key_factors
 from aligndraw.language import lstm_update, padding_mask, sigmoid_tanh
 
+from conftest import needs_step_kernels
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The kernels built and loaded: a test may be the first of its worker to call them."""
+    assert step_kernels.ready()
+
 
 def _context_inputs(b=5, length=7, a=37, d=53, query_rows=None, seed=0):
     """Random factors, query, v, a padding mask and values; A and D off multiples of 8 and 16
@@ -22,8 +30,9 @@ def _context_inputs(b=5, length=7, a=37, d=53, query_rows=None, seed=0):
     return keys2, query2, v, padding_mask(lengths, length), values
 
 
+@needs_step_kernels
 @pytest.mark.parametrize("query_rows", [None, 1])  # one query per image, or h_dec_0's for all
-def test_context_equals_pytorch_ops(query_rows):
+def test_context_equals_pytorch_ops(query_rows, kernels):
     keys2, query2, v, mask, values = _context_inputs(query_rows=query_rows)
     factors = key_factors(keys2)
     with torch.no_grad():
@@ -35,8 +44,9 @@ def test_context_equals_pytorch_ops(query_rows):
     torch.testing.assert_close(mixed, (want[:, None, :] @ values).squeeze(1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("d", [3, 8, 21])  # under, at and past one vector of lanes
-def test_lstm_equals_lstm_update_of_the_summed_shares(d):
+@needs_step_kernels
+@pytest.mark.parametrize("d", [3, 8, 21, 37])  # under, at and past one AVX2 vector (8 lanes), past 16
+def test_lstm_equals_lstm_update_of_the_summed_shares(d, kernels):
     g = torch.Generator().manual_seed(d)
     wide = torch.randn(6, 4 * d + 7, generator=g) * 3
     parts = [wide[:, 7:], torch.randn(6, 4 * d, generator=g), torch.randn(1, 4 * d, generator=g)]
@@ -48,7 +58,8 @@ def test_lstm_equals_lstm_update_of_the_summed_shares(d):
     torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-6)
 
 
-def test_prior_sample_equals_the_models_formula():
+@needs_step_kernels
+def test_prior_sample_equals_the_models_formula(kernels):
     g = torch.Generator().manual_seed(0)
     pre = (torch.randn(5, 2 * 19 + 4, generator=g) * 3)[:, 4:]  # a slice of the projection
     eps = torch.randn(5, 3, 19, generator=g)[:, 1]  # ε_t of a (B, T, Z) draw
@@ -58,7 +69,20 @@ def test_prior_sample_equals_the_models_formula():
     torch.testing.assert_close(z, mu + log_sigma.exp() * eps, rtol=1e-5, atol=1e-6)
 
 
-def test_the_kernels_name_what_they_reject():
+@needs_step_kernels
+def test_context_gives_nan_where_no_word_is_real_as_pytorch_ops_do(kernels):
+    keys2, query2, v, mask, values = _context_inputs()
+    mask[1] = False
+    factors = key_factors(keys2)
+    with torch.no_grad():
+        alpha, mixed = step_kernels.context(factors, query2, v, mask, values)
+    want = factored_align_weights(keys2, factors, query2, v, mask)
+    assert want[1].isnan().all() and alpha[1].isnan().all() and mixed[1].isnan().all()
+    assert not alpha[[0, 2, 3, 4]].isnan().any()
+
+
+@needs_step_kernels
+def test_the_kernels_name_what_they_reject(kernels):
     keys2, query2, v, mask, values = _context_inputs()
     factors = key_factors(keys2)
     with pytest.raises(RuntimeError, match="factors must be a 3-d CPU Float tensor, got a 3-d cpu Double"):
@@ -75,7 +99,8 @@ def test_the_kernels_name_what_they_reject():
         step_kernels.prior_sample(torch.zeros(2, 6), torch.zeros(2, 4))
 
 
-def test_kernels_only_where_no_gradient_is_recorded(monkeypatch):
+@needs_step_kernels
+def test_kernels_only_where_no_gradient_is_recorded(monkeypatch, kernels):
     keys2, _, v, _, values = _context_inputs()
     factors = key_factors(keys2)
     assert not step_kernels.usable(factors, v, values)  # gradients on: autograd needs PyTorch's ops
@@ -83,6 +108,9 @@ def test_kernels_only_where_no_gradient_is_recorded(monkeypatch):
         assert step_kernels.usable(factors, v, values)
         assert not step_kernels.usable(factors.double(), v, values)
         with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not step_kernels.usable(factors, v, values)
+        with monkeypatch.context() as m:  # while torch.compile traces: PyTorch's ops, for it to fuse
+            m.setattr(torch.compiler, "is_compiling", lambda: True)
             assert not step_kernels.usable(factors, v, values)
         monkeypatch.setenv(step_kernels.ENV, "0")
         step_kernels._load.cache_clear()

@@ -69,7 +69,7 @@ def _load() -> str | None:
         log.info("%s: a drawing step's elementwise work runs in PyTorch's ops", why)
         return why
     cflags, name = isa(gemm.cpu_flags())
-    log.info("loading the step kernels for %s (built once, about half a minute)", name)
+    log.info("loading the step kernels for %s (built once, about 20 s)", name)
     try:
         extensions.build(f"aligndraw_step_kernels_{name}", SOURCE, openmp=True, flags=cflags)
     except (OSError, RuntimeError, ImportError) as e:  # what PyTorch's builder raises

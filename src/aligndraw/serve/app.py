@@ -251,7 +251,7 @@ def create_app(pipeline_or_path: AlignDrawPipeline | str = "mnist-captions", *,
     else:
         pipe = AlignDrawPipeline.from_pretrained(pipeline_or_path, device=device)
         name = model_name or str(pipeline_or_path)
-    if pipe.device.type == "cpu":
+    if pipe.device.type == "cpu" and next(pipe.model.parameters()).dtype == torch.float32:
         step_kernels.ready()  # built now (once per machine), not in the first drawing
     slots = Slots(max_concurrent)
     app = FastAPI(title="alignDRAW demo", version=__version__,
