@@ -106,19 +106,8 @@ def block_cache_missing() -> str | None:
 @functools.cache
 def _load_block_cache() -> str | None:
     """Build (once, cached) and load the block cache's op library; None, or why it could not."""
-    why = block_cache_missing()
-    if why:
-        log.info("%s; PyTorch's own CPU allocator stays", why)
-        return why
-    log.info("loading the CPU block cache (built once, a few seconds)")
-    try:
-        extensions.build("aligndraw_block_cache", "block_cache.cpp")
-    except (OSError, RuntimeError, ImportError) as e:  # what PyTorch's builder raises
-        why = f"the CPU block cache did not build ({str(e)[-2000:]})"  # the compiler's last words
-        log.warning("%s; PyTorch's own CPU allocator stays (%s=0 skips the build)", why,
-                    BLOCK_CACHE_ENV)
-        return why
-    return None
+    return extensions.load_or_why(log, "aligndraw_block_cache", "block_cache.cpp", "the CPU block cache",
+                                  "PyTorch's own CPU allocator stays", f"{BLOCK_CACHE_ENV}=0")
 
 
 def cache_blocks(limit: int = BLOCK_CACHE_LIMIT) -> bool:

@@ -8,6 +8,7 @@ absent without building anything.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -35,3 +36,23 @@ def build(name: str, source: str, openmp: bool = False, flags: tuple[str, ...] =
     cflags = ["-O3", "-fopenmp"] if openmp else ["-O3"]
     load(name=name, sources=[str(CSRC / source)], is_python_module=False,
          extra_cflags=cflags + list(flags), extra_ldflags=["-fopenmp"] if openmp else [])
+
+
+def load_or_why(log: logging.Logger, name: str, source: str, what: str, instead: str, skip: str,
+                openmp: bool = False, flags: tuple[str, ...] = ()) -> str | None:
+    """``build`` for a part the library can do without: None once built (cached) and loaded,
+    else why not, logged on ``log`` (no compiler or ninja: info; a failed build: a warning
+    with the compiler's last words). ``what`` names the part, ``instead`` what runs in its
+    place, ``skip`` the setting that skips the build."""
+    why = missing(what)
+    if why:
+        log.info("%s; %s", why, instead)
+        return why
+    log.info("loading %s (built once, then cached)", what)
+    try:
+        build(name, source, openmp=openmp, flags=flags)
+    except (OSError, RuntimeError, ImportError) as e:  # what PyTorch's builder raises
+        why = f"{what} did not build ({str(e)[-2000:]})"
+        log.warning("%s; %s (%s skips the build)", why, instead, skip)
+        return why
+    return None

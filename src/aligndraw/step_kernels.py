@@ -53,37 +53,27 @@ def isa(flags: frozenset[str]) -> tuple[tuple[str, ...], str]:
     return ("-DCPU_CAPABILITY=DEFAULT",), "default"
 
 
+def _turned_off() -> str | None:
+    return f"{ENV}=0" if os.environ.get(ENV, "1").strip() == "0" else None
+
+
 def missing() -> str | None:
     """Why the kernels cannot be used here: turned off by ``ALIGNDRAW_STEP_KERNELS=0``, no C++
     compiler or no ninja; None if they can be built. Cheap: builds nothing."""
-    if os.environ.get(ENV, "1").strip() == "0":
-        return f"{ENV}=0"
-    return extensions.missing("the step kernels")
+    return _turned_off() or extensions.missing("the step kernels")
 
 
 @functools.cache
 def _load() -> str | None:
     """Build (once, cached) and load the kernels; None, or why they could not be."""
-    why = missing()
-    if why:
-        log.info("%s: a drawing step's elementwise work runs in PyTorch's ops", why)
+    instead = "a drawing step's elementwise work runs in PyTorch's ops"
+    if why := _turned_off():
+        log.info("%s: %s", why, instead)
         return why
     cflags, name = isa(gemm.cpu_flags())
-    log.info("loading the step kernels for %s (built once, about 20 s)", name)
-    try:
-        extensions.build(f"aligndraw_step_kernels_{name}", SOURCE, openmp=True, flags=cflags)
-    except (OSError, RuntimeError, ImportError) as e:  # what PyTorch's builder raises
-        why = f"the step kernels did not build ({str(e)[-2000:]})"  # the compiler's last words
-        log.warning("%s; PyTorch's ops run the step (%s=0 skips the build)", why, ENV)
-        return why
-    return None
-
-
-def ready() -> bool:
-    """Build and load the kernels now, where they are not yet, and say whether they can run:
-    for a server, so that its first drawing does not wait for the compiler (``usable`` builds
-    them on its first call otherwise)."""
-    return _load() is None
+    return extensions.load_or_why(log, f"aligndraw_step_kernels_{name}", SOURCE,
+                                  f"the step kernels ({name})", instead, f"{ENV}=0",
+                                  openmp=True, flags=cflags)
 
 
 def usable(*tensors: Tensor) -> bool:

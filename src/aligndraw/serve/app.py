@@ -48,7 +48,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from aligndraw import __version__, step_kernels, visualize
+from aligndraw import __version__, visualize
 from aligndraw.model import MAX_TEMPERATURE
 from aligndraw.pipeline import AlignDrawPipeline, AlignDrawPipelineOutput, to_pil
 from aligndraw.serve import DEFAULT_MAX_CONCURRENT
@@ -251,8 +251,9 @@ def create_app(pipeline_or_path: AlignDrawPipeline | str = "mnist-captions", *,
     else:
         pipe = AlignDrawPipeline.from_pretrained(pipeline_or_path, device=device)
         name = model_name or str(pipeline_or_path)
-    if pipe.device.type == "cpu" and next(pipe.model.parameters()).dtype == torch.float32:
-        step_kernels.ready()  # built now (once per machine), not in the first drawing
+    # One drawing now, so that what a first drawing builds or loads once (the step kernels,
+    # the OpenBLAS products) is not waited for by the first request.
+    pipe(pipe.vocab.content_words[0], output_type="pt", generator=torch.Generator().manual_seed(0))
     slots = Slots(max_concurrent)
     app = FastAPI(title="alignDRAW demo", version=__version__,
                   description="Type a caption, watch alignDRAW draw it.")
