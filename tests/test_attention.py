@@ -180,3 +180,19 @@ def test_a_nan_window_stays_nan_through_the_flush():
                         torch.tensor([1.0, float("nan")]))
     f = attention.filterbank(g, delta, sigma2, 60, 8)
     assert torch.isfinite(f[0]).all() and torch.isnan(f[1]).all()
+
+
+def test_attend_gives_window_params_and_filterbanks_of_each_set():
+    """PyTorch's path (fp64 here; fp32 on the CPU takes the C++ op, tests/test_step_kernels.py)."""
+    g = torch.Generator().manual_seed(0)
+    sets = [torch.randn(3, 5, generator=g, dtype=torch.float64) * 0.5,
+            torch.randn(2, 5, generator=g, dtype=torch.float64) * 0.5]
+    got = attention.attend(sets, 10, 12, 4)
+    assert len(got) == 2
+    for params, (gamma, f_x, f_y) in zip(sets, got, strict=True):
+        w = attention.window_params(params, 10, 12, 4)
+        want_x, want_y = attention.filterbanks(w, 10, 12, 4)
+        torch.testing.assert_close(gamma, w.gamma)
+        torch.testing.assert_close(f_x, want_x)
+        torch.testing.assert_close(f_y, want_y)
+        assert f_x.shape == (params.shape[0], 4, 12) and f_y.shape == (params.shape[0], 4, 10)

@@ -158,9 +158,12 @@ def test_bf16_autocast_bound_and_gradients_follow_fp32(kind):
     assert torch.nn.functional.cosine_similarity(flat, ref_flat, dim=0) > 0.9999
 
 
+KERNELS = ("context", "lstm", "prior_sample", "posterior_kl", "attend")
+
+
 def _kernel_calls(monkeypatch):
     """Count the model's calls of each step kernel."""
-    calls = {"context": 0, "lstm": 0, "prior_sample": 0}
+    calls = dict.fromkeys(KERNELS, 0)
     for name in calls:
         real = getattr(step_kernels, name)
 
@@ -171,6 +174,17 @@ def _kernel_calls(monkeypatch):
     return calls
 
 
+def _without_kernels(monkeypatch, fn):
+    """fn() with PyTorch's ops in place of the step kernels (ALIGNDRAW_STEP_KERNELS=0)."""
+    monkeypatch.setenv(step_kernels.ENV, "0")
+    step_kernels._load.cache_clear()
+    try:
+        return fn()
+    finally:
+        monkeypatch.delenv(step_kernels.ENV)
+        step_kernels._load.cache_clear()
+
+
 @needs_step_kernels
 def test_sampling_and_evaluation_take_the_step_kernels_with_pytorch_ops_results(tiny, monkeypatch):
     model = _model(tiny).float()
@@ -178,24 +192,60 @@ def test_sampling_and_evaluation_take_the_step_kernels_with_pytorch_ops_results(
     noise = torch.randn(4, tiny.steps, tiny.z_dim)
     calls = _kernel_calls(monkeypatch)
     fused = model.sample(tokens, lengths, generator=torch.Generator().manual_seed(3))
-    # one of each a drawing step; the first step's prior is N(0, I), without the kernel
-    assert calls == {"context": tiny.steps, "lstm": tiny.steps, "prior_sample": tiny.steps - 1}
+    # one of each a drawing step (the first step's prior is N(0, I), without the kernel), and
+    # every step's write windows in one attend after the loop
+    t = tiny.steps
+    assert calls == {"context": t, "lstm": t, "prior_sample": t - 1, "posterior_kl": 0, "attend": 1}
     with torch.no_grad():
         fused_loss = model(images, tokens, lengths, noise=noise)
-    assert calls["context"] == 2 * tiny.steps  # evaluation's forward takes the context too
-    model(images, tokens, lengths, noise=noise).loss.backward()
-    assert calls["context"] == 2 * tiny.steps  # training records gradients: PyTorch's ops
-    monkeypatch.setenv(step_kernels.ENV, "0")
-    step_kernels._load.cache_clear()
-    try:
-        plain = model.sample(tokens, lengths, generator=torch.Generator().manual_seed(3))
-        with torch.no_grad():
-            plain_loss = model(images, tokens, lengths, noise=noise)
-    finally:
-        step_kernels._load.cache_clear()
-    assert calls == {"context": 2 * tiny.steps, "lstm": tiny.steps, "prior_sample": tiny.steps - 1}
+    # evaluation's forward: the context and both cells each step, the posterior and its KL, and
+    # the windows (read and write of the same size: one attend a step, and h_dec_0's read)
+    assert calls == {"context": 2 * t, "lstm": 3 * t, "prior_sample": t - 1, "posterior_kl": t,
+                     "attend": 1 + t + 1}
+    plain = _without_kernels(monkeypatch, lambda: model.sample(
+        tokens, lengths, generator=torch.Generator().manual_seed(3)))
+    with torch.no_grad():
+        plain_loss = _without_kernels(monkeypatch, lambda: model(images, tokens, lengths, noise=noise))
+    assert calls["lstm"] == 3 * t  # none more
     torch.testing.assert_close(fused.alignments, plain.alignments, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused.canvases, plain.canvases, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused.write_windows, plain.write_windows, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused_loss.nll, plain_loss.nll, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused_loss.kl_steps, plain_loss.kl_steps, rtol=1e-5, atol=1e-5)
+
+
+@needs_step_kernels
+@pytest.mark.parametrize("shape", [{}, {"read_n": 3, "write_n": 4}])  # one attend a step, or two
+def test_training_takes_the_step_kernels_with_pytorch_ops_loss_and_gradients(shape, monkeypatch):
+    config = tiny_config(**shape)
+    model = _model(config).float()
+    images, tokens, lengths = random_batch(config)
+    noise = torch.randn(4, config.steps, config.z_dim)
+    params = list(model.parameters())
+    calls = _kernel_calls(monkeypatch)
+    out = model(images, tokens, lengths, noise=noise)
+    grads = torch.autograd.grad(out.loss, params)
+    t, windows = config.steps, 1 if config.read_n == config.write_n else 2
+    # both cells, the posterior and its KL, and the windows with their gradients; the alignment
+    # keeps its own autograd functions (alignment.py)
+    assert calls == {"context": 0, "lstm": 2 * t, "prior_sample": 0, "posterior_kl": t,
+                     "attend": 1 + windows * (t - 1) + 1}
+    plain = _without_kernels(monkeypatch, lambda: model(images, tokens, lengths, noise=noise))
+    plain_grads = torch.autograd.grad(plain.loss, params)
+    assert calls["lstm"] == 2 * t  # none more
+    torch.testing.assert_close(out.loss, plain.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.kl_steps, plain.kl_steps, rtol=1e-5, atol=1e-5)
+    for (name, _), g, want in zip(model.named_parameters(), grads, plain_grads, strict=True):
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@needs_step_kernels
+def test_importance_weights_keep_pytorch_ops_for_the_posterior(tiny, monkeypatch):
+    model = _model(tiny).float()
+    images, tokens, lengths = random_batch(tiny)
+    calls = _kernel_calls(monkeypatch)
+    with torch.no_grad():
+        out = model(images, tokens, lengths, noise=torch.randn(4, tiny.steps, tiny.z_dim), log_weight=True)
+    # the posterior's sample and KL in PyTorch's ops (the log-ratios need μ_q and σ_q), both cells not
+    assert calls["posterior_kl"] == 0 and calls["lstm"] == 2 * tiny.steps
+    assert out.log_weight is not None and torch.isfinite(out.log_weight).all()

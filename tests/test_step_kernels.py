@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from aligndraw import step_kernels
+from aligndraw import attention, step_kernels
 from aligndraw.alignment import factored_align_weights, key_factors
 from aligndraw.language import lstm_update, padding_mask, sigmoid_tanh
+from aligndraw.losses import gaussian_kl
 
 from conftest import needs_step_kernels
 
@@ -99,11 +100,140 @@ def test_the_kernels_name_what_they_reject(kernels):
         step_kernels.prior_sample(torch.zeros(2, 6), torch.zeros(2, 4))
 
 
+def _grads(outputs, inputs, seed=1):
+    """The gradients of Σ out·G for fixed random G (one per output) with respect to inputs."""
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outputs]
+    return torch.autograd.grad(sum((o * w).sum() for o, w in zip(outputs, weights, strict=True)), inputs)
+
+
+def _pytorch_attend(params, n, height, width):
+    windows = [attention.window_params(p, height, width, n) for p in params]
+    banks = attention.filterbanks_batched(windows, [n] * len(windows), height, width)
+    return [t for w, (f_x, f_y) in zip(windows, banks, strict=True) for t in (w.gamma, f_x, f_y)]
+
+
 @needs_step_kernels
-def test_kernels_only_where_no_gradient_is_recorded(monkeypatch, kernels):
+@pytest.mark.parametrize(("n", "height", "width"), [(8, 60, 60), (3, 13, 21), (2, 9, 4)])
+def test_attend_and_its_gradient_equal_window_params_and_filterbanks(n, height, width, kernels):
+    """Against PyTorch's ops in fp32 (what the op replaces; both flush the same weights) and,
+    the values, in fp64: sizes off the vector width, both axes apart, two sets of windows as
+    column slices of one projection, a narrow window (σ² = e^−5, most of its weights flushed
+    to 0) and one wider than the image."""
+    g = torch.Generator().manual_seed(n)
+    wide = torch.randn(6, 13, generator=g) * 0.6
+    wide[0, 5] = -5.0  # the first write window's log σ²
+    wide[1, 10] = 4.0  # a read window's
+    mine, theirs = wide.clone().requires_grad_(), wide.clone().requires_grad_()
+    got = step_kernels.attend([mine[:, 3:8], mine[:, 8:13]], height, width, n, 1e-4,
+                              attention.flush_exponent(torch.float32))
+    got = [t for part in zip(*(x.split([6, 6]) for x in got), strict=True) for t in part]  # γ, F_x, F_y each
+    want = _pytorch_attend([theirs[:, 3:8], theirs[:, 8:13]], n, height, width)
+    exact = _pytorch_attend([wide.double()[:, 3:8], wide.double()[:, 8:13]], n, height, width)
+    for a, b, c in zip(got, want, exact, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.double(), c, rtol=1e-4, atol=1e-5)
+    assert (got[1][0] == 0).any()  # flushed weights are exactly 0
+    grad, = _grads(got, [mine])
+    want_grad, = _grads(want, [theirs])
+    assert grad[:, :3].abs().max() == 0
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-5 * want_grad.abs().max().item())
+
+
+@needs_step_kernels
+def test_attend_without_gradients_and_through_the_library(kernels):
+    params = torch.randn(4, 5, generator=torch.Generator().manual_seed(0)) * 0.5
+    with torch.no_grad():
+        gamma, f_x, f_y = step_kernels.attend([params], 12, 10, 3, 1e-4,
+                                              attention.flush_exponent(torch.float32))
+        (lib_gamma, lib_x, lib_y), = attention.attend([params], 12, 10, 3)
+    want = _pytorch_attend([params.double()], 3, 12, 10)
+    for a, b in zip((gamma, f_x, f_y), want, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(lib_x, f_x) and torch.equal(lib_y, f_y) and torch.equal(lib_gamma, gamma)
+    params[1, 0] = float("nan")  # a NaN stays NaN, as in PyTorch's ops
+    with torch.no_grad():
+        nan_x = step_kernels.attend([params], 12, 10, 3, 1e-4, attention.flush_exponent(torch.float32))[1]
+    assert nan_x[1].isnan().all() and not nan_x[[0, 2, 3]].isnan().any()
+
+
+@needs_step_kernels
+@pytest.mark.parametrize("d", [3, 8, 21])
+def test_lstm_gradients_equal_lstm_updates(d, kernels):
+    """Shares of B rows and of one row (h_dec_0's), a column slice, and c_0 expanded from one
+    learned row, as the model has them."""
+    g = torch.Generator().manual_seed(d)
+    wide = (torch.randn(6, 4 * d + 7, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    one_row = torch.randn(1, 4 * d, generator=g, dtype=torch.float64).requires_grad_()
+    c0 = torch.randn(d, generator=g, dtype=torch.float64).requires_grad_()
+    inputs64 = [wide, one_row, c0]
+    inputs32 = [x.detach().float().requires_grad_() for x in inputs64]
+    h, c = step_kernels.lstm([inputs32[0][:, 7:], inputs32[1]], inputs32[2].expand(6, d))
+    want_h, want_c = lstm_update(wide[:, 7:] + one_row, c0.expand(6, d))
+    torch.testing.assert_close(h.double(), want_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c.double(), want_c, rtol=1e-5, atol=1e-6)
+    for a, b in zip(_grads([h, c], inputs32), _grads([want_h, want_c], inputs64), strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+@needs_step_kernels
+@pytest.mark.parametrize("with_prior", [True, False])
+def test_posterior_kl_and_its_gradient_equal_the_models_formula(with_prior, kernels):
+    """z = μ_q + e^(log σ_q)·ε and gaussian_kl against the learned prior (tanh of its
+    pre-activations, a column slice) or N(0, I), with ε a step's slice of a (B, T, Z) draw."""
+    g = torch.Generator().manual_seed(int(with_prior))
+    z_dim = 19
+    post64 = (torch.randn(5, 2 * z_dim, generator=g, dtype=torch.float64) * 1.5).requires_grad_()
+    wide64 = (torch.randn(5, 2 * z_dim + 4, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    eps = torch.randn(5, 3, z_dim, generator=g)[:, 1]
+    post32, wide32 = (x.detach().float().requires_grad_() for x in (post64, wide64))
+    z, kl = step_kernels.posterior_kl(post32, wide32[:, 4:] if with_prior else None, eps)
+    mu_q, log_sigma_q = post64.chunk(2, dim=-1)
+    prior = sigmoid_tanh(wide64[:, 4:]).chunk(2, dim=-1) if with_prior else (0.0 * mu_q, 0.0 * mu_q)
+    want_z = mu_q + log_sigma_q.exp() * eps.double()
+    want_kl = gaussian_kl(mu_q, log_sigma_q, *prior)
+    torch.testing.assert_close(z.double(), want_z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl.double(), want_kl, rtol=1e-5, atol=1e-5)
+    inputs32, inputs64 = ([post32, wide32], [post64, wide64]) if with_prior else ([post32], [post64])
+    for a, b in zip(_grads([z, kl], inputs32), _grads([want_z, want_kl], inputs64), strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    if with_prior:
+        with torch.no_grad():
+            assert torch.equal(step_kernels.posterior_kl(post32, wide32[:, 4:], eps)[1], kl.detach())
+
+
+@needs_step_kernels
+def test_the_gradient_kernels_name_what_they_reject(kernels):
+    flush = attention.flush_exponent(torch.float32)
+    with pytest.raises(RuntimeError, match=r"each tensor of windows' numbers must be \(B, 5\)"):
+        step_kernels.attend([torch.zeros(3, 4)], 10, 10, 3, 1e-4, flush)
+    with pytest.raises(RuntimeError, match="n at least 2"):
+        step_kernels.attend([torch.zeros(3, 5)], 10, 10, 1, 1e-4, flush)
+    with pytest.raises(RuntimeError, match=r"F_x \(R, n, W\)"):
+        torch.ops.aligndraw_step.attend_backward(torch.zeros(3), torch.zeros(3, 2, 9), torch.zeros(3, 2, 10),
+                                                 torch.zeros(3, 2, 9), torch.zeros(3, 2, 10),
+                                                 [torch.zeros(3, 5)], 10, 10)
+    with pytest.raises(RuntimeError, match=r"acts \(B, 5D\)"):
+        torch.ops.aligndraw_step.lstm_backward(torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 16),
+                                               torch.zeros(2, 4))
+    with pytest.raises(RuntimeError, match=r"prior must be \(B, 2Z\) like post"):
+        step_kernels.posterior_kl(torch.zeros(2, 8), torch.zeros(1, 8), torch.zeros(2, 4))
+    with pytest.raises(RuntimeError, match=r"post must be \(B, 2Z\) = \(2, 8\)"):
+        step_kernels.posterior_kl(torch.zeros(2, 6), None, torch.zeros(2, 4))
+
+
+@needs_step_kernels
+def test_kernels_where_they_apply(monkeypatch, kernels):
     keys2, _, v, _, values = _context_inputs()
     factors = key_factors(keys2)
     assert not step_kernels.usable(factors, v, values)  # gradients on: autograd needs PyTorch's ops
+    assert step_kernels.differentiable(factors, v, values)  # … except for the ops that carry them
+    assert not step_kernels.differentiable(factors.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not step_kernels.differentiable(factors)
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not step_kernels.differentiable(factors)
     with torch.no_grad():
         assert step_kernels.usable(factors, v, values)
         assert not step_kernels.usable(factors.double(), v, values)
@@ -117,6 +247,7 @@ def test_kernels_only_where_no_gradient_is_recorded(monkeypatch, kernels):
         try:
             assert step_kernels.missing() == f"{step_kernels.ENV}=0"
             assert not step_kernels.usable(factors, v, values)
+            assert not step_kernels.differentiable(factors, v, values)
         finally:
             step_kernels._load.cache_clear()
 

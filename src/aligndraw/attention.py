@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from aligndraw import gemm
+from aligndraw import gemm, step_kernels
 
 LOG2_E = 1 / math.log(2)  # log₂ e
 
@@ -143,6 +143,31 @@ def filterbanks_batched(windows: list[Window], sizes: list[int], height: int, wi
         for j, i in enumerate(idx):
             out[i] = (banks[j], banks[k + j])
     return out  # type: ignore[return-value]
+
+
+def attend(params: list[Tensor], height: int, width: int, n: int,
+           eps: float = 1e-4) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """The intensity and filterbanks of several sets of windows with a grid of ``n``, from their
+    raw numbers: ``window_params`` and ``filterbanks`` in as few calls as possible.
+
+    Eagerly on the CPU in fp32 that is one C++ op for all of them, and one for their gradient
+    (``step_kernels.attend``); elsewhere (compiled, autocast, other dtypes and devices)
+    ``window_params`` and ``filterbanks_batched``.
+
+    Args:
+        params: each (B_k, 5) = g̃_x, g̃_y, log σ², log δ̃, log γ.
+
+    Returns:
+        (γ (B_k,), F_x (B_k, n, W), F_y (B_k, n, H)) for each, in order.
+    """
+    flush = flush_exponent(params[0].dtype)
+    if flush is not None and step_kernels.differentiable(*params):
+        gamma, f_x, f_y = step_kernels.attend(params, height, width, n, eps, flush)
+        sizes = [p.shape[0] for p in params]
+        return list(zip(gamma.split(sizes), f_x.split(sizes), f_y.split(sizes), strict=True))
+    windows = [window_params(p, height, width, n) for p in params]
+    banks = filterbanks_batched(windows, [n] * len(windows), height, width, eps)
+    return [(w.gamma, f_x, f_y) for w, (f_x, f_y) in zip(windows, banks, strict=True)]
 
 
 def read(images: Tensor, f_x: Tensor, f_y: Tensor, gamma: Tensor) -> Tensor:

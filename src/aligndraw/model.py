@@ -108,9 +108,9 @@ def standard_noise(shape: tuple[int, ...], noise: Tensor | None, like: Tensor,
 
 @dataclass
 class _Attention:
-    """A window and its filterbanks F_x (B, n, W), F_y (B, n, H)."""
+    """A window's intensity γ (B,) and its filterbanks F_x (B, n, W), F_y (B, n, H)."""
 
-    window: attention.Window
+    gamma: Tensor
     f_x: Tensor
     f_y: Tensor
 
@@ -261,22 +261,23 @@ class AlignDraw(nn.Module):
                    read: bool = True) -> tuple[_Attention | None, _Attention | None]:
         """This step's write window and the next step's read window, as asked for.
 
-        Both come from the same projection of h_dec_t, so their four filterbanks are built in
-        one call (``attention.filterbanks_batched``).
+        Both come from the same projection of h_dec_t, so where their grids are the same size
+        their filterbanks are built in one call (``attention.attend``).
         """
         cfg = self.config
-        wanted = [(name, n) for name, n, on in (("write", cfg.write_n, write), ("read", cfg.read_n, read))
-                  if on]
-        windows = [attention.window_params(proj[name], cfg.height, cfg.width, n) for name, n in wanted]
-        banks = attention.filterbanks_batched(windows, [n for _, n in wanted], cfg.height, cfg.width,
-                                              cfg.filter_eps)
-        atts = {name: _Attention(w, *b) for (name, _), w, b in zip(wanted, windows, banks, strict=True)}
+        wanted = {name: n for name, n, on in (("write", cfg.write_n, write), ("read", cfg.read_n, read))
+                  if on}
+        atts = {}
+        for n in sorted(set(wanted.values())):
+            names = [name for name, size in wanted.items() if size == n]
+            banks = attention.attend([proj[name] for name in names], cfg.height, cfg.width, n, cfg.filter_eps)
+            atts.update({name: _Attention(*b) for name, b in zip(names, banks, strict=True)})
         return atts.get("write"), atts.get("read")
 
     def _write_onto(self, canvas: Tensor, proj: dict[str, Tensor], att: _Attention) -> Tensor:
         cfg = self.config
         patch = proj["patch"].view(-1, cfg.channels, cfg.write_n, cfg.write_n)  # (B, C, M, M)
-        return attention.write_onto(canvas, patch, att.f_x, att.f_y, att.window.gamma)
+        return attention.write_onto(canvas, patch, att.f_x, att.f_y, att.gamma)
 
     def _read(self, images: Tensor, canvas_prob: Tensor, att: _Attention) -> Tensor:
         """r_t = [read(x), read(x̂_t)] with x̂_t = x − σ(c_{t−1}); (B, 2C·N·N).
@@ -284,7 +285,7 @@ class AlignDraw(nn.Module):
         Reading is linear, so read(x̂) = read(x) − read(σ(c)): the H×W error image is never
         formed (saves two full-image operations per step, forward and backward).
         """
-        gamma = att.window.gamma
+        gamma = att.gamma
         glimpse_x = attention.read(images, att.f_x, att.f_y, gamma)  # (B, C, N, N)
         glimpse_c = attention.read(canvas_prob, att.f_x, att.f_y, gamma)
         return torch.cat([glimpse_x, glimpse_x - glimpse_c], dim=1).flatten(1)  # (B, 2C·N·N)
@@ -332,17 +333,27 @@ class AlignDraw(nn.Module):
         cfg = self.config
         read_att = self._attention(proj, write=False)[1]
         kl_steps, log_ratios = [], []
+        # the cells, the posterior's sample and its KL in C++, with their gradients; the log-ratios
+        # need μ_q and σ_q, and ε gets no gradient there
+        kernels = step_kernels.differentiable(eps, st["c_enc"])
+        latent_kernel = kernels and not (log_weight or eps.requires_grad)
         for t in range(cfg.steps):
             r = self._read(images, torch.sigmoid(st["canvas"]), read_att)
-            gates = proj["enc"] + enc_in(torch.cat([r, st["h_enc"]], dim=1))
-            st["h_enc"], st["c_enc"] = lstm_update(gates, st["c_enc"])
-            mu_q, log_sigma_q = posterior(st["h_enc"]).chunk(2, dim=-1)
-            z = mu_q + log_sigma_q.exp() * eps[:, t]
-            prior = self._prior(proj, t)
-            kl_steps.append(gaussian_kl(mu_q, log_sigma_q, *prior))
-            if log_weight:  # log p(z_t | ·) − log q(z_t | ·); the 2π terms cancel
-                log_ratios.append(gaussian_log_prob(z, *prior) - gaussian_log_prob(z, mu_q, log_sigma_q))
-            st = self._decode(st, proj, z, context, dec_in)[0]
+            parts = [proj["enc"], enc_in(torch.cat([r, st["h_enc"]], dim=1))]  # the encoder's gates
+            st["h_enc"], st["c_enc"] = (step_kernels.lstm(parts, st["c_enc"]) if kernels
+                                        else lstm_update(parts[0] + parts[1], st["c_enc"]))
+            if latent_kernel:
+                z, kl = step_kernels.posterior_kl(posterior(st["h_enc"]), proj["prior"] if t else None,
+                                                  eps[:, t])
+                kl_steps.append(kl)
+            else:
+                mu_q, log_sigma_q = posterior(st["h_enc"]).chunk(2, dim=-1)
+                z = mu_q + log_sigma_q.exp() * eps[:, t]
+                prior = self._prior(proj, t)
+                kl_steps.append(gaussian_kl(mu_q, log_sigma_q, *prior))
+                if log_weight:  # log p(z_t | ·) − log q(z_t | ·); the 2π terms cancel
+                    log_ratios.append(gaussian_log_prob(z, *prior) - gaussian_log_prob(z, mu_q, log_sigma_q))
+            st = self._decode(st, proj, z, context, dec_in, kernels)[0]
             proj = (proj_fn if t + 1 < cfg.steps else last_fn)(st["h_dec"])
             write_att, read_att = self._attention(proj, read=t + 1 < cfg.steps)
             assert write_att is not None
@@ -358,7 +369,7 @@ class AlignDraw(nn.Module):
         """Alignment and generative LSTM update; returns the new state and α_t (B, L).
 
         ``context``: from ``_context_step``. ``kernels``: the cell in ``step_kernels.lstm``
-        (where ``step_kernels.usable``)."""
+        (where ``step_kernels.usable``, or ``differentiable`` with gradients)."""
         alpha, w_s = context(proj.get("query2"))
         parts = [proj["dec"], dec_in(z), w_s]  # W_hh h_dec + b, W_z z_t, W_s s_t
         st = dict(st)
@@ -435,15 +446,15 @@ class AlignDraw(nn.Module):
         c, h, w, m = cfg.channels, cfg.height, cfg.width, cfg.write_n
         proj = self._projection(with_encoder=False, with_step=False)(h_dec)  # (B, T, ·) each
         params, patches = proj["write"], proj["patch"]
-        window = attention.window_params(params.reshape(b * t, 5), h, w, m)  # fields (B·T,)
-        f_x, f_y = attention.filterbanks_batched([window], [m], h, w, cfg.filter_eps)[0]  # (B·T, M, W|H)
-        boxes = attention.window_box(window, m).view(b, t, 4)  # (B, T, 4)
+        params = params.reshape(b * t, 5)  # (B·T, 5)
+        gamma, f_x, f_y = attention.attend([params], h, w, m, cfg.filter_eps)[0]  # (B·T,), (B·T, M, W|H)
+        boxes = attention.window_box(attention.window_params(params, h, w, m), m).view(b, t, 4)  # (B, T, 4)
         patches = patches.reshape(b, t, c, m, m)  # (B, T, C, M, M)
         if not history:
             final = attention.write_sum(canvas, patches, f_x.view(b, t, m, w), f_y.view(b, t, m, h),
-                                        window.gamma.view(b, t))
+                                        gamma.view(b, t))
             return final, None, boxes
-        writes = attention.write(patches.reshape(b * t, c, m, m), f_x, f_y, window.gamma)  # (B·T, C, H, W)
+        writes = attention.write(patches.reshape(b * t, c, m, m), f_x, f_y, gamma)  # (B·T, C, H, W)
         # c_0, c_0 + w_1, (c_0 + w_1) + w_2, …: the loop's order of additions. (B, T+1, C, H, W)
         canvases = torch.cat([canvas[:, None], writes.view(b, t, c, h, w)], dim=1).cumsum(dim=1)
         return canvases[:, -1], torch.sigmoid(canvases), boxes

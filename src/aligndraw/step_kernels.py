@@ -1,13 +1,21 @@
-"""A drawing step's elementwise work in C++ where no gradient is recorded (eager sampling and
-evaluation on the CPU).
+"""A drawing step's elementwise work in C++, eagerly on the CPU in fp32: sampling, evaluation
+and training.
 
-Eagerly, PyTorch runs each elementwise operation of a step as a call of its own: the
-alignment's scores, softmax and context mix take about a dozen, the LSTM cell as many, the
-prior's sample five, each a pass over its tensors and a trip through the dispatcher. Without
-gradients nothing needs those intermediate tensors, so ``csrc/step_kernels.cpp`` runs each
-piece in one pass per image, the images split over PyTorch's threads (``docs/performance.md``,
-item 37). Under ``torch.compile`` the compiler fuses PyTorch's form itself, and training needs
-the gradients, so both keep PyTorch's ops; so do other dtypes, devices and autocast.
+Eagerly, PyTorch runs each elementwise operation of a step as a call of its own, and autograd
+as many more for the gradient: the alignment's scores, softmax and context mix take about a
+dozen, the LSTM cell as many, the attention windows' filterbanks some twenty, the posterior's
+sample and KL a dozen, each a pass over its tensors and a trip through the dispatcher.
+``csrc/step_kernels.cpp`` runs each piece in one pass per image, the images split over
+PyTorch's threads (``docs/performance.md``, items 37 and 38):
+
+- without gradients (``usable``): the alignment's context, the LSTM cell and the prior's
+  sample (``context``, ``lstm``, ``prior_sample``);
+- with or without them (``differentiable``): the windows and filterbanks (``attend``), the LSTM
+  cell (``lstm``) and the posterior's sample with its KL (``posterior_kl``), each an
+  ``autograd.Function`` whose backward is one more op.
+
+Under ``torch.compile`` the compiler fuses PyTorch's form itself, so it keeps PyTorch's ops; so
+do other dtypes, devices and autocast.
 
 The kernels are compiled on first use for the processor's vector instructions, through
 PyTorch's own ``at::vec`` (AVX-512 or AVX2 with FMA, as inductor compiles its kernels; else
@@ -76,15 +84,21 @@ def _load() -> str | None:
                                   openmp=True, flags=cflags)
 
 
-def usable(*tensors: Tensor) -> bool:
-    """Whether the kernels can take a step on these tensors: no gradient recorded, not under
-    ``torch.compile`` or CPU autocast, CPU fp32 tensors, and the kernels built (on the first
-    call that gets this far)."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+def differentiable(*tensors: Tensor) -> bool:
+    """Whether the kernels that carry gradients (``attend``, ``lstm``, ``posterior_kl``) can take
+    these tensors: not under ``torch.compile`` or CPU autocast, CPU fp32 tensors, and the
+    kernels built (on the first call that gets this far)."""
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
         return False
     return _load() is None
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether the kernels without gradients (``context``, ``lstm``, ``prior_sample``) can take
+    a step on these tensors: no gradient recorded, and ``differentiable``."""
+    return not torch.is_grad_enabled() and differentiable(*tensors)
 
 
 def context(factors: Tensor, query2: Tensor, v: Tensor, mask: Tensor,
@@ -101,13 +115,98 @@ def context(factors: Tensor, query2: Tensor, v: Tensor, mask: Tensor,
     return torch.ops.aligndraw_step.context(factors, query2, FACTOR_BOUND, v, mask, values)
 
 
+class _Lstm(torch.autograd.Function):
+    """The LSTM cell op with its gradient op: c (B, D) and the gates' shares → h, c' (B, D)."""
+
+    @staticmethod
+    def forward(ctx, c: Tensor, *parts: Tensor) -> tuple[Tensor, Tensor]:
+        h, c_new, acts = torch.ops.aligndraw_step.lstm_forward(list(parts), c)
+        ctx.save_for_backward(acts, c)
+        ctx.one_row = [p.shape[0] == 1 for p in parts]
+        return h, c_new
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor, grad_c: Tensor) -> tuple[Tensor | None, ...]:
+        acts, c = ctx.saved_tensors
+        grad_gates, grad_prev = torch.ops.aligndraw_step.lstm_backward(grad_h, grad_c, acts, c)
+        summed = grad_gates.sum(0, keepdim=True) if any(ctx.one_row) else None  # a share of one row
+        shares = [(summed if one else grad_gates) if needed else None
+                  for one, needed in zip(ctx.one_row, ctx.needs_input_grad[1:], strict=True)]
+        return grad_prev if ctx.needs_input_grad[0] else None, *shares
+
+
 def lstm(parts: list[Tensor], c: Tensor) -> tuple[Tensor, Tensor]:
-    """``language.lstm_update(sum(parts), c)`` in one pass per image: the gates' shares, each
-    (B, 4D) or (1, 4D), rows dense, and c (B, D) → h, c (B, D); after ``usable``."""
+    """``language.lstm_update(sum(parts), c)`` in one pass per image, and its gradient in one
+    more: the gates' shares, each (B, 4D) or (1, 4D), rows dense, and c (B, D) → h, c (B, D).
+    Without gradients after ``usable``, with them after ``differentiable``."""
+    if torch.is_grad_enabled() and (c.requires_grad or any(p.requires_grad for p in parts)):
+        return _Lstm.apply(c, *parts)
     return torch.ops.aligndraw_step.lstm(parts, c)
+
+
+class _PosteriorKl(torch.autograd.Function):
+    """The posterior's sample and KL op with its gradient op."""
+
+    @staticmethod
+    def forward(ctx, post: Tensor, prior: Tensor | None, eps: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(post, prior, eps)
+        return torch.ops.aligndraw_step.posterior_kl(post, prior, eps)
+
+    @staticmethod
+    def backward(ctx, grad_z: Tensor, grad_kl: Tensor) -> tuple[Tensor | None, ...]:
+        post, prior, eps = ctx.saved_tensors
+        grad_post, grad_prior = torch.ops.aligndraw_step.posterior_kl_backward(grad_z, grad_kl, post,
+                                                                               prior, eps)
+        return grad_post, grad_prior if prior is not None else None, None
+
+
+def posterior_kl(post: Tensor, prior: Tensor | None, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """The posterior's sample z = μ_q + e^(log σ_q)·ε and ``losses.gaussian_kl`` of it from the
+    learned prior, in one pass per image, and their gradient in one more.
+
+    Args: post (B, 2Z), μ_q then log σ_q; prior (B, 2Z), the prior's pre-activations (μ_p,
+    log σ_p = their tanh, as ``AlignDraw._prior``), or None for N(0, I); eps (B, Z), the noise,
+    which gets no gradient. After ``differentiable``.
+
+    Returns: z (B, Z) and the KL (B,).
+    """
+    if torch.is_grad_enabled() and (post.requires_grad or (prior is not None and prior.requires_grad)):
+        return _PosteriorKl.apply(post, prior, eps)
+    return torch.ops.aligndraw_step.posterior_kl(post, prior, eps)
 
 
 def prior_sample(pre: Tensor, eps: Tensor) -> Tensor:
     """z = μ + e^(log σ)·ε with μ, log σ = tanh(pre).chunk(2): pre (B, 2Z), eps (B, Z) → z (B, Z),
     in one pass per image; after ``usable``."""
     return torch.ops.aligndraw_step.prior_sample(pre, eps)
+
+
+
+class _Attend(torch.autograd.Function):
+    """The attend op with its gradient op: windows' raw numbers → γ, F_x, F_y."""
+
+    @staticmethod
+    def forward(ctx, height: int, width: int, n: int, eps: float, flush: float,
+                *params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        gamma, f_x, f_y = torch.ops.aligndraw_step.attend(list(params), height, width, n, eps, flush)
+        ctx.save_for_backward(f_x, f_y, *params)
+        ctx.height, ctx.width = height, width
+        return gamma, f_x, f_y
+
+    @staticmethod
+    def backward(ctx, grad_gamma: Tensor, grad_x: Tensor, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        f_x, f_y, *params = ctx.saved_tensors
+        grad = torch.ops.aligndraw_step.attend_backward(grad_gamma, grad_x, grad_y, f_x, f_y, params,
+                                                        ctx.height, ctx.width)  # (R, 5)
+        return None, None, None, None, None, *grad.split([p.shape[0] for p in params])
+
+
+def attend(params: list[Tensor], height: int, width: int, n: int, eps: float,
+           flush: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``attention.window_params`` and ``attention.filterbanks`` of several sets of windows with a
+    grid of n, in one pass per window, and their gradient in one more: params, each (B_k, 5) →
+    γ (R,), F_x (R, n, W), F_y (R, n, H) for the R = Σ B_k windows in order; weights e^u with
+    u < ``flush`` set to 0. After ``differentiable``."""
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return _Attend.apply(height, width, n, eps, flush, *params)
+    return torch.ops.aligndraw_step.attend(params, height, width, n, eps, flush)
