@@ -158,7 +158,7 @@ def test_bf16_autocast_bound_and_gradients_follow_fp32(kind):
     assert torch.nn.functional.cosine_similarity(flat, ref_flat, dim=0) > 0.9999
 
 
-KERNELS = ("context", "lstm", "prior_sample", "posterior_kl", "attend")
+KERNELS = ("context", "scores", "lstm", "prior_sample", "posterior_kl", "attend")
 
 
 def _kernel_calls(monkeypatch):
@@ -195,13 +195,14 @@ def test_sampling_and_evaluation_take_the_step_kernels_with_pytorch_ops_results(
     # one of each a drawing step (the first step's prior is N(0, I), without the kernel), and
     # every step's write windows in one attend after the loop
     t = tiny.steps
-    assert calls == {"context": t, "lstm": t, "prior_sample": t - 1, "posterior_kl": 0, "attend": 1}
+    assert calls == {"context": t, "scores": 0, "lstm": t, "prior_sample": t - 1, "posterior_kl": 0,
+                     "attend": 1}
     with torch.no_grad():
         fused_loss = model(images, tokens, lengths, noise=noise)
     # evaluation's forward: the context and both cells each step, the posterior and its KL, and
     # the windows (read and write of the same size: one attend a step, and h_dec_0's read)
-    assert calls == {"context": 2 * t, "lstm": 3 * t, "prior_sample": t - 1, "posterior_kl": t,
-                     "attend": 1 + t + 1}
+    assert calls == {"context": 2 * t, "scores": 0, "lstm": 3 * t, "prior_sample": t - 1,
+                     "posterior_kl": t, "attend": 1 + t + 1}
     plain = _without_kernels(monkeypatch, lambda: model.sample(
         tokens, lengths, generator=torch.Generator().manual_seed(3)))
     with torch.no_grad():
@@ -226,9 +227,9 @@ def test_training_takes_the_step_kernels_with_pytorch_ops_loss_and_gradients(sha
     out = model(images, tokens, lengths, noise=noise)
     grads = torch.autograd.grad(out.loss, params)
     t, windows = config.steps, 1 if config.read_n == config.write_n else 2
-    # both cells, the posterior and its KL, and the windows with their gradients; the alignment
-    # keeps its own autograd functions (alignment.py)
-    assert calls == {"context": 0, "lstm": 2 * t, "prior_sample": 0, "posterior_kl": t,
+    # the alignment's scores, both cells, the posterior and its KL, and the windows, with their
+    # gradients
+    assert calls == {"context": 0, "scores": t, "lstm": 2 * t, "prior_sample": 0, "posterior_kl": t,
                      "attend": 1 + windows * (t - 1) + 1}
     plain = _without_kernels(monkeypatch, lambda: model(images, tokens, lengths, noise=noise))
     plain_grads = torch.autograd.grad(plain.loss, params)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from aligndraw import attention, step_kernels
-from aligndraw.alignment import factored_align_weights, key_factors
+from aligndraw.alignment import factored_align_weights, factored_scores, key_factors
 from aligndraw.language import lstm_update, padding_mask, sigmoid_tanh
 from aligndraw.losses import gaussian_kl
 
@@ -155,6 +155,24 @@ def test_attend_without_gradients_and_through_the_library(kernels):
     with torch.no_grad():
         nan_x = step_kernels.attend([params], 12, 10, 3, 1e-4, attention.flush_exponent(torch.float32))[1]
     assert nan_x[1].isnan().all() and not nan_x[[0, 2, 3]].isnan().any()
+
+
+@needs_step_kernels
+@pytest.mark.parametrize("query_rows", [None, 1])
+def test_scores_and_their_gradient_equal_factored_scores(query_rows, kernels):
+    """Against alignment.factored_scores (PyTorch's ops, the same gradient form) in fp32: tails off
+    the vector width, clamped keys and queries, the query a column slice, or one row for all."""
+    keys2, query2, v, _, _ = _context_inputs(query_rows=query_rows)
+    inputs = [keys2.requires_grad_(), query2.detach().requires_grad_(), v.requires_grad_()]
+    theirs = [x.detach().clone().requires_grad_() for x in inputs]
+    got = step_kernels.scores(inputs[0], key_factors(inputs[0]), inputs[1], inputs[2])
+    want = factored_scores(theirs[0], key_factors(theirs[0]), theirs[1], theirs[2])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(_grads([got], inputs), _grads([want], theirs), strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(step_kernels.scores(keys2, key_factors(keys2), query2, v), got.detach())
 
 
 @needs_step_kernels

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from aligndraw import attention, gemm, step_kernels
-from aligndraw.alignment import Alignment, factored_align_weights, key_factors, uniform_weights
+from aligndraw.alignment import (Alignment, factored_align_weights, key_factors, masked_softmax,
+                                 uniform_weights)
 from aligndraw.config import ModelConfig
 from aligndraw.language import CaptionEncoder, lstm_update, padding_mask, sigmoid_tanh
 from aligndraw.losses import bernoulli_nll, gaussian_kl, gaussian_log_prob
@@ -246,6 +247,8 @@ class AlignDraw(nn.Module):
         if step_kernels.usable(factors, v, mixer.values):  # no gradients: one op a step
             values = mixer.values
             return lambda query2: step_kernels.context(factors, query2, v, mask, values)
+        if step_kernels.differentiable(factors, v, mixer.values):  # the scores and their gradient in C++
+            return lambda query2: mix(masked_softmax(step_kernels.scores(keys2, factors, query2, v), mask))
         return lambda query2: mix(factored_align_weights(keys2, factors, query2, v, mask))
 
     def context_gates(self, h_lang: Tensor) -> Tensor:

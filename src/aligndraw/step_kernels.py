@@ -10,9 +10,9 @@ PyTorch's threads (``docs/performance.md``, items 37 and 38):
 
 - without gradients (``usable``): the alignment's context, the LSTM cell and the prior's
   sample (``context``, ``lstm``, ``prior_sample``);
-- with or without them (``differentiable``): the windows and filterbanks (``attend``), the LSTM
-  cell (``lstm``) and the posterior's sample with its KL (``posterior_kl``), each an
-  ``autograd.Function`` whose backward is one more op.
+- with or without them (``differentiable``): the alignment's scores (``scores``), the windows
+  and filterbanks (``attend``), the LSTM cell (``lstm``) and the posterior's sample with its
+  KL (``posterior_kl``), each an ``autograd.Function`` whose backward is one more op.
 
 Under ``torch.compile`` the compiler fuses PyTorch's form itself, so it keeps PyTorch's ops; so
 do other dtypes, devices and autocast.
@@ -85,8 +85,8 @@ def _load() -> str | None:
 
 
 def differentiable(*tensors: Tensor) -> bool:
-    """Whether the kernels that carry gradients (``attend``, ``lstm``, ``posterior_kl``) can take
-    these tensors: not under ``torch.compile`` or CPU autocast, CPU fp32 tensors, and the
+    """Whether the kernels that carry gradients (``scores``, ``attend``, ``lstm``, ``posterior_kl``)
+    can take these tensors: not under ``torch.compile`` or CPU autocast, CPU fp32 tensors, and the
     kernels built (on the first call that gets this far)."""
     if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
@@ -113,6 +113,31 @@ def context(factors: Tensor, query2: Tensor, v: Tensor, mask: Tensor,
     ``recurrent_linear.StepMix``.
     """
     return torch.ops.aligndraw_step.context(factors, query2, FACTOR_BOUND, v, mask, values)
+
+
+class _Scores(torch.autograd.Function):
+    """The alignment's scores op with its gradient op (``alignment._FactoredScores``'s math)."""
+
+    @staticmethod
+    def forward(ctx, keys2: Tensor, factors: Tensor, query2: Tensor, v: Tensor) -> Tensor:
+        ctx.save_for_backward(factors, query2, v)
+        return torch.ops.aligndraw_step.scores(factors, query2, FACTOR_BOUND, v)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        factors, query2, v = ctx.saved_tensors
+        d_keys, d_query, d_v = torch.ops.aligndraw_step.scores_backward(grad, factors, query2,
+                                                                         FACTOR_BOUND, v)
+        return d_keys, None, d_query, d_v
+
+
+def scores(keys2: Tensor, factors: Tensor, query2: Tensor, v: Tensor) -> Tensor:
+    """``alignment.factored_scores`` in one pass per image, and its gradient in one more: keys2
+    and factors (B, L, A), query2 (B, A) or (1, A), v (A,) → the scores (B, L). keys2 carries
+    the keys' gradient, as there; after ``differentiable``."""
+    if torch.is_grad_enabled() and (keys2.requires_grad or query2.requires_grad or v.requires_grad):
+        return _Scores.apply(keys2, factors, query2, v)
+    return torch.ops.aligndraw_step.scores(factors, query2, FACTOR_BOUND, v)
 
 
 class _Lstm(torch.autograd.Function):

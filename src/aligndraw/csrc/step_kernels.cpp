@@ -128,6 +128,90 @@ std::tuple<at::Tensor, at::Tensor> context(const at::Tensor& factors, const at::
   return {alpha, mixed};
 }
 
+// The alignment's scores 2·Σ_a v_a·s_la − Σ_a v_a (B, L) with s = σ(2k + 2q) = 1/(1 + F·Q), as
+// aligndraw/alignment.py (factored_scores) gives them with its gradient; factors F (B, L, A),
+// query2 (B|1, A), v (A,)
+at::Tensor scores(const at::Tensor& factors, const at::Tensor& query2, double bound, const at::Tensor& v) {
+  check(factors, "scores", "factors", 3);
+  check(query2, "scores", "query2", 2);
+  check(v, "scores", "v", 1);
+  const int64_t b = factors.size(0), l = factors.size(1), a = factors.size(2), qb = query2.size(0);
+  TORCH_CHECK((qb == b || qb == 1) && query2.size(1) == a && v.size(0) == a, "aligndraw_step.scores: "
+              "shapes must be factors (B, L, A), query2 (B|1, A), v (A,); got ", factors.sizes(), ", ",
+              query2.sizes(), ", ", v.sizes());
+  const at::Tensor f = factors.contiguous(), q = rows(query2), vv = v.contiguous();
+  at::Tensor out = at::empty({b, l}, factors.options());
+  const float *fp = f.data_ptr<float>(), *qp = q.data_ptr<float>(), *vp = vv.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t qs = qb == 1 ? 0 : q.stride(0);
+  float v_sum = 0.f;
+  for (int64_t i = 0; i < a; ++i) v_sum += vp[i];
+  at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> factors_q(a);
+    for (int64_t i = lo; i < hi; ++i) {
+      query_factors(factors_q.data(), qp + i * qs, bound, a);
+      for (int64_t w = 0; w < l; ++w) op[i * l + w] = 2.f * score(fp + (i * l + w) * a, factors_q.data(), vp, a) - v_sum;
+    }
+  });
+  return out;
+}
+
+// The gradients of keys2 (B, L, A), query2 (B|1, A: summed over the images for one row)
+// and v (A,) from the scores' (B, L): with s computed again, 2g·v·s(1 − s) for the keys (the
+// query's is its sum over the words: the clamp is not differentiated, as in alignment.py), and
+// 2·Σ g·s − Σ g for v
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scores_backward(const at::Tensor& grad,
+                                                               const at::Tensor& factors,
+                                                               const at::Tensor& query2, double bound,
+                                                               const at::Tensor& v) {
+  check(grad, "scores_backward", "grad", 2);
+  check(factors, "scores_backward", "factors", 3);
+  check(query2, "scores_backward", "query2", 2);
+  check(v, "scores_backward", "v", 1);
+  const int64_t b = factors.size(0), l = factors.size(1), a = factors.size(2), qb = query2.size(0);
+  TORCH_CHECK(grad.size(0) == b && grad.size(1) == l && (qb == b || qb == 1) && query2.size(1) == a &&
+                  v.size(0) == a,
+              "aligndraw_step.scores_backward: shapes must be grad (B, L), factors (B, L, A), "
+              "query2 (B|1, A), v (A,); got ", grad.sizes(), ", ", factors.sizes(), ", ", query2.sizes(),
+              ", ", v.sizes());
+  const at::Tensor g = grad.contiguous(), f = factors.contiguous(), q = rows(query2), vv = v.contiguous();
+  at::Tensor d_keys = at::empty({b, l, a}, factors.options());
+  at::Tensor d_query = at::empty({b, a}, factors.options());  // per image; summed below for one row
+  const int64_t threads = at::get_num_threads();
+  at::Tensor partial = at::zeros({threads, a}, factors.options());  // Σ g·s per thread
+  const float *gp = g.data_ptr<float>(), *fp = f.data_ptr<float>(), *qp = q.data_ptr<float>(),
+              *vp = vv.data_ptr<float>();
+  float *kp = d_keys.data_ptr<float>(), *dqp = d_query.data_ptr<float>(), *pp = partial.data_ptr<float>();
+  const int64_t qs = qb == 1 ? 0 : q.stride(0), w = Vec::size();
+  at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> factors_q(a), dq(a);  // the query's gradient, one image's
+    float* sums = pp + at::get_thread_num() * a;
+    for (int64_t i = lo; i < hi; ++i) {
+      query_factors(factors_q.data(), qp + i * qs, bound, a);
+      std::fill(dq.begin(), dq.end(), 0.f);
+      for (int64_t word = 0; word < l; ++word) {
+        const Vec g2(2.f * gp[i * l + word]);
+        const float* frow = fp + (i * l + word) * a;
+        float* krow = kp + (i * l + word) * a;
+        for (int64_t j = 0; j < a; j += w) {
+          const int64_t k = std::min(w, a - j);
+          const Vec s = (Vec(1.f) + Vec::loadu(frow + j, k) * Vec::loadu(factors_q.data() + j, k)).reciprocal();
+          const Vec gs = g2 * s;
+          const Vec dy = gs * (Vec(1.f) - s) * Vec::loadu(vp + j, k);
+          dy.store(krow + j, k);
+          (Vec::loadu(dq.data() + j, k) + dy).store(dq.data() + j, k);
+          (Vec::loadu(sums + j, k) + gs).store(sums + j, k);
+        }
+      }
+      std::copy(dq.begin(), dq.end(), dqp + i * a);
+    }
+  });
+  float g_sum = 0.f;
+  for (int64_t i = 0; i < b * l; ++i) g_sum += gp[i];
+  at::Tensor d_v = partial.sum(0) - g_sum;  // 2·Σ g·s (the 2 is in g2) − Σ g
+  return {d_keys, qb == 1 ? d_query.sum(0, true) : d_query, d_v};
+}
+
 // The gates' shares, each (B, 4D) or (1, 4D) (one row: the same for every image), to be summed
 struct Shares {
   std::vector<at::Tensor> kept;
@@ -560,6 +644,8 @@ at::Tensor attend_backward(const at::Tensor& grad_gamma, const at::Tensor& grad_
 
 TORCH_LIBRARY(aligndraw_step, m) {
   m.def("context(Tensor factors, Tensor query2, float bound, Tensor v, Tensor mask, Tensor values) -> (Tensor, Tensor)");
+  m.def("scores(Tensor factors, Tensor query2, float bound, Tensor v) -> Tensor");
+  m.def("scores_backward(Tensor grad, Tensor factors, Tensor query2, float bound, Tensor v) -> (Tensor, Tensor, Tensor)");
   m.def("lstm(Tensor[] parts, Tensor c) -> (Tensor, Tensor)");
   m.def("lstm_forward(Tensor[] parts, Tensor c) -> (Tensor, Tensor, Tensor)");
   m.def("lstm_backward(Tensor grad_h, Tensor grad_c, Tensor acts, Tensor c) -> (Tensor, Tensor)");
@@ -572,6 +658,8 @@ TORCH_LIBRARY(aligndraw_step, m) {
 
 TORCH_LIBRARY_IMPL(aligndraw_step, CPU, m) {
   m.impl("context", &context);
+  m.impl("scores", &scores);
+  m.impl("scores_backward", &scores_backward);
   m.impl("lstm", &lstm);
   m.impl("lstm_forward", &lstm_forward);
   m.impl("lstm_backward", &lstm_backward);
