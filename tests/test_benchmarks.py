@@ -23,7 +23,15 @@ from aligndraw import allocator, gemm, openblas
 from aligndraw.config import ModelConfig, preset
 from aligndraw.model import AlignDraw
 
-from conftest import needs_avx2, needs_onednn, needs_openblas, random_batch, tiny_config, torch_threads
+from conftest import (
+    needs_avx2,
+    needs_onednn,
+    needs_openblas,
+    needs_step_kernels,
+    random_batch,
+    tiny_config,
+    torch_threads,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # whether keep_freed_memory also installs the block cache here (it builds where it can)
@@ -561,6 +569,16 @@ def test_lstm_cell_benchmark_times_both_forms_and_their_gradients() -> None:
     assert report["sigmoid_eager_diff"] < 1e-6 and report["sigmoid_compiled_diff"] < 1e-6
     assert report["sigmoid_grad_eager_diff"] < 1e-5
     assert report["op_tanh_eager_ms"] > 0 and report["op_sigmoid_eager_ms"] > 0
+
+
+@needs_step_kernels
+def test_step_kernels_benchmark_times_each_kernel_and_its_gradient() -> None:
+    report = last_json(run_benchmark("step_kernels.py", "--batch", "3", "--threads", "1",
+                                     "--min-time", "0.01"))
+    assert report["batch"] == 3 and report["threads"] == 1
+    for name in ("attend", "lstm", "posterior_kl", "scores"):
+        assert report[name]["kernel_ms"] > 0 and report[name]["pytorch_ms"] > 0
+        assert report[name]["grad_diff_relative"] < 1e-4  # the same gradients, to fp32 rounding
 
 
 def test_context_mix_benchmark_times_both_precisions() -> None:

@@ -216,8 +216,10 @@ def test_sampling_and_evaluation_take_the_step_kernels_with_pytorch_ops_results(
 
 
 @needs_step_kernels
-@pytest.mark.parametrize("shape", [{}, {"read_n": 3, "write_n": 4}])  # one attend a step, or two
+@pytest.mark.parametrize("shape", [{}, {"read_n": 3, "write_n": 4}, {"model": "noalign"}])
 def test_training_takes_the_step_kernels_with_pytorch_ops_loss_and_gradients(shape, monkeypatch):
+    """One attend a step, or two (grids of two sizes); noalignDRAW's one context share in every
+    step's cell (no scores)."""
     config = tiny_config(**shape)
     model = _model(config).float()
     images, tokens, lengths = random_batch(config)
@@ -227,10 +229,11 @@ def test_training_takes_the_step_kernels_with_pytorch_ops_loss_and_gradients(sha
     out = model(images, tokens, lengths, noise=noise)
     grads = torch.autograd.grad(out.loss, params)
     t, windows = config.steps, 1 if config.read_n == config.write_n else 2
+    scores = t if config.model == "aligndraw" else 0
     # the alignment's scores, both cells, the posterior and its KL, and the windows, with their
     # gradients
-    assert calls == {"context": 0, "scores": t, "lstm": 2 * t, "prior_sample": 0, "posterior_kl": t,
-                     "attend": 1 + windows * (t - 1) + 1}
+    assert calls == {"context": 0, "scores": scores, "lstm": 2 * t, "prior_sample": 0,
+                     "posterior_kl": t, "attend": 1 + windows * (t - 1) + 1}
     plain = _without_kernels(monkeypatch, lambda: model(images, tokens, lengths, noise=noise))
     plain_grads = torch.autograd.grad(plain.loss, params)
     assert calls["lstm"] == 2 * t  # none more
@@ -244,9 +247,14 @@ def test_training_takes_the_step_kernels_with_pytorch_ops_loss_and_gradients(sha
 def test_importance_weights_keep_pytorch_ops_for_the_posterior(tiny, monkeypatch):
     model = _model(tiny).float()
     images, tokens, lengths = random_batch(tiny)
+    noise = torch.randn(4, tiny.steps, tiny.z_dim)
     calls = _kernel_calls(monkeypatch)
     with torch.no_grad():
-        out = model(images, tokens, lengths, noise=torch.randn(4, tiny.steps, tiny.z_dim), log_weight=True)
+        out = model(images, tokens, lengths, noise=noise, log_weight=True)
     # the posterior's sample and KL in PyTorch's ops (the log-ratios need μ_q and σ_q), both cells not
     assert calls["posterior_kl"] == 0 and calls["lstm"] == 2 * tiny.steps
-    assert out.log_weight is not None and torch.isfinite(out.log_weight).all()
+    with torch.no_grad():
+        plain = _without_kernels(monkeypatch, lambda: model(images, tokens, lengths, noise=noise,
+                                                             log_weight=True))
+    torch.testing.assert_close(out.log_weight, plain.log_weight, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.kl_steps, plain.kl_steps, rtol=1e-5, atol=1e-5)

@@ -118,12 +118,13 @@ def _pytorch_attend(params, n, height, width):
 def test_attend_and_its_gradient_equal_window_params_and_filterbanks(n, height, width, kernels):
     """Against PyTorch's ops in fp32 (what the op replaces; both flush the same weights) and,
     the values, in fp64: sizes off the vector width, both axes apart, two sets of windows as
-    column slices of one projection, a narrow window (σ² = e^−5, most of its weights flushed
-    to 0) and one wider than the image."""
+    column slices of one projection, a narrow window (σ² = e^−5), one wider than the image and
+    one whose far weights are flushed to 0."""
     g = torch.Generator().manual_seed(n)
     wide = torch.randn(6, 13, generator=g) * 0.6
     wide[0, 5] = -5.0  # the first write window's log σ²
     wide[1, 10] = 4.0  # a read window's
+    wide[2, 5] = 1.0  # σ² = e: weights from 1e-19 down to subnormal numbers 16–21 pixels off centre
     mine, theirs = wide.clone().requires_grad_(), wide.clone().requires_grad_()
     got = step_kernels.attend([mine[:, 3:8], mine[:, 8:13]], height, width, n, 1e-4,
                               attention.flush_exponent(torch.float32))
@@ -133,7 +134,10 @@ def test_attend_and_its_gradient_equal_window_params_and_filterbanks(n, height, 
     for a, b, c in zip(got, want, exact, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.double(), c, rtol=1e-4, atol=1e-5)
-    assert (got[1][0] == 0).any()  # flushed weights are exactly 0
+        assert torch.equal(a == 0, b == 0)  # the same weights flushed to exactly 0
+    if width >= 30:  # the flush at work: weights that fp32 holds as normal numbers (fp64's, kept
+        # whole, above 1e-30) but under e^−43.7 before normalisation are exactly 0, as in PyTorch's ops
+        assert ((got[1][2] == 0) & (exact[1][2] > 1e-30)).any()
     grad, = _grads(got, [mine])
     want_grad, = _grads(want, [theirs])
     assert grad[:, :3].abs().max() == 0
@@ -142,6 +146,8 @@ def test_attend_and_its_gradient_equal_window_params_and_filterbanks(n, height, 
 
 @needs_step_kernels
 def test_attend_without_gradients_and_through_the_library(kernels):
+    """Without gradients the op itself, against PyTorch's ops; the library's ``attention.attend``
+    routes fp32 CPU windows to it (the same tensors); a NaN window stays NaN."""
     params = torch.randn(4, 5, generator=torch.Generator().manual_seed(0)) * 0.5
     with torch.no_grad():
         gamma, f_x, f_y = step_kernels.attend([params], 12, 10, 3, 1e-4,
@@ -171,8 +177,27 @@ def test_scores_and_their_gradient_equal_factored_scores(query_rows, kernels):
     for a, b in zip(_grads([got], inputs), _grads([want], theirs), strict=True):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():
+    with torch.no_grad():  # the op alone, to the same result as through its autograd function
         assert torch.equal(step_kernels.scores(keys2, key_factors(keys2), query2, v), got.detach())
+
+
+@needs_step_kernels
+def test_scores_gradient_is_the_same_whatever_the_threads(kernels):
+    """v's gradient sums over all images: per image first, then in order, not per thread."""
+    keys2, query2, v, _, _ = _context_inputs(b=9)
+    grad = torch.randn(9, keys2.shape[1], generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 16):  # one thread, two, more threads than images
+            torch.set_num_threads(n)
+            results.append(torch.ops.aligndraw_step.scores_backward(grad, key_factors(keys2), query2,
+                                                                    80.0, v))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
 
 
 @needs_step_kernels
@@ -215,7 +240,7 @@ def test_posterior_kl_and_its_gradient_equal_the_models_formula(with_prior, kern
     inputs32, inputs64 = ([post32, wide32], [post64, wide64]) if with_prior else ([post32], [post64])
     for a, b in zip(_grads([z, kl], inputs32), _grads([want_z, want_kl], inputs64), strict=True):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
-    if with_prior:
+    if with_prior:  # without gradients the op alone, to the same result as through its autograd function
         with torch.no_grad():
             assert torch.equal(step_kernels.posterior_kl(post32, wide32[:, 4:], eps)[1], kl.detach())
 

@@ -30,8 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from aligndraw import attention, gemm, step_kernels
-from aligndraw.alignment import (Alignment, factored_align_weights, key_factors, masked_softmax,
-                                 uniform_weights)
+from aligndraw.alignment import (
+    Alignment,
+    factored_align_weights,
+    key_factors,
+    masked_softmax,
+    uniform_weights,
+)
 from aligndraw.config import ModelConfig
 from aligndraw.language import CaptionEncoder, lstm_update, padding_mask, sigmoid_tanh
 from aligndraw.losses import bernoulli_nll, gaussian_kl, gaussian_log_prob

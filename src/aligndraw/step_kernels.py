@@ -1,18 +1,18 @@
 """A drawing step's elementwise work in C++, eagerly on the CPU in fp32: sampling, evaluation
 and training.
 
-Eagerly, PyTorch runs each elementwise operation of a step as a call of its own, and autograd
-as many more for the gradient: the alignment's scores, softmax and context mix take about a
-dozen, the LSTM cell as many, the attention windows' filterbanks some twenty, the posterior's
-sample and KL a dozen, each a pass over its tensors and a trip through the dispatcher.
-``csrc/step_kernels.cpp`` runs each piece in one pass per image, the images split over
-PyTorch's threads (``docs/performance.md``, items 37 and 38):
+Eagerly, PyTorch runs each elementwise operation of a step as a call of its own, each a pass
+over its tensors and a trip through the dispatcher, and autograd adds as many for the gradient
+(eager training's profile: 1281 ATen ops a drawing step with PyTorch's ops, 642 with these
+kernels). ``csrc/step_kernels.cpp`` runs each piece in one pass per image, the images split
+over PyTorch's threads (``docs/performance.md``, items 37 and 38):
 
 - without gradients (``usable``): the alignment's context, the LSTM cell and the prior's
   sample (``context``, ``lstm``, ``prior_sample``);
 - with or without them (``differentiable``): the alignment's scores (``scores``), the windows
   and filterbanks (``attend``), the LSTM cell (``lstm``) and the posterior's sample with its
-  KL (``posterior_kl``), each an ``autograd.Function`` whose backward is one more op.
+  KL (``posterior_kl``), each an ``autograd.Function`` whose backward is one more op (once
+  differentiable: no gradient of a gradient through them).
 
 Under ``torch.compile`` the compiler fuses PyTorch's form itself, so it keeps PyTorch's ops; so
 do other dtypes, devices and autocast.
@@ -32,6 +32,7 @@ import os
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from aligndraw import extensions, gemm
 from aligndraw.alignment import FACTOR_BOUND
@@ -124,6 +125,7 @@ class _Scores(torch.autograd.Function):
         return torch.ops.aligndraw_step.scores(factors, query2, FACTOR_BOUND, v)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         factors, query2, v = ctx.saved_tensors
         d_keys, d_query, d_v = torch.ops.aligndraw_step.scores_backward(grad, factors, query2,
@@ -151,6 +153,7 @@ class _Lstm(torch.autograd.Function):
         return h, c_new
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_h: Tensor, grad_c: Tensor) -> tuple[Tensor | None, ...]:
         acts, c = ctx.saved_tensors
         grad_gates, grad_prev = torch.ops.aligndraw_step.lstm_backward(grad_h, grad_c, acts, c)
@@ -178,6 +181,7 @@ class _PosteriorKl(torch.autograd.Function):
         return torch.ops.aligndraw_step.posterior_kl(post, prior, eps)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_z: Tensor, grad_kl: Tensor) -> tuple[Tensor | None, ...]:
         post, prior, eps = ctx.saved_tensors
         grad_post, grad_prior = torch.ops.aligndraw_step.posterior_kl_backward(grad_z, grad_kl, post,
@@ -195,6 +199,7 @@ def posterior_kl(post: Tensor, prior: Tensor | None, eps: Tensor) -> tuple[Tenso
 
     Returns: z (B, Z) and the KL (B,).
     """
+    eps = eps.detach()  # noise: no gradient, whatever it asks for
     if torch.is_grad_enabled() and (post.requires_grad or (prior is not None and prior.requires_grad)):
         return _PosteriorKl.apply(post, prior, eps)
     return torch.ops.aligndraw_step.posterior_kl(post, prior, eps)
@@ -204,7 +209,6 @@ def prior_sample(pre: Tensor, eps: Tensor) -> Tensor:
     """z = μ + e^(log σ)·ε with μ, log σ = tanh(pre).chunk(2): pre (B, 2Z), eps (B, Z) → z (B, Z),
     in one pass per image; after ``usable``."""
     return torch.ops.aligndraw_step.prior_sample(pre, eps)
-
 
 
 class _Attend(torch.autograd.Function):
@@ -219,6 +223,7 @@ class _Attend(torch.autograd.Function):
         return gamma, f_x, f_y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_gamma: Tensor, grad_x: Tensor, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         f_x, f_y, *params = ctx.saved_tensors
         grad = torch.ops.aligndraw_step.attend_backward(grad_gamma, grad_x, grad_y, f_x, f_y, params,

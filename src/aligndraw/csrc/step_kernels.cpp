@@ -12,6 +12,8 @@
 // lstm: h, c of an LSTM cell (gates i, f, g, o) from the sum of its gates' shares and c;
 //   lstm_forward also keeps the activations lstm_backward takes.
 // prior_sample: z = μ + e^(log σ)·ε with μ, log σ = tanh of the prior's pre-activations.
+// scores: the alignment's scores, as context's but with the −Σ_a v_a, and scores_backward their
+//   gradient (aligndraw/alignment.py's _FactoredScores).
 // posterior_kl: z = μ_q + e^(log σ_q)·ε and KL(q ‖ p) against the learned prior (or N(0, I));
 //   posterior_kl_backward its gradient.
 // attend: the windows' γ and filterbanks F_x, F_y from their five raw numbers, as
@@ -177,18 +179,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scores_backward(const at::Tensor&
   const at::Tensor g = grad.contiguous(), f = factors.contiguous(), q = rows(query2), vv = v.contiguous();
   at::Tensor d_keys = at::empty({b, l, a}, factors.options());
   at::Tensor d_query = at::empty({b, a}, factors.options());  // per image; summed below for one row
-  const int64_t threads = at::get_num_threads();
-  at::Tensor partial = at::zeros({threads, a}, factors.options());  // Σ g·s per thread
+  at::Tensor gs_sums = at::empty({b, a}, factors.options());  // Σ_l 2g·s per image, summed below
   const float *gp = g.data_ptr<float>(), *fp = f.data_ptr<float>(), *qp = q.data_ptr<float>(),
               *vp = vv.data_ptr<float>();
-  float *kp = d_keys.data_ptr<float>(), *dqp = d_query.data_ptr<float>(), *pp = partial.data_ptr<float>();
+  float *kp = d_keys.data_ptr<float>(), *dqp = d_query.data_ptr<float>(), *sp = gs_sums.data_ptr<float>();
   const int64_t qs = qb == 1 ? 0 : q.stride(0), w = Vec::size();
   at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> factors_q(a), dq(a);  // the query's gradient, one image's
-    float* sums = pp + at::get_thread_num() * a;
+    std::vector<float> factors_q(a);
     for (int64_t i = lo; i < hi; ++i) {
       query_factors(factors_q.data(), qp + i * qs, bound, a);
-      std::fill(dq.begin(), dq.end(), 0.f);
+      float* dq = dqp + i * a;  // the query's gradient, this image's
+      float* sums = sp + i * a;
+      std::fill(dq, dq + a, 0.f);
+      std::fill(sums, sums + a, 0.f);
       for (int64_t word = 0; word < l; ++word) {
         const Vec g2(2.f * gp[i * l + word]);
         const float* frow = fp + (i * l + word) * a;
@@ -199,16 +202,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scores_backward(const at::Tensor&
           const Vec gs = g2 * s;
           const Vec dy = gs * (Vec(1.f) - s) * Vec::loadu(vp + j, k);
           dy.store(krow + j, k);
-          (Vec::loadu(dq.data() + j, k) + dy).store(dq.data() + j, k);
+          (Vec::loadu(dq + j, k) + dy).store(dq + j, k);
           (Vec::loadu(sums + j, k) + gs).store(sums + j, k);
         }
       }
-      std::copy(dq.begin(), dq.end(), dqp + i * a);
     }
   });
   float g_sum = 0.f;
   for (int64_t i = 0; i < b * l; ++i) g_sum += gp[i];
-  at::Tensor d_v = partial.sum(0) - g_sum;  // 2·Σ g·s (the 2 is in g2) − Σ g
+  at::Tensor d_v = gs_sums.sum(0) - g_sum;  // 2·Σ g·s (the 2 is in g2) − Σ g, the same whatever the threads
   return {d_keys, qb == 1 ? d_query.sum(0, true) : d_query, d_v};
 }
 
@@ -351,7 +353,6 @@ at::Tensor prior_sample(const at::Tensor& pre, const at::Tensor& eps) {
   return out;
 }
 
-
 // One axis's filterbank rows for one window: F[i, a] = e_ia / (Σ_a e_ia + eps) with
 // e_ia = exp(u_ia), u_ia = −(a − μ_i)²/(2σ²), μ_i = g + (i − N/2 − 0.5)·δ, a = 1..size; e = 0
 // where u < flush (no subnormal weights; a NaN stays NaN). f: (n, size) of the output.
@@ -380,10 +381,10 @@ void filterbank_rows(float* f, float g, float delta, float sigma2, int64_t n, in
   }
 }
 
-// The gradients of one window's filterbank rows f (n, size) with respect to g, δ and σ², from
-// the loss's gradient gf (n, size): with q_i = Σ_a gf_ia·f_ia, the exponents' gradient is
+// The gradients of one window's filterbank rows f (n, size) with respect to g, δ and log σ²,
+// from the loss's gradient gf (n, size): with q_i = Σ_a gf_ia·f_ia, the exponents' gradient is
 // du_ia = f_ia·(gf_ia − q_i) (the normalisation's), and u's derivatives are d/σ² in μ_i and
-// d²/(2σ⁴) in σ², with d = a − μ_i; μ_i = g + o_i·δ.
+// d²/(2σ²) in log σ², with d = a − μ_i; μ_i = g + o_i·δ.
 void filterbank_rows_backward(float* out, const float* gf, const float* f, float g, float delta,
                               float sigma2, int64_t n, int64_t size) {
   const int64_t w = Vec::size();
@@ -414,7 +415,7 @@ void filterbank_rows_backward(float* out, const float* gf, const float* f, float
   }
   out[0] = dg;
   out[1] = ddelta;
-  out[2] = dsigma2 * 0.5f / (sigma2 * sigma2);
+  out[2] = dsigma2 * 0.5f / sigma2;  // log σ²'s: σ²·d²/(2σ⁴), without σ⁴, which underflows for tiny σ²
 }
 
 // The posterior's sample and its KL divergence from the prior, one image's Z values at a time.
@@ -632,7 +633,7 @@ at::Tensor attend_backward(const at::Tensor& grad_gamma, const at::Tensor& grad_
       float* o = op + i * 5;
       o[0] = grid.half_w * dx[0];
       o[1] = grid.half_h * dy[0];
-      o[2] = (dx[2] + dy[2]) * w.sigma2;
+      o[2] = dx[2] + dy[2];
       o[3] = (dx[1] + dy[1]) * w.delta;
       o[4] = ggp[i] * w.gamma;
     }
