@@ -125,6 +125,7 @@ def test_attend_and_its_gradient_equal_window_params_and_filterbanks(n, height, 
     wide[0, 5] = -5.0  # the first write window's log σ²
     wide[1, 10] = 4.0  # a read window's
     wide[2, 5] = 1.0  # σ² = e: weights from 1e-19 down to subnormal numbers 16–21 pixels off centre
+    wide[3, 10] = -50.0  # a read window's σ² = e^−50: σ⁴ is below fp32's range
     mine, theirs = wide.clone().requires_grad_(), wide.clone().requires_grad_()
     got = step_kernels.attend([mine[:, 3:8], mine[:, 8:13]], height, width, n, 1e-4,
                               attention.flush_exponent(torch.float32))
@@ -140,7 +141,11 @@ def test_attend_and_its_gradient_equal_window_params_and_filterbanks(n, height, 
         assert ((got[1][2] == 0) & (exact[1][2] > 1e-30)).any()
     grad, = _grads(got, [mine])
     want_grad, = _grads(want, [theirs])
-    assert grad[:, :3].abs().max() == 0
+    # the read window of σ² = e^−50 has every weight flushed: F is 0 and stays 0 near its numbers,
+    # so their gradient is exactly 0 (γ's aside); PyTorch's ops give 0·∞ = NaN there in this
+    # PyTorch (σ⁴ is below fp32's range), so they are left out of the comparison
+    assert (grad[3, 8:12] == 0).all()
+    want_grad[3, 8:12] = 0
     torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-5 * want_grad.abs().max().item())
 
 
@@ -261,6 +266,8 @@ def test_the_gradient_kernels_name_what_they_reject(kernels):
                                                torch.zeros(2, 4))
     with pytest.raises(RuntimeError, match=r"prior must be \(B, 2Z\) like post"):
         step_kernels.posterior_kl(torch.zeros(2, 8), torch.zeros(1, 8), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="gives the noise eps no gradient"):
+        step_kernels.posterior_kl(torch.zeros(2, 8), None, torch.zeros(2, 4, requires_grad=True))
     with pytest.raises(RuntimeError, match=r"post must be \(B, 2Z\) = \(2, 8\)"):
         step_kernels.posterior_kl(torch.zeros(2, 6), None, torch.zeros(2, 4))
 

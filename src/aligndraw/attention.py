@@ -160,9 +160,9 @@ def attend(params: list[Tensor], height: int, width: int, n: int,
     Returns:
         (γ (B_k,), F_x (B_k, n, W), F_y (B_k, n, H)) for each, in order.
     """
-    flush = flush_exponent(params[0].dtype)
-    if flush is not None and step_kernels.differentiable(*params):
-        gamma, f_x, f_y = step_kernels.attend(params, height, width, n, eps, flush)
+    if step_kernels.differentiable(*params):  # CPU fp32, eagerly
+        gamma, f_x, f_y = step_kernels.attend(params, height, width, n, eps,
+                                              flush_exponent(torch.float32))
         sizes = [p.shape[0] for p in params]
         return list(zip(gamma.split(sizes), f_x.split(sizes), f_y.split(sizes), strict=True))
     windows = [window_params(p, height, width, n) for p in params]

@@ -116,6 +116,11 @@ def context(factors: Tensor, query2: Tensor, v: Tensor, mask: Tensor,
     return torch.ops.aligndraw_step.context(factors, query2, FACTOR_BOUND, v, mask, values)
 
 
+def _records(*tensors: Tensor | None) -> bool:
+    """Whether autograd records an op on these tensors: the autograd function, else the op alone."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class _Scores(torch.autograd.Function):
     """The alignment's scores op with its gradient op (``alignment._FactoredScores``'s math)."""
 
@@ -137,7 +142,7 @@ def scores(keys2: Tensor, factors: Tensor, query2: Tensor, v: Tensor) -> Tensor:
     """``alignment.factored_scores`` in one pass per image, and its gradient in one more: keys2
     and factors (B, L, A), query2 (B, A) or (1, A), v (A,) → the scores (B, L). keys2 carries
     the keys' gradient, as there; after ``differentiable``."""
-    if torch.is_grad_enabled() and (keys2.requires_grad or query2.requires_grad or v.requires_grad):
+    if _records(keys2, query2, v):
         return _Scores.apply(keys2, factors, query2, v)
     return torch.ops.aligndraw_step.scores(factors, query2, FACTOR_BOUND, v)
 
@@ -167,7 +172,7 @@ def lstm(parts: list[Tensor], c: Tensor) -> tuple[Tensor, Tensor]:
     """``language.lstm_update(sum(parts), c)`` in one pass per image, and its gradient in one
     more: the gates' shares, each (B, 4D) or (1, 4D), rows dense, and c (B, D) → h, c (B, D).
     Without gradients after ``usable``, with them after ``differentiable``."""
-    if torch.is_grad_enabled() and (c.requires_grad or any(p.requires_grad for p in parts)):
+    if _records(c, *parts):
         return _Lstm.apply(c, *parts)
     return torch.ops.aligndraw_step.lstm(parts, c)
 
@@ -195,12 +200,14 @@ def posterior_kl(post: Tensor, prior: Tensor | None, eps: Tensor) -> tuple[Tenso
 
     Args: post (B, 2Z), μ_q then log σ_q; prior (B, 2Z), the prior's pre-activations (μ_p,
     log σ_p = their tanh, as ``AlignDraw._prior``), or None for N(0, I); eps (B, Z), the noise,
-    which gets no gradient. After ``differentiable``.
+    which gets no gradient (one that requires it is refused). After ``differentiable``.
 
     Returns: z (B, Z) and the KL (B,).
     """
-    eps = eps.detach()  # noise: no gradient, whatever it asks for
-    if torch.is_grad_enabled() and (post.requires_grad or (prior is not None and prior.requires_grad)):
+    if _records(eps):
+        raise ValueError("posterior_kl gives the noise eps no gradient; it must not require one "
+                         "(AlignDraw.forward keeps PyTorch's ops for such noise)")
+    if _records(post, prior):
         return _PosteriorKl.apply(post, prior, eps)
     return torch.ops.aligndraw_step.posterior_kl(post, prior, eps)
 
@@ -237,6 +244,6 @@ def attend(params: list[Tensor], height: int, width: int, n: int, eps: float,
     grid of n, in one pass per window, and their gradient in one more: params, each (B_k, 5) →
     γ (R,), F_x (R, n, W), F_y (R, n, H) for the R = Σ B_k windows in order; weights e^u with
     u < ``flush`` set to 0. After ``differentiable``."""
-    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+    if _records(*params):
         return _Attend.apply(height, width, n, eps, flush, *params)
     return torch.ops.aligndraw_step.attend(params, height, width, n, eps, flush)
