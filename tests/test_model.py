@@ -185,12 +185,17 @@ def _without_kernels(monkeypatch, fn):
         step_kernels._load.cache_clear()
 
 
+def _float_case(config, monkeypatch):
+    """An fp32 model, a batch, posterior noise and the step kernels' call counts."""
+    model = _model(config).float()
+    images, tokens, lengths = random_batch(config)
+    noise = torch.randn(4, config.steps, config.z_dim)
+    return model, (images, tokens, lengths), noise, _kernel_calls(monkeypatch)
+
+
 @needs_step_kernels
 def test_sampling_and_evaluation_take_the_step_kernels_with_pytorch_ops_results(tiny, monkeypatch):
-    model = _model(tiny).float()
-    images, tokens, lengths = random_batch(tiny)
-    noise = torch.randn(4, tiny.steps, tiny.z_dim)
-    calls = _kernel_calls(monkeypatch)
+    model, (images, tokens, lengths), noise, calls = _float_case(tiny, monkeypatch)
     fused = model.sample(tokens, lengths, generator=torch.Generator().manual_seed(3))
     # one of each a drawing step (the first step's prior is N(0, I), without the kernel), and
     # every step's write windows in one attend after the loop
@@ -221,11 +226,8 @@ def test_training_takes_the_step_kernels_with_pytorch_ops_loss_and_gradients(sha
     """One attend a step, or two (grids of two sizes); noalignDRAW's one context share in every
     step's cell (no scores)."""
     config = tiny_config(**shape)
-    model = _model(config).float()
-    images, tokens, lengths = random_batch(config)
-    noise = torch.randn(4, config.steps, config.z_dim)
+    model, (images, tokens, lengths), noise, calls = _float_case(config, monkeypatch)
     params = list(model.parameters())
-    calls = _kernel_calls(monkeypatch)
     out = model(images, tokens, lengths, noise=noise)
     grads = torch.autograd.grad(out.loss, params)
     t, windows = config.steps, 1 if config.read_n == config.write_n else 2
@@ -245,10 +247,7 @@ def test_training_takes_the_step_kernels_with_pytorch_ops_loss_and_gradients(sha
 
 @needs_step_kernels
 def test_importance_weights_keep_pytorch_ops_for_the_posterior(tiny, monkeypatch):
-    model = _model(tiny).float()
-    images, tokens, lengths = random_batch(tiny)
-    noise = torch.randn(4, tiny.steps, tiny.z_dim)
-    calls = _kernel_calls(monkeypatch)
+    model, (images, tokens, lengths), noise, calls = _float_case(tiny, monkeypatch)
     with torch.no_grad():
         out = model(images, tokens, lengths, noise=noise, log_weight=True)
     # the posterior's sample and KL in PyTorch's ops (the log-ratios need μ_q and σ_q), both cells not
